@@ -1,0 +1,99 @@
+"""Self-describing checkpoints: the model's spec, the transforms applied to it, and its weights.
+
+A checkpoint reloads by itself (``load_model(path)``) without pickled code: the architecture is rebuilt
+from the registry spec, then each recorded transform (a structural prune, quantization wrappers, ...)
+is replayed from the TRANSFORMS registry, then the weights are loaded. Everything loads with
+``weights_only=True``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from compress.errors import CompressError
+from compress.registry import Registry
+from compress.utils import atomic_path
+
+FORMAT = "compress.checkpoint/1"
+# kind -> fn(model, params: dict, state_dict) -> nn.Module, replayed in order on load.
+TRANSFORMS: Registry[Callable[..., nn.Module]] = Registry("model transform")
+
+
+def record_transform(model: nn.Module, kind: str, **params: Any) -> None:
+    """Note on ``model`` that it was changed by ``kind`` so that a reload can rebuild it."""
+    TRANSFORMS.get(kind)
+    model.compress_transforms = [*getattr(model, "compress_transforms", []), {"kind": kind, "params": params}]
+
+
+def model_state(model: nn.Module, meta: dict | None = None) -> dict:
+    spec = getattr(model, "compress_spec", None)
+    return {
+        "format": FORMAT,
+        "spec": spec,
+        "io": getattr(model, "compress_io", None),
+        "transforms": copy.deepcopy(getattr(model, "compress_transforms", [])),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+
+
+def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
+    """Write atomically; a model built outside the registry is saved as a plain state_dict."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(model_state(model, meta), tmp)
+    return path
+
+
+def _load(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CompressError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild a model saved by ``save_model``: architecture, transforms, weights."""
+    from compress.models import create_model
+
+    ckpt = _load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not ckpt.get("spec"):
+        raise CompressError(f"{path}: not a compress checkpoint (a plain state_dict needs a model spec: "
+                            "give it as model.checkpoint in a recipe)")
+    spec = {k: v for k, v in ckpt["spec"].items() if k != "checkpoint"}
+    io = ckpt.get("io") or {}
+    model = create_model(spec, tuple(io.get("input_shape", ())), io.get("num_outputs", 0))
+    return restore(model, ckpt)
+
+
+def restore(model: nn.Module, ckpt: dict) -> nn.Module:
+    """Replay recorded transforms on a freshly built model and load its weights."""
+    for t in ckpt.get("transforms", []):
+        fn = TRANSFORMS.get(t["kind"]).obj
+        model = fn(model, t.get("params", {}), ckpt["state_dict"]) or model
+    model.compress_transforms = copy.deepcopy(ckpt.get("transforms", []))
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def load_weights_into(model: nn.Module, path: str | Path) -> None:
+    """Load a compress checkpoint or a plain state_dict into an already built model."""
+    ckpt = _load(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        restore(model, ckpt)
+        return
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise CompressError(f"{path}: expected a state_dict, got {type(ckpt).__name__}")
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise CompressError(f"{path}: weights do not fit the model: {' '.join(first[1:3]) or first[0]}") from None

@@ -1,0 +1,97 @@
+"""The ``compress`` command line: run, validate, list (more commands register themselves here)."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from compress.errors import CompressError
+
+EXIT_USAGE = 2
+
+
+def friendly_errors(fn):
+    """User mistakes become one 'error:' line per problem on stderr and exit status 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CompressError as exc:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                click.echo(f"error: {line}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                       help="Override a recipe key, e.g. --set stages.0.train.epochs=1 (repeatable).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compress")
+def cli():
+    """Compress PyTorch models from one YAML recipe: distill, prune, quantize, export, benchmark."""
+
+
+@cli.command()
+@recipe_arg
+@set_opt
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/<recipe name>, made unique).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run after its last finished stage/epoch.")
+@click.option("--force", is_flag=True, help="Replace an existing run directory.")
+@friendly_errors
+def run(recipe, overrides, out, resume, force):
+    """Run every stage of RECIPE and print the report table."""
+    from compress.pipeline import Pipeline
+    from compress.report import format_table
+
+    report = Pipeline.from_yaml(recipe, overrides).run(out, resume=resume, force=force)
+    click.echo(format_table(report))
+    click.echo(f"\nrun directory: {report['run_dir']}")
+
+
+@cli.command()
+@recipe_arg
+@set_opt
+@friendly_errors
+def validate(recipe, overrides):
+    """Check RECIPE (keys, types, names, files, model/data shapes) without running or writing anything."""
+    from compress.pipeline import Pipeline
+
+    p = Pipeline.from_yaml(recipe, overrides)
+    state = p.validate()
+    stages = " -> ".join(s.name for s in p.recipe.stages)
+    click.echo(f"ok: {p.recipe.name}: {state.data.task} on {p.recipe.data.name} "
+               f"(input {tuple(state.data.input_shape)}, {state.data.num_outputs} outputs); stages: {stages}")
+
+
+@cli.command("list")
+@click.argument("what", required=False, type=click.Choice(["stages", "models", "datasets"]))
+def list_(what):
+    """List registered stages, models and datasets."""
+    import compress.stages  # noqa: F401
+    from compress.data import DATASETS
+    from compress.models import MODELS
+    from compress.recipe import STAGES
+
+    for title, reg in (("stages", STAGES), ("models", MODELS), ("datasets", DATASETS)):
+        if what and what != title:
+            continue
+        click.echo(f"{title}:")
+        for e in reg:
+            click.echo(f"  {e.name:<14} {e.description}")
+        if title == "models":
+            click.echo(f"  {'<torchvision>':<14} any torchvision.models classifier by name (resnet50, mobilenet_v3_small, ...)")
+
+
+def main():
+    cli(prog_name="compress")
+
+
+if __name__ == "__main__":
+    main()

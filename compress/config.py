@@ -1,0 +1,153 @@
+"""Typed configs validated at the door, with one-line errors that name the recipe key path.
+
+pydantic does the validation; this module only turns its errors into messages a recipe author can
+act on (``stages[2].prune.sparsity: expected a number in [0, 1), got 'high'``).
+"""
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union
+
+import annotated_types as at
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from compress.errors import RecipeError, RecipeErrors
+from compress.registry import did_you_mean
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, protected_namespaces=())
+
+
+def join_path(prefix: str, loc: tuple) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out = f"{out}.{part}" if out else str(part)
+    return out
+
+
+def _unwrap(ann):
+    """Strip Optional/Annotated; return (base annotation, metadata list)."""
+    meta: list = []
+    while True:
+        origin = typing.get_origin(ann)
+        if origin is typing.Annotated:
+            args = typing.get_args(ann)
+            ann, meta = args[0], meta + list(args[1:])
+            continue
+        if origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(args) == 1:
+                ann = args[0]
+                continue
+        return ann, meta
+
+
+def _field_at(cls: type, loc: tuple):
+    """Find the annotation and constraints of the field at ``loc`` inside ``cls``, best effort."""
+    ann: Any = cls
+    meta: list = []
+    for part in loc:
+        ann, _ = _unwrap(ann)
+        if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
+            args = typing.get_args(ann)
+            if not args:
+                return None, []
+            ann, meta = args[0], []
+            continue
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and part in ann.model_fields:
+            info = ann.model_fields[part]
+            ann, meta = info.annotation, list(info.metadata)
+            continue
+        if typing.get_origin(ann) is dict:
+            ann, meta = typing.get_args(ann)[1], []
+            continue
+        return None, []
+    base, extra = _unwrap(ann)
+    return base, meta + extra
+
+
+def describe(ann, meta) -> str:
+    """'a number in [0, 1)', 'an integer >= 1', "one of 'sgd', 'adam'", ..."""
+    if typing.get_origin(ann) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+    desc = names.get(ann)
+    if desc is None:
+        origin = typing.get_origin(ann)
+        if origin in (list, tuple):
+            inner = typing.get_args(ann)
+            desc = "a list" + (f" of {describe(inner[0], []).split(' ', 1)[-1]}s" if inner and inner[0] in names else "")
+        elif origin is dict:
+            desc = "a mapping"
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            desc = "a mapping"
+        else:
+            desc = "a valid value"
+    lo = hi = None
+    for m in meta:
+        for attr, kind in (("ge", "["), ("gt", "(")):
+            if getattr(m, attr, None) is not None:
+                lo = (kind, getattr(m, attr))
+        for attr, kind in (("le", "]"), ("lt", ")")):
+            if getattr(m, attr, None) is not None:
+                hi = (kind, getattr(m, attr))
+        if isinstance(m, at.Interval):
+            if m.ge is not None: lo = ("[", m.ge)
+            if m.gt is not None: lo = ("(", m.gt)
+            if m.le is not None: hi = ("]", m.le)
+            if m.lt is not None: hi = (")", m.lt)
+    if lo and hi:
+        desc += f" in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    elif lo:
+        desc += f" {'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    elif hi:
+        desc += f" {'<=' if hi[0] == ']' else '<'} {hi[1]}"
+    return desc
+
+
+def _format(cls: type, err: dict, prefix: str) -> RecipeError:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    path = join_path(prefix, loc)
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        parent, _ = _field_at(cls, loc[:-1])
+        known = list(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+        hint = did_you_mean(loc[-1], known)
+        expected = f"; expected one of {', '.join(known)}" if known and not hint else ""
+        return RecipeError(path, f"unknown key{expected}{hint}")
+    if kind == "missing":
+        return RecipeError(path, "required key is missing")
+    if kind in ("value_error", "assertion_error"):
+        msg = err.get("msg", "").removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        return RecipeError(path, msg)
+    ann, meta = _field_at(cls, loc)
+    if ann is None:
+        return RecipeError(path, f"{err.get('msg', 'invalid value')}, got {got!r}")
+    desc = describe(ann, meta)
+    hint = ""
+    if typing.get_origin(ann) is Literal and isinstance(got, str):
+        hint = did_you_mean(got, [str(a) for a in typing.get_args(ann)])
+    return RecipeError(path, f"expected {desc}, got {got!r}{hint}")
+
+
+def validate(cls: type[M], data: Any, prefix: str = "") -> M:
+    """Validate ``data`` into ``cls``; raise RecipeErrors whose lines start with the key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(prefix, f"expected a mapping, got {data!r}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        errors = [_format(cls, e, prefix) for e in exc.errors(include_url=False)]
+        raise RecipeErrors(errors) from None

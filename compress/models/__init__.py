@@ -1,0 +1,5 @@
+"""Models by name (``create_model``), in the style of timm's registry."""
+from compress.models.registry import MODELS, ModelSpec, create_model, parse_model_spec, register_model
+from compress.models import builtin as _builtin  # noqa: F401  (registers mlp, lenet5, smallcnn, torchvision)
+
+__all__ = ["MODELS", "ModelSpec", "create_model", "parse_model_spec", "register_model"]

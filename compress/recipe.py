@@ -1,0 +1,209 @@
+"""Recipes: YAML in, typed objects out. Parsed and validated once, at the door.
+
+A recipe is plain data (``yaml.safe_load``: no tags that run code). ``${VAR}`` and ``${VAR:-default}``
+read the environment; ``--set a.b.0.c=value`` overrides any key. Every problem is reported as
+``<key path>: <what was expected>``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import Field
+
+from compress.config import StrictModel, validate
+from compress.data.bundle import DataSpec, parse_data_spec
+from compress.errors import RecipeError, RecipeErrors
+from compress.models.registry import ModelSpec, parse_model_spec
+from compress.registry import Registry, did_you_mean
+
+# name -> run(state, config) -> state; each entry's config is its options' pydantic class.
+STAGES: Registry = Registry("stage")
+
+
+def register_stage(name: str, config: type[StrictModel], description: str = "", check=None):
+    """Register a stage. ``check(recipe, index, config)`` runs at validation time for cross-key rules."""
+    return STAGES.register(name, config=config, description=description, check=check)
+
+
+class OutputConfig(StrictModel):
+    dir: Optional[Path] = None  # default: runs/<recipe name>
+
+
+class _RecipeTop(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: Any
+    model: Any
+    teacher: Any = None
+    stages: list[Any] = Field(min_length=1)
+    benchmark: Any = None
+    output: OutputConfig = OutputConfig()
+
+
+@dataclass
+class StageSpec:
+    name: str
+    config: Any
+    index: int
+
+    @property
+    def path(self) -> str:
+        return f"stages[{self.index}].{self.name}"
+
+
+@dataclass
+class Recipe:
+    name: str
+    seed: int
+    data: DataSpec
+    model: ModelSpec
+    teacher: Optional[ModelSpec]
+    stages: list[StageSpec]
+    benchmark: Any
+    output: OutputConfig
+    raw: dict = field(default_factory=dict)  # the resolved document, saved beside the run
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(node: Any, env: dict | None = None, path: str = "") -> Any:
+    env = os.environ if env is None else env
+    if isinstance(node, dict):
+        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        def sub(m):
+            var, default = m.group(1), m.group(2)
+            if var in env and env[var] != "":
+                return env[var]
+            if default is not None:
+                return default
+            raise RecipeError(path, f"environment variable {var} is not set (write ${{{var}:-default}} for a default)")
+
+        value = _VAR.sub(sub, node)
+        if _VAR.fullmatch(node):  # a whole-value variable takes the type YAML gives its text
+            try:
+                return yaml.safe_load(value) if value.strip() else value
+            except yaml.YAMLError:
+                return value
+        return value
+    return node
+
+
+def apply_override(doc: dict, assignment: str) -> None:
+    """Apply ``a.b.0.c=value`` (value parsed as YAML) to ``doc`` in place."""
+    if "=" not in assignment:
+        raise RecipeError("--set", f"expected KEY.PATH=VALUE, got '{assignment}'")
+    key, _, text = assignment.partition("=")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = doc
+    shown = ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {key}", f"{shown or 'root'} is a list of {len(node)}; expected an index below {len(node)}, got '{part}'")
+            shown += f"[{part}]"
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            shown = f"{shown}.{part}" if shown else part
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise RecipeError(f"--set {key}", f"{shown} is {node!r}, not a mapping or list")
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("", f"{path}: no such recipe file")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError("", f"{path}: not valid YAML{where}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError("", f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RecipeError("", f"{path}: expected a mapping of recipe keys at the top level, got {type(doc).__name__}")
+    return doc
+
+
+def parse_recipe(doc: dict, overrides: tuple[str, ...] | list[str] = (), env: dict | None = None) -> Recipe:
+    """Turn a raw document into a typed Recipe, or raise RecipeError(s) naming the key path."""
+    import compress.stages  # noqa: F401  (registers every stage)
+    from compress.measure import BenchmarkConfig
+
+    doc = copy.deepcopy(doc)
+    for o in overrides:
+        apply_override(doc, o)
+    doc = interpolate(doc, env)
+    top = validate(_RecipeTop, doc)
+    errors: list[RecipeError] = []
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except RecipeErrors as exc:
+            errors.extend(exc.errors)
+        except RecipeError as exc:
+            errors.append(exc)
+        return None
+
+    data = attempt(parse_data_spec, top.data, "data")
+    model = attempt(parse_model_spec, top.model, "model")
+    teacher = attempt(parse_model_spec, top.teacher, "teacher") if top.teacher is not None else None
+    bench = attempt(validate, BenchmarkConfig, top.benchmark or {}, "benchmark")
+    stages: list[StageSpec] = []
+    for i, item in enumerate(top.stages):
+        spec = attempt(_parse_stage, item, i)
+        if spec is not None:
+            stages.append(spec)
+    if errors:
+        raise RecipeErrors(errors)
+    recipe = Recipe(top.name, top.seed, data, model, teacher, stages, bench, top.output, raw=doc)
+    for s in stages:
+        check = STAGES.get(s.name).extra.get("check")
+        if check is not None:
+            attempt(check, recipe, s.index, s.config)
+    if errors:
+        raise RecipeErrors(errors)
+    return recipe
+
+
+def _parse_stage(item: Any, i: int) -> StageSpec:
+    path = f"stages[{i}]"
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise RecipeError(path, f"expected one stage name mapping to its options (like 'train: {{epochs: 5}}'), got {item!r}")
+    (name, options), = item.items()
+    entry = STAGES.get(str(name), path)
+    return StageSpec(str(name), validate(entry.config, options or {}, f"{path}.{name}"), i)
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = (), env: dict | None = None) -> Recipe:
+    return parse_recipe(read_yaml(path), overrides, env)

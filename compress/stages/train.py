@@ -1,0 +1,44 @@
+"""The ``train`` stage (supervised training or fine-tuning) and the ``evaluate`` stage."""
+from __future__ import annotations
+
+from typing import Literal
+
+from compress.config import StrictModel
+from compress.errors import RecipeError
+from compress.recipe import register_stage
+from compress.trainer import TrainConfig, Trainer, evaluate
+
+
+class TrainStageConfig(TrainConfig):
+    target: Literal["model", "teacher"] = "model"  # train the recipe's teacher (first step of a KD chain)
+
+
+def _check_train(recipe, index: int, cfg: TrainStageConfig) -> None:
+    if cfg.target == "teacher" and recipe.teacher is None:
+        raise RecipeError(f"stages[{index}].train.target", "is 'teacher' but the recipe has no 'teacher:' section")
+
+
+@register_stage("train", TrainStageConfig, "supervised training or fine-tuning through the shared trainer", check=_check_train)
+def run_train(state, cfg: TrainStageConfig):
+    model = state.teacher if cfg.target == "teacher" else state.model
+    trainer_cfg = TrainConfig(**cfg.model_dump(exclude={"target"}))
+    Trainer(model, trainer_cfg, state.data, **state.trainer_kwargs(f"train:{cfg.target}")).fit()
+    if cfg.target == "teacher":
+        state.subject = model  # the row measures what was trained; the student is untouched
+        state.extra["role"] = "teacher"
+    return state
+
+
+class EvaluateConfig(StrictModel):
+    split: Literal["test", "val", "train"] = "test"
+    target: Literal["model", "teacher"] = "model"
+
+
+@register_stage("evaluate", EvaluateConfig, "measure the current model (or teacher) on a split")
+def run_evaluate(state, cfg: EvaluateConfig):
+    model = state.teacher if cfg.target == "teacher" else state.model
+    if model is None:
+        raise RecipeError(f"{state.stage.path}.target", "is 'teacher' but there is no teacher")
+    state.subject = model
+    state.stage_metrics = evaluate(model, state.data, cfg.split)
+    return state

@@ -1,0 +1,327 @@
+"""One training loop for every stage that trains: train, fine-tune, distill, QAT.
+
+Stages never copy this loop; they pass hooks that add loss terms (KD, regularizers) or act after
+each optimizer step (pruning masks, quantizer ranges).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from compress.config import StrictModel
+from compress.data import DataBundle
+from compress.metrics import LOSSES, MetricAccumulator, default_loss, primary_metric
+from compress.utils import append_jsonl, atomic_path, resolve_device
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class SchedulerConfig(StrictModel):
+    name: Literal["none", "cosine", "step", "onecycle"] = "none"
+    step_size: int = Field(10, ge=1)  # epochs, for 'step'
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)  # linear warm-up before cosine
+
+
+class EarlyStoppingConfig(StrictModel):
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class AugmentConfig(StrictModel):
+    """Batch-level augmentation on image tensors (done in the loop so it also runs on a GPU)."""
+
+    random_shift: int = Field(0, ge=0)  # jitter by up to this many pixels (Hinton's MNIST teacher: 2)
+    hflip: bool = False
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(10, ge=0)
+    batch_size: Optional[int] = Field(None, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    loss: Literal["auto", "cross_entropy", "mse", "masked_mse"] = "auto"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    early_stopping: Optional[EarlyStoppingConfig] = None
+    keep: Literal["best", "last"] = "best"  # weights kept at the end: best validation epoch or last
+    save_every_epoch: bool = False
+    augment: AugmentConfig = AugmentConfig()
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    index: Optional[torch.Tensor] = None  # dataset indices when the loader yields them (teacher cache)
+
+
+class Hook:
+    """Extension points of the loop. Override what you need; every method is optional."""
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        """Extra trainable parameters (for example a hint adapter), optimized with the model."""
+        return ()
+
+    def on_fit_start(self, trainer: "Trainer") -> None: ...
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
+
+    def loss(self, trainer: "Trainer", batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def after_step(self, trainer: "Trainer") -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None: ...
+    def on_fit_end(self, trainer: "Trainer") -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def is_main_process() -> bool:
+    """Rank 0 logs and writes files when the same recipe runs under torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    if x.ndim != 4 or not (cfg.random_shift or cfg.hflip):
+        return x
+    n, _, h, w = x.shape
+    if cfg.random_shift:
+        # Integer pixel shifts per sample via one grid_sample call (border padding keeps the background).
+        shift = torch.randint(-cfg.random_shift, cfg.random_shift + 1, (n, 2), device=x.device).float()
+        theta = torch.zeros(n, 2, 3, device=x.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, 0, 2] = 2 * shift[:, 0] / w
+        theta[:, 1, 2] = 2 * shift[:, 1] / h
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
+    if cfg.hflip:
+        flip = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def unpack(raw, device) -> Batch:
+    x, y, *rest = raw
+    idx = rest[0] if rest else None
+    return Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataBundle, split: str = "test", device: str | torch.device = "auto",
+             loss: str = "auto") -> dict[str, float]:
+    """Metrics of ``model`` on one split: accuracy/top5/loss or rmse/mae/loss."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    loss_fn = LOSSES[default_loss(data.task) if loss == "auto" else loss]
+    was_training = model.training
+    model.eval().to(device)
+    acc = MetricAccumulator(data.task)
+    for raw in data.loader(split, shuffle=False):
+        b = unpack(raw, device)
+        out = model(b.inputs)
+        acc.update(out, b.targets, loss_fn(out, b.targets))
+    model.train(was_training)
+    return acc.compute()
+
+
+class Trainer:
+    """Fits ``model`` on ``data.train``, validates on ``data.val``, logs every epoch.
+
+    ``state_path`` makes training resumable: the loop's full state is written there after every
+    epoch and picked up again if the file exists.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, data: DataBundle, hooks: Iterable[Hook] = (),
+                 *, name: str = "train", seed: int = 0, log_path: Path | None = None,
+                 state_path: Path | None = None, epoch_dir: Path | None = None):
+        self.model, self.cfg, self.data = model, cfg, data
+        self.hooks = list(hooks)
+        self.name, self.seed = name, seed
+        self.log_path, self.state_path, self.epoch_dir = log_path, state_path, epoch_dir
+        self.device = resolve_device(cfg.device)
+        self.loss_fn = LOSSES[default_loss(data.task) if cfg.loss == "auto" else cfg.loss]
+        if cfg.label_smoothing and data.task == "classification":
+            self.loss_fn = lambda out, y: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+        self.metric, self.mode = primary_metric(data.task)
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- construction of optimizer and schedule -------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optimizer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for h in self.hooks:
+            params += list(h.parameters())
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    def _scheduler(self, opt, steps_per_epoch: int):
+        s, epochs = self.cfg.scheduler, max(self.cfg.epochs, 1)
+        total = epochs * steps_per_epoch
+        if s.name == "cosine":
+            warm = s.warmup_epochs * steps_per_epoch
+
+            def f(step):
+                if step < warm:
+                    return (step + 1) / warm
+                return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+            return torch.optim.lr_scheduler.LambdaLR(opt, f)
+        if s.name == "step":
+            return torch.optim.lr_scheduler.StepLR(opt, s.step_size * steps_per_epoch, s.gamma)
+        if s.name == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, self.cfg.optimizer.lr, total_steps=total)
+        return None
+
+    def _train_loader(self, generator: torch.Generator):
+        return self.data.loader("train", shuffle=True, batch_size=self.cfg.batch_size, generator=generator)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, model = self.cfg, self.model.to(self.device)
+        gen = torch.Generator()
+        loader = self._train_loader(gen)
+        opt = self._optimizer()
+        sched = self._scheduler(opt, max(len(loader), 1))
+        best_value, best_state, bad_epochs = None, None, 0
+        has_val = self.data.has("val") and len(self.data.dataset("val")) > 0
+        if self.state_path is not None and self.state_path.is_file():
+            st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            if sched is not None and st.get("scheduler"):
+                sched.load_state_dict(st["scheduler"])
+            for h, hs in zip(self.hooks, st.get("hooks", [])):
+                h.load_state_dict(hs)
+            self.epoch, self.step, self.history = st["epoch"], st["step"], st["history"]
+            best_value, best_state, bad_epochs = st["best_value"], st["best_state"], st["bad_epochs"]
+        for h in self.hooks:
+            h.on_fit_start(self)
+        show = cfg.progress and is_main_process()
+        while self.epoch < cfg.epochs:
+            epoch = self.epoch
+            # Seeding per epoch makes shuffling and dropout identical after a resume.
+            gen.manual_seed(self.seed * 100_003 + epoch)
+            torch.manual_seed(self.seed * 100_003 + epoch)
+            for h in self.hooks:
+                h.on_epoch_start(self, epoch)
+            model.train()
+            acc = MetricAccumulator(self.data.task)
+            t0, seen = time.perf_counter(), 0
+            for raw in tqdm(loader, desc=f"{self.name} {epoch + 1}/{cfg.epochs}", leave=False, disable=not show):
+                b = unpack(raw, self.device)
+                x = augment_batch(b.inputs, cfg.augment)
+                out = model(x)
+                loss = self.loss_fn(out, b.targets)
+                base = loss
+                for h in self.hooks:
+                    loss = h.loss(self, b, out, loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                for h in self.hooks:
+                    h.after_step(self)
+                acc.update(out.detach(), b.targets, base.detach())
+                seen += b.inputs.shape[0]
+                self.step += 1
+            elapsed = time.perf_counter() - t0
+            row: dict[str, Any] = {"stage": self.name, "epoch": epoch + 1}
+            row.update({f"train_{k}": v for k, v in acc.compute().items()})
+            if has_val:
+                row.update({f"val_{k}": v for k, v in evaluate(model, self.data, "val", self.device).items()})
+            row.update(lr=opt.param_groups[0]["lr"], seconds=round(elapsed, 3),
+                       samples_per_s=round(seen / max(elapsed, 1e-9), 1))
+            for h in self.hooks:
+                h.on_epoch_end(self, epoch, row)
+            self.history.append(row)
+            self.epoch = epoch + 1
+            # Keep best weights on the validation metric (or the training loss when there is no val split).
+            key = f"val_{self.metric}" if has_val else "train_loss"
+            value = row[key]
+            maximize = has_val and self.mode == "max"
+            delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
+            better = best_value is None or (value > best_value + delta if maximize else value < best_value - delta)
+            if better:
+                best_value, bad_epochs = value, 0
+                if cfg.keep == "best":
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            self._log(row)
+            stop = cfg.early_stopping is not None and bad_epochs >= cfg.early_stopping.patience
+            if self.epoch_dir is not None and cfg.save_every_epoch and is_main_process():
+                from compress.checkpoint import save_model
+
+                save_model(model, self.epoch_dir / f"epoch{self.epoch:03d}.pt", meta=row)
+            if stop:
+                self._log({"stage": self.name, "event": "early_stop", "epoch": self.epoch, "best": best_value})
+                self.epoch = cfg.epochs
+            if self.state_path is not None and is_main_process():
+                self._save_state(opt, sched, best_value, best_state, bad_epochs)
+        if cfg.keep == "best" and best_state is not None:
+            model.load_state_dict(best_state)
+        for h in self.hooks:
+            h.on_fit_end(self)
+        return self.history[-1] if self.history else {}
+
+    def _save_state(self, opt, sched, best_value, best_state, bad_epochs) -> None:
+        st = {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
+              "scheduler": sched.state_dict() if sched is not None else None,
+              "hooks": [h.state_dict() for h in self.hooks], "epoch": self.epoch, "step": self.step,
+              "history": self.history, "best_value": best_value, "best_state": best_state, "bad_epochs": bad_epochs}
+        with atomic_path(self.state_path) as tmp:
+            torch.save(st, tmp)
+
+    def _log(self, row: dict) -> None:
+        if not is_main_process():
+            return
+        if self.log_path is not None:
+            append_jsonl(self.log_path, row)
+        if "event" in row:
+            tqdm.write(f"[{self.name}] early stop after epoch {row['epoch']} (best {row['best']:.4f})")
+            return
+        parts = [f"[{self.name}] epoch {row['epoch']}/{self.cfg.epochs}"]
+        for k in ("train_loss", f"train_{self.metric}", "val_loss", f"val_{self.metric}"):
+            if k in row:
+                parts.append(f"{k}={row[k]:.4f}")
+        parts.append(f"{row['samples_per_s']:.0f} samples/s")
+        tqdm.write("  ".join(parts))
+
+
+def train(model: nn.Module, config: TrainConfig | None = None, data: DataBundle | None = None, *,
+          hooks: Iterable[Hook] = (), seed: int = 0, **kw):
+    """Train or fine-tune ``model`` in place; return ``(model, metrics)`` (metrics on the test split when present)."""
+    from compress.api import Result, as_data
+
+    data = as_data(data)
+    config = config or TrainConfig()
+    Trainer(model, config, data, hooks, seed=seed, **kw).fit()
+    split = "test" if data.has("test") else "val"
+    return Result(model, evaluate(model, data, split, config.device))
