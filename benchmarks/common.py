@@ -1,0 +1,66 @@
+"""Shared by every benchmark script: where the data is, what machine ran it, how tables print."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """COMPRESS_DATA_DIR, else ../shared/data beside the project; exported so recipes can use it."""
+    env = os.environ.get("COMPRESS_DATA_DIR")
+    d = Path(env) if env else ROOT.parent / "shared" / "data"
+    if not d.is_dir():
+        sys.exit(f"error: data folder {d} not found; set COMPRESS_DATA_DIR to the folder holding mnist-t10k/ and ml-100k/")
+    os.environ["COMPRESS_DATA_DIR"] = str(d.resolve())
+    return d.resolve()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    import numpy
+    import onnxruntime
+    import torch
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import torch_pruning
+
+        info["torch_pruning"] = getattr(torch_pruning, "__version__", "?")
+    except ImportError:
+        pass
+    return info
+
+
+def machine_line() -> str:
+    i = machine_info()
+    gpu = f", GPU {i['gpu']}" if i["gpu"] else ""
+    return (f"machine: {i['cpu']}, {i['cores']} cores ({i['torch_threads']} torch threads){gpu}; "
+            f"python {i['python']}, torch {i['torch']}, onnxruntime {i['onnxruntime']}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
