@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import yaml
 from pydantic import Field
@@ -21,6 +21,11 @@ from compress.data.bundle import DataSpec, parse_data_spec
 from compress.errors import RecipeError, RecipeErrors
 from compress.models.registry import ModelSpec, parse_model_spec
 from compress.registry import Registry, did_you_mean
+
+# Mark a stage option as a model spec: ``student: ModelField = None``. The mapping given in the recipe is
+# parsed by the model registry (with the full key path in errors) right after the stage's own options.
+MODEL_SPEC = "compress:model_spec"
+ModelField = Annotated[Optional[Any], MODEL_SPEC]
 
 # name -> run(state, config) -> state; each entry's config is its options' pydantic class.
 STAGES: Registry = Registry("stage")
@@ -202,7 +207,23 @@ def _parse_stage(item: Any, i: int) -> StageSpec:
         raise RecipeError(path, f"expected one stage name mapping to its options (like 'train: {{epochs: 5}}'), got {item!r}")
     (name, options), = item.items()
     entry = STAGES.get(str(name), path)
-    return StageSpec(str(name), validate(entry.config, options or {}, f"{path}.{name}"), i)
+    cfg = validate(entry.config, options or {}, f"{path}.{name}")
+    resolve_model_fields(cfg, f"{path}.{name}")
+    return StageSpec(str(name), cfg, i)
+
+
+def resolve_model_fields(cfg: StrictModel, path: str) -> None:
+    """Replace raw mappings in ModelField options by typed ModelSpecs (lists of them too)."""
+    for fname, info in type(cfg).model_fields.items():
+        if MODEL_SPEC not in info.metadata:
+            continue
+        value = getattr(cfg, fname)
+        if isinstance(value, dict):
+            value = parse_model_spec(value, f"{path}.{fname}")
+        elif isinstance(value, list):
+            value = [parse_model_spec(v, f"{path}.{fname}[{j}]") if isinstance(v, dict) else v
+                     for j, v in enumerate(value)]
+        object.__setattr__(cfg, fname, value)
 
 
 def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = (), env: dict | None = None) -> Recipe:

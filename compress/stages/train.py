@@ -5,12 +5,13 @@ from typing import Literal
 
 from compress.config import StrictModel
 from compress.errors import RecipeError
-from compress.recipe import register_stage
+from compress.recipe import ModelField, register_stage
 from compress.trainer import TrainConfig, Trainer, evaluate
 
 
 class TrainStageConfig(TrainConfig):
     target: Literal["model", "teacher"] = "model"  # train the recipe's teacher (first step of a KD chain)
+    model: ModelField = None  # start from a fresh model of this spec (replaces the target) instead of the current one
 
 
 def _check_train(recipe, index: int, cfg: TrainStageConfig) -> None:
@@ -20,8 +21,18 @@ def _check_train(recipe, index: int, cfg: TrainStageConfig) -> None:
 
 @register_stage("train", TrainStageConfig, "supervised training or fine-tuning through the shared trainer", check=_check_train)
 def run_train(state, cfg: TrainStageConfig):
+    if cfg.model is not None:
+        from compress.models import create_model
+        from compress.pipeline import check_outputs
+
+        fresh = create_model(cfg.model, state.data.input_shape, state.data.num_outputs)
+        check_outputs(fresh, state.data, f"{state.stage.path}.model")
+        if cfg.target == "teacher":
+            state.teacher = fresh
+        else:
+            state.model = fresh
     model = state.teacher if cfg.target == "teacher" else state.model
-    trainer_cfg = TrainConfig(**cfg.model_dump(exclude={"target"}))
+    trainer_cfg = TrainConfig(**cfg.model_dump(exclude={"target", "model"}))
     Trainer(model, trainer_cfg, state.data, **state.trainer_kwargs(f"train:{cfg.target}")).fit()
     if cfg.target == "teacher":
         state.subject = model  # the row measures what was trained; the student is untouched
