@@ -130,6 +130,13 @@ def _format(cls: type, err: dict, prefix: str) -> RecipeError:
     if kind in ("value_error", "assertion_error"):
         msg = err.get("msg", "").removeprefix("Value error, ").removeprefix("Assertion failed, ")
         return RecipeError(path, msg)
+    ctx = err.get("ctx") or {}
+    if kind == "string_pattern_mismatch":
+        return RecipeError(path, f"expected a string matching {ctx.get('pattern')}, got {got!r}")
+    if kind == "too_short":
+        return RecipeError(path, f"expected at least {ctx.get('min_length')} item(s), got {got!r}")
+    if kind == "too_long":
+        return RecipeError(path, f"expected at most {ctx.get('max_length')} item(s), got {got!r}")
     ann, meta = _field_at(cls, loc)
     if ann is None:
         return RecipeError(path, f"{err.get('msg', 'invalid value')}, got {got!r}")

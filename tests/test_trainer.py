@@ -1,0 +1,134 @@
+"""The shared training loop: optimizers, schedules, early stopping, hooks, metrics."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compress.data import create_data
+from compress.models import create_model
+from compress.trainer import AugmentConfig, Hook, TrainConfig, Trainer, augment_batch, evaluate
+
+
+@pytest.fixture
+def data():
+    return create_data({"name": "synthetic", "num_samples": 256, "num_classes": 3, "shape": [1, 6, 6], "batch_size": 32})
+
+
+def _model(data, hidden=(16,)):
+    torch.manual_seed(0)
+    return create_model("mlp", data.input_shape, data.num_outputs, hidden=list(hidden))
+
+
+@pytest.mark.parametrize("opt,sched", [("sgd", "step"), ("adam", "cosine"), ("adamw", "onecycle"), ("adam", "none")])
+def test_training_learns(data, opt, sched):
+    model = _model(data)
+    before = evaluate(model, data, "test")["loss"]
+    cfg = TrainConfig(epochs=3, progress=False, optimizer={"name": opt, "lr": 0.01}, scheduler={"name": sched})
+    Trainer(model, cfg, data).fit()
+    after = evaluate(model, data, "test")
+    assert after["loss"] < before and after["accuracy"] > 0.6
+
+
+def test_hooks_see_every_step_and_can_add_loss(data):
+    class Counting(Hook):
+        def __init__(self):
+            self.steps = self.epochs = 0
+            self.extra = nn.Parameter(torch.tensor(3.0))
+
+        def parameters(self):
+            return [self.extra]
+
+        def loss(self, trainer, batch, outputs, loss):
+            return loss + self.extra ** 2  # pulls the hook's own parameter to 0
+
+        def after_step(self, trainer):
+            self.steps += 1
+
+        def on_epoch_end(self, trainer, epoch, metrics):
+            self.epochs += 1
+
+    hook = Counting()
+    cfg = TrainConfig(epochs=2, progress=False, optimizer={"lr": 0.1})
+    trainer = Trainer(_model(data), cfg, data, [hook])
+    trainer.fit()
+    steps_per_epoch = math.ceil(len(data.dataset("train")) / 32)
+    assert hook.steps == trainer.step == 2 * steps_per_epoch
+    assert hook.epochs == 2
+    assert abs(hook.extra.item()) < 3.0
+
+
+def test_early_stopping_stops_and_keeps_best(data):
+    class Worsen(Hook):
+        """After epoch 1, scramble the weights so validation gets worse."""
+
+        def on_epoch_start(self, trainer, epoch):
+            if epoch >= 1:
+                with torch.no_grad():
+                    for p in trainer.model.parameters():
+                        p.add_(torch.randn_like(p) * 5)
+
+    model = _model(data)
+    cfg = TrainConfig(epochs=10, progress=False, early_stopping={"patience": 2}, optimizer={"lr": 0.01})
+    trainer = Trainer(model, cfg, data, [Worsen()])
+    trainer.fit()
+    assert len(trainer.history) < 10
+    best = max(r["val_accuracy"] for r in trainer.history)
+    assert evaluate(model, data, "val")["accuracy"] == pytest.approx(best)
+
+
+def test_keep_last_keeps_last(data):
+    model = _model(data)
+    Trainer(model, TrainConfig(epochs=2, keep="last", progress=False), data).fit()
+    last = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(last[k], v) for k, v in model.state_dict().items())
+
+
+def test_grad_clip_bounds_the_update(data):
+    model = _model(data)
+    start = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(epochs=1, progress=False, grad_clip=1e-6, optimizer={"name": "sgd", "lr": 1.0, "momentum": 0})
+    Trainer(model, cfg, data).fit()
+    moved = sum((p.detach() - s).norm() ** 2 for p, s in zip(model.parameters(), start)) ** 0.5
+    assert moved < 1e-6 * 10  # at most (steps x clip x lr)
+
+
+def test_regression_metrics_ignore_missing_targets():
+    from compress.metrics import MetricAccumulator, masked_mse
+
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    target = torch.tensor([[1.0, float("nan")], [5.0, 4.0]])
+    assert masked_mse(pred, target).item() == pytest.approx(4 / 3)
+    acc = MetricAccumulator("regression")
+    acc.update(pred, target)
+    m = acc.compute()
+    assert m["rmse"] == pytest.approx((4 / 3) ** 0.5) and m["mae"] == pytest.approx(2 / 3)
+
+
+def test_top5_and_accuracy():
+    from compress.metrics import MetricAccumulator
+
+    out = torch.eye(6)[[0, 1, 2, 3]] + torch.arange(6).flip(0) * 0.01
+    acc = MetricAccumulator("classification")
+    acc.update(out, torch.tensor([0, 1, 5, 4]))
+    m = acc.compute()
+    assert m["accuracy"] == 0.5 and m["top5"] == 0.75
+
+
+def test_random_shift_moves_pixels_but_keeps_shape():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 4, 4] = 1
+    y = augment_batch(x, AugmentConfig(random_shift=2))
+    assert y.shape == x.shape
+    pos = y.flatten(1).argmax(1)
+    assert len(set(pos.tolist())) > 1 and (y.sum(dim=(1, 2, 3)) == 1).all()
+    assert torch.equal(augment_batch(x, AugmentConfig()), x)
+
+
+def test_regression_training(tmp_path):
+    data = create_data({"name": "synthetic", "task": "regression", "num_classes": 2, "num_samples": 256, "shape": [4]})
+    model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[16])
+    before = evaluate(model, data, "test")["rmse"]
+    Trainer(model, TrainConfig(epochs=15, progress=False, optimizer={"lr": 0.01}), data).fit()
+    assert evaluate(model, data, "test")["rmse"] < 0.5 * before
