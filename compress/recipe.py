@@ -31,9 +31,41 @@ ModelField = Annotated[Optional[Any], MODEL_SPEC]
 STAGES: Registry = Registry("stage")
 
 
-def register_stage(name: str, config: type[StrictModel], description: str = "", check=None):
-    """Register a stage. ``check(recipe, index, config)`` runs at validation time for cross-key rules."""
-    return STAGES.register(name, config=config, description=description, check=check)
+# What a stage's output model is, for stage-to-stage contracts checked before anything runs:
+#   "torch": a trainable float PyTorch model (train, distill, prune take and give this);
+#   "fakequant": a PyTorch model with quantizers in it (QAT): trainable, exportable with Q/DQ nodes;
+#   "packed": a PyTorch model whose weights are stored packed (weight-only k-bit, binary): runs, not trainable;
+#   "onnx": a deployment file (int8 ONNX): only measured or exported from here on.
+MODEL_KINDS = ("torch", "fakequant", "packed", "onnx")
+KIND_WORDS = {"torch": "a float PyTorch model", "fakequant": "a QAT (fake-quantized) PyTorch model",
+              "packed": "a packed low-bit PyTorch model", "onnx": "an ONNX deployment file"}
+
+
+def register_stage(name: str, config: type[StrictModel], description: str = "", check=None,
+                   accepts: tuple[str, ...] = ("torch", "fakequant"), produces=None):
+    """Register a stage.
+
+    ``check(recipe, index, config)`` runs at validation time for cross-key rules. ``accepts`` lists the
+    model kinds the stage can take; ``produces(config, kind_in) -> kind`` (or a fixed kind; default:
+    unchanged) says what it hands on.
+    """
+    return STAGES.register(name, config=config, description=description, check=check,
+                           accepts=tuple(accepts), produces=produces)
+
+
+def check_chain(stages: list["StageSpec"]) -> None:
+    """Refuse stage orders that cannot work (pruning after an int8 export, say), before any training."""
+    kind, made_by = "torch", None
+    for s in stages:
+        entry = STAGES.get(s.name)
+        accepts, produces = entry.extra.get("accepts", ("torch",)), entry.extra.get("produces")
+        if kind not in accepts:
+            source = f" made by {made_by}" if made_by else ""
+            raise RecipeError(s.path, f"needs {' or '.join(KIND_WORDS[k] for k in accepts)}, but gets {KIND_WORDS[kind]}"
+                                      f"{source}; move this stage before it")
+        new = produces(s.config, kind) if callable(produces) else (produces or kind)
+        if new != kind:
+            kind, made_by = new, s.path
 
 
 class OutputConfig(StrictModel):
@@ -187,6 +219,9 @@ def parse_recipe(doc: dict, overrides: tuple[str, ...] | list[str] = (), env: di
         spec = attempt(_parse_stage, item, i)
         if spec is not None:
             stages.append(spec)
+    if errors:
+        raise RecipeErrors(errors)
+    attempt(check_chain, stages)
     if errors:
         raise RecipeErrors(errors)
     recipe = Recipe(top.name, top.seed, data, model, teacher, stages, bench, top.output, raw=doc)

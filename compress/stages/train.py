@@ -45,7 +45,8 @@ class EvaluateConfig(StrictModel):
     target: Literal["model", "teacher"] = "model"
 
 
-@register_stage("evaluate", EvaluateConfig, "measure the current model (or teacher) on a split")
+@register_stage("evaluate", EvaluateConfig, "measure the current model (or teacher) on a split",
+                accepts=("torch", "fakequant", "packed"))
 def run_evaluate(state, cfg: EvaluateConfig):
     model = state.teacher if cfg.target == "teacher" else state.model
     if model is None:
