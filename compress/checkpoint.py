@@ -67,7 +67,8 @@ def load_model(path: str | Path) -> nn.Module:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not ckpt.get("spec"):
         raise CompressError(f"{path}: not a compress checkpoint (a plain state_dict needs a model spec: "
                             "give it as model.checkpoint in a recipe)")
-    spec = {k: v for k, v in ckpt["spec"].items() if k != "checkpoint"}
+    # The saved weights replace whatever a checkpoint or pretrained file would load: skip reading those.
+    spec = {k: v for k, v in ckpt["spec"].items() if k not in ("checkpoint", "weights")}
     io = ckpt.get("io") or {}
     model = create_model(spec, tuple(io.get("input_shape", ())), io.get("num_outputs", 0))
     return restore(model, ckpt)

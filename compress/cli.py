@@ -89,6 +89,13 @@ def list_(what):
             click.echo(f"  {'<torchvision>':<14} any torchvision.models classifier by name (resnet50, mobilenet_v3_small, ...)")
 
 
+from compress import cli_report  # noqa: E402  (its commands import friendly_errors from here)
+cli.add_command(cli_report.bench)
+cli.add_command(cli_report.report)
+from compress.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
+cli.add_command(_sensitivity)
+
+
 def main():
     cli(prog_name="compress")
 

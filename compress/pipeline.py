@@ -14,10 +14,10 @@ import yaml
 from compress.checkpoint import load_model, save_model
 from compress.data import DataBundle, create_data
 from compress.errors import CompressError, RecipeError
-from compress.measure import count_params, file_size, saved_size
+from compress.measure import machine_info
 from compress.models import create_model
+from compress.report import write_html
 from compress.recipe import STAGES, Recipe, StageSpec, load_recipe, parse_recipe
-from compress.trainer import evaluate
 from compress.utils import append_jsonl, seed_everything, write_json, write_text
 
 
@@ -99,24 +99,23 @@ def check_outputs(model: nn.Module, data: DataBundle, path: str) -> None:
 
 
 def measure_stage(state: PipelineState, model_path: Optional[Path]) -> dict:
-    """One report row for the stage that just finished."""
-    split = state.recipe.benchmark.split if state.recipe and state.recipe.benchmark else "test"
-    if not state.data.has(split):
-        split = "val"
+    """One report row for the stage that just finished; latency interleaved with the first stage's model."""
+    from compress.measure import BenchmarkConfig, Subject, measure
+
+    cfg = state.recipe.benchmark if state.recipe and state.recipe.benchmark else BenchmarkConfig()
     model = state.subject if state.subject is not None else state.model
-    metrics = state.stage_metrics or evaluate(model, state.data, split)
-    artifact = state.artifact or model_path
-    params, nonzero = count_params(model)
+    artifact = Path(state.artifact) if state.artifact else model_path
+    onnx = artifact if artifact is not None and artifact.suffix == ".onnx" else None
+    baseline = Subject.from_row(state.results[0]) if state.results and cfg.latency else None
+    name = state.stage.name if state.stage else "model"
     row = {
-        "name": state.stage.name if state.stage else "model",
+        "name": name,
         "index": state.stage.index if state.stage else 0,
-        "metrics": metrics,
-        "split": split,
         "artifact": str(artifact) if artifact else None,
-        "size_bytes": file_size(artifact) if artifact else saved_size(model),
-        "params": params,
-        "nonzero_params": nonzero,
+        "model_file": str(model_path) if model_path else None,
     }
+    row.update(measure(Subject(model, onnx, artifact), state.data, cfg, metrics=state.stage_metrics,
+                       baseline=baseline, desc=name))
     row.update(state.extra)
     return row
 
@@ -149,11 +148,13 @@ class Pipeline:
         state.run_dir = run_dir
         write_text(run_dir / "recipe.yaml", self.recipe.to_yaml())
         started = time.time()
+        saved_teacher = None
         for spec in self.recipe.stages:
             state.stage = spec
             done = state.stage_dir / "done.json"
             if resume and done.is_file():
                 self._restore(state, spec, json.loads(done.read_text()))
+                saved_teacher = id(state.teacher)
                 continue
             state.artifact, state.stage_metrics, state.extra, state.subject = None, None, {}, None
             seed_everything(state.seed)
@@ -161,8 +162,10 @@ class Pipeline:
             t0 = time.time()
             state = entry.obj(state, spec.config) or state
             model_path = save_model(state.model, state.stage_dir / "model.pt", meta={"stage": spec.name})
-            if state.teacher is not None:
+            # The teacher is written only when it changed (trained here, or a new one), not after every stage.
+            if state.teacher is not None and (state.subject is state.teacher or id(state.teacher) != saved_teacher):
                 teacher_path = save_model(state.teacher, state.stage_dir / "teacher.pt", meta={"stage": spec.name})
+                saved_teacher = id(state.teacher)
                 if state.subject is state.teacher:
                     model_path = teacher_path
             row = measure_stage(state, model_path)
@@ -214,6 +217,8 @@ class Pipeline:
 
     def _write_report(self, state: PipelineState, started: float) -> dict:
         report = {"recipe": self.recipe.name, "seed": self.recipe.seed, "run_dir": str(state.run_dir),
-                  "seconds": round(time.time() - started, 2), "stages": state.results}
+                  "seconds": round(time.time() - started, 2), "stages": state.results, "machine": machine_info()}
         write_json(state.run_dir / "report.json", report)
+        if len(state.results) == len(self.recipe.stages):  # plots once, when every stage has its row
+            write_html(report, state.run_dir / "report.html")
         return report

@@ -1,25 +1,405 @@
-"""Report tables from ``report.json`` data."""
+"""Report tables and an HTML page from ``report.json`` data alone (nothing is rerun)."""
 from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import html
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+from compress.errors import CompressError
+
+
+# -- formatting --------------------------------------------------------------------------------------
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_count(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def metric_name(rows: list[dict]) -> str:
+    for r in rows:
+        m = r.get("metrics") or {}
+        if "accuracy" in m:
+            return "accuracy"
+        if "rmse" in m:
+            return "rmse"
+    return "accuracy"
 
 
 def _fmt_metrics(m: dict) -> str:
     if "accuracy" in m:
-        return f"{100 * m['accuracy']:.2f}%"
+        top5 = f" ({100 * m['top5']:.1f}%)" if "top5" in m else ""
+        return f"{100 * m['accuracy']:.2f}%{top5}"
     if "rmse" in m:
         return f"{m['rmse']:.4f}"
     return "-"
 
 
-def format_table(report: dict) -> str:
-    """A Markdown table: each stage against the first one (the baseline)."""
-    rows = report["stages"]
-    if not rows:
-        return "(no stages)"
-    metric = "accuracy" if "accuracy" in rows[0]["metrics"] else "rmse"
-    base = rows[0]
-    lines = [f"| stage | {metric} | size | x smaller | params | non-zero |", "|---|---|---|---|---|---|"]
+def latency_keys(rows: list[dict]) -> list[tuple[str, str]]:
+    """(backend, batch) pairs present in any row, in a stable order."""
+    keys: list[tuple[str, str]] = []
     for r in rows:
-        ratio = base["size_bytes"] / max(r["size_bytes"], 1)
-        lines.append(f"| {r['index']}: {r['name']} | {_fmt_metrics(r['metrics'])} | {r['size_bytes'] / 1024:.1f} KiB "
-                     f"| {ratio:.2f}x | {r['params']:,} | {r['nonzero_params']:,} |")
-    return "\n".join(lines)
+        for backend, per in (r.get("latency") or {}).items():
+            if isinstance(per, dict):
+                for bs in per:
+                    if (backend, bs) not in keys:
+                        keys.append((backend, bs))
+    order = {"pytorch": 0, "onnxruntime": 1, "cuda": 2}
+    return sorted(keys, key=lambda k: (order.get(k[0], 9), int(k[1]) if k[1].isdigit() else 0))
+
+
+SHORT = {"pytorch": "PyTorch", "onnxruntime": "ORT", "cuda": "CUDA"}
+
+
+def _latency_cell(r: dict, key: tuple[str, str]) -> str:
+    cell = ((r.get("latency") or {}).get(key[0]) or {}).get(key[1])
+    if not cell:
+        return "-"
+    ms = cell["median_ms"]
+    text = f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
+    return f"{text} ({cell['speedup']:.2f}x)" if cell.get("speedup") is not None else text
+
+
+def run_label(rep: dict) -> str:
+    """A run's name in comparisons: its folder name (two runs of one recipe differ there)."""
+    return Path(rep["run_dir"]).name if rep.get("run_dir") else str(rep.get("recipe", "?"))
+
+
+def _runs(report_or_reports) -> list[dict]:
+    return report_or_reports if isinstance(report_or_reports, list) else [report_or_reports]
+
+
+def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
+    """Header and cells shared by the Markdown and HTML tables. Ratios are to each run's first row."""
+    reports = _runs(report_or_reports)
+    many = len(reports) > 1
+    all_rows = [r for rep in reports for r in rep.get("stages", [])]
+    metric = metric_name(all_rows)
+    lkeys = latency_keys(all_rows)
+    header = (["run"] if many else []) + [
+        "stage", "top-1 (top-5)" if metric == "accuracy" else "RMSE", "size", "zipped", "x smaller",
+        "params", "non-zero", "bits/w", "MACs"]
+    header += [f"{SHORT.get(b, b)} b{bs} (x faster)" for b, bs in lkeys]
+    cells = []
+    for rep in reports:
+        rows = rep.get("stages", [])
+        if not rows:
+            continue
+        base = rows[0]
+        for r in rows:
+            size = r.get("size_bytes")
+            ratio = f"{base['size_bytes'] / max(size, 1):.2f}x" if size and base.get("size_bytes") else "-"
+            bpw = r.get("bits_per_weight")
+            line = ([run_label(rep)] if many else []) + [
+                f"{r.get('index', '?')}: {r.get('name', '?')}", _fmt_metrics(r.get("metrics") or {}),
+                fmt_bytes(size), fmt_bytes(r.get("zipped_bytes")), ratio,
+                f"{r['params']:,}" if r.get("params") is not None else "-",
+                f"{r['nonzero_params']:,}" if r.get("nonzero_params") is not None else "-",
+                f"{bpw:.1f}" if bpw is not None else "-", fmt_count(r.get("macs"))]
+            line += [_latency_cell(r, k) for k in lkeys]
+            cells.append(line)
+    return header, cells
+
+
+def format_table(report) -> str:
+    """A Markdown table: each stage against the first one (the baseline). Accepts a list of reports."""
+    header, cells = table_rows(report)
+    if not cells:
+        return "(no stages)"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    notes = _latency_note(_runs(report))
+    return "\n".join(lines) + (f"\n\n{notes}" if notes else "")
+
+
+def _latency_note(reports: list[dict]) -> str:
+    for rep in reports:
+        for r in rep.get("stages", []):
+            lat = r.get("latency")
+            if lat:
+                cells = [c for per in lat.values() if isinstance(per, dict) for c in per.values() if isinstance(c, dict)]
+                clock = {"cpu": "the thread's CPU time", "wall": "wall clock"}.get(cells[0].get("clock"), "") if cells else ""
+                return (f"Latency: median ms per call{f' ({clock})' if clock else ''}, {lat.get('threads')} thread(s), {lat.get('runs')} samples "
+                        "per model; x faster = first stage's median / this stage's median, both timed interleaved "
+                        "in the same process (absolute ms of different rows were timed at different moments).")
+    return ""
+
+
+# -- plots -------------------------------------------------------------------------------------------
+
+def pareto_front(points: list[tuple[float, float]], maximize: bool = True) -> list[tuple[float, float]]:
+    """Points no other point beats on both cost (lower is better) and quality; sorted by cost."""
+    best, front = None, []
+    for cost, q in sorted(points, key=lambda p: (p[0], -p[1] if maximize else p[1])):
+        if best is None or (q > best if maximize else q < best):
+            front.append((cost, q))
+            best = q
+    return front
+
+
+def _quality(r: dict, metric: str) -> Optional[float]:
+    m = r.get("metrics") or {}
+    if metric not in m:
+        return None
+    return 100 * m[metric] if metric == "accuracy" else m[metric]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _labelled(reports: list[dict]):
+    many = len(reports) > 1
+    for rep in reports:
+        for r in rep.get("stages", []):
+            label = f"{r.get('index')}: {r.get('name')}"
+            yield (f"{run_label(rep)}/{label}" if many else label), r
+
+
+def _tradeoff_plot(reports: list[dict], metric: str, cost_of, xlabel: str, title: str, logx: bool = True) -> Optional[str]:
+    from matplotlib.figure import Figure
+
+    maximize = metric == "accuracy"
+    fig = Figure(figsize=(7, 4.5), layout="tight")
+    ax = fig.add_subplot()
+    points = []
+    for i, rep in enumerate(reports):
+        xs, ys, labels = [], [], []
+        for label, r in _labelled([rep]):
+            c, q = cost_of(r), _quality(r, metric)
+            if c is None or q is None:
+                continue
+            xs.append(c), ys.append(q), labels.append(label)
+        if not xs:
+            continue
+        ax.scatter(xs, ys, s=40, zorder=3, label=run_label(rep) if len(reports) > 1 else None)
+        # One label per cluster of near points: stages that did not change the model land on top of each other.
+        near: list[tuple[float, float, list[str]]] = []
+        xspan, yspan = max(map(abs, xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+        for x, y, lab in zip(xs, ys, labels):
+            for cx, cy, labs in near:
+                if abs(x - cx) < 0.04 * xspan and abs(y - cy) < 0.04 * yspan:
+                    labs.append(lab)
+                    break
+            else:
+                near.append((x, y, [lab]))
+        for j, (x, y, labs) in enumerate(near):  # alternate above/below so close clusters stay legible
+            ax.annotate(", ".join(labs), (x, y), textcoords="offset points", xytext=(6, 5 if j % 2 == 0 else -12), fontsize=8)
+        points += list(zip(xs, ys))
+    if not points:
+        return None
+    front = pareto_front(points, maximize)
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", lw=1.5, zorder=2)
+    ax.scatter([p[0] for p in front], [p[1] for p in front], s=140, facecolors="none", edgecolors="tab:red", lw=1.5,
+               zorder=4, label="Pareto front")
+    lo, hi = min(p[0] for p in points), max(p[0] for p in points)
+    if logx and lo > 0 and hi / lo > 5:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))
+        xlabel += ", log scale"
+    else:
+        ax.set_xlim(0, hi * 1.25 if hi > 0 else 1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy (%)" if maximize else "RMSE (lower is better)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _latency_key(rows: list[dict]) -> Optional[tuple[str, str]]:
+    keys = latency_keys(rows)
+    for k in keys:  # batch 1 reads as 'latency'; prefer the deployable runtime
+        if k == ("onnxruntime", "1"):
+            return k
+    return keys[0] if keys else None
+
+
+def _relative_latency(r: dict, key: tuple[str, str]) -> Optional[float]:
+    cell = ((r.get("latency") or {}).get(key[0]) or {}).get(key[1]) or {}
+    return 1 / cell["speedup"] if cell.get("speedup") else None
+
+
+def _layers_plot(reports: list[dict]) -> Optional[str]:
+    """Per-layer sparsity (or bit width) of every row that has non-trivial values."""
+    from matplotlib.figure import Figure
+
+    series = []
+    for label, r in _labelled(reports):
+        layers = r.get("layers")
+        if isinstance(layers, dict):
+            layers = [{"name": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in layers.items()]
+        if not layers:
+            continue
+        for key in ("bits", "sparsity", "value"):
+            vals = [(layer.get("name", str(i)), layer.get(key)) for i, layer in enumerate(layers)]
+            if all(v is not None for _, v in vals) and any(v for _, v in vals):
+                series.append((label, key, vals))
+                break
+    if not series:
+        return None
+    kind = series[0][1]
+    series = [s for s in series if s[1] == kind][:8]
+    names = []
+    for _, _, vals in series:
+        names += [n for n, _ in vals if n not in names]
+    fig = Figure(figsize=(max(7, 0.5 * len(names) + 3), 4.5), layout="tight")
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for j, (label, _, vals) in enumerate(series):
+        d = dict(vals)
+        ax.bar([i + j * width for i in range(len(names))],
+               [100 * d.get(n, 0) if kind == "sparsity" else d.get(n, 0) for n in names], width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel({"sparsity": "zeros (%)", "bits": "bits per weight"}.get(kind, kind))
+    ax.set_title(f"Per-layer {kind}")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _speed_plot(reports: list[dict]) -> Optional[str]:
+    """x faster than the first stage, per backend and batch size."""
+    from matplotlib.figure import Figure
+
+    rows = list(_labelled(reports))
+    keys = latency_keys([r for _, r in rows])
+    if not keys or len(rows) < 2:
+        return None
+    fig = Figure(figsize=(max(7, 0.9 * len(rows) + 3), 4), layout="tight")
+    ax = fig.add_subplot()
+    width = 0.8 / len(keys)
+    for j, k in enumerate(keys):
+        vals = [(((r.get("latency") or {}).get(k[0]) or {}).get(k[1]) or {}).get("speedup") or 0 for _, r in rows]
+        ax.bar([i + j * width for i in range(len(rows))], vals, width, label=f"{SHORT.get(k[0], k[0])} batch {k[1]}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([lab for lab, _ in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("x faster than the first stage")
+    ax.set_title("Latency ratio (interleaved with the baseline)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _latency_detail(reports: list[dict]) -> str:
+    """HTML rows with every latency statistic (the Markdown table shows medians only)."""
+    out = []
+    for label, r in _labelled(reports):
+        for backend, per in (r.get("latency") or {}).items():
+            if not isinstance(per, dict):
+                continue
+            for bs, c in per.items():
+                if isinstance(c, dict) and "median_ms" in c:
+                    cells = [label, SHORT.get(backend, backend), bs, f"{c['median_ms']:.4f}", f"{c['p90_ms']:.4f}",
+                             f"{c['p99_ms']:.4f}", f"{c['speedup']:.2f}x" if c.get("speedup") is not None else "-",
+                             str(c.get("runs", "-")), str(c.get("clock", "-"))]
+                    out.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
+    if not out:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("stage", "backend", "batch", "median ms", "p90 ms", "p99 ms",
+                                             "x faster", "samples", "clock"))
+    return f"<h3>Latency detail</h3><table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
+
+
+def render_html(report_or_reports) -> str:
+    """One self-contained page: table, machine, and plots as base64 PNG."""
+    reports = _runs(report_or_reports)
+    rows = [r for rep in reports for r in rep.get("stages", [])]
+    metric = metric_name(rows)
+    header, cells = table_rows(reports)
+    lk = _latency_key(rows)
+    plots = [
+        _tradeoff_plot(reports, metric, lambda r: r.get("size_bytes") and r["size_bytes"] / 1024,
+                       "size on disk (KiB)", f"{metric} vs size"),
+        # Relative latency (1 / x faster) from interleaved runs: absolute ms of different rows drift with load.
+        _tradeoff_plot(reports, metric, lambda r: _relative_latency(r, lk),
+                       f"latency relative to the first stage ({SHORT.get(lk[0], lk[0])}, batch {lk[1]}; lower is faster)",
+                       f"{metric} vs latency", logx=False) if lk else None,
+        _speed_plot(reports),
+        _layers_plot(reports),
+    ]
+    title = " vs ".join(html.escape(run_label(rep)) for rep in reports)
+    machines = {json.dumps(rep.get("machine"), sort_keys=True): rep.get("machine") for rep in reports if rep.get("machine")}
+    mlines = "".join(
+        f"<li>{html.escape(m.get('cpu', '?'))}, {m.get('cores')} cores{', GPU ' + html.escape(m['gpu']) if m.get('gpu') else ''}; "
+        f"torch {html.escape(str(m.get('torch')))}, onnxruntime {html.escape(str(m.get('onnxruntime')))}</li>"
+        for m in machines.values())
+    thead = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    tbody = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    imgs = "".join(f'<figure><img alt="plot" src="data:image/png;base64,{p}"></figure>' for p in plots if p)
+    note = html.escape(_latency_note(reports))
+    runs = "".join(f"<li><code>{html.escape(str(rep.get('run_dir', '')))}</code> ({rep.get('seconds', '?')} s)</li>" for rep in reports)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>compress report: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f0f0f0; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+figure {{ display: inline-block; margin: 1em 1em 0 0; }} img {{ max-width: 100%; }}
+.small {{ color: #666; font-size: 12px; }}
+</style></head><body>
+<h1>compress report: {title}</h1>
+<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>
+<p class="small">{note}</p>
+<div>{imgs}</div>
+{_latency_detail(reports)}
+<h3>Runs</h3><ul class="small">{runs}</ul>
+<h3>Machine</h3><ul class="small">{mlines or '<li>not recorded</li>'}</ul>
+<p class="small">generated {datetime.datetime.now().isoformat(timespec='seconds')} from report.json</p>
+</body></html>
+"""
+
+
+def write_html(report_or_reports, path: str | Path, force: bool = False) -> Path:
+    """Write the page, unless ``path`` already shows these same rows (plots take a second each)."""
+    from compress.utils import write_text
+
+    path = Path(path)
+    key = hashlib.sha256(json.dumps([{k: v for k, v in rep.items() if k != "seconds"} for rep in _runs(report_or_reports)],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    stamp = f"<!-- compress report {key} -->"
+    if not force and path.is_file() and stamp in path.read_text(errors="replace")[:200]:
+        return path
+    doctype, rest = render_html(report_or_reports).split("\n", 1)  # the stamp goes after the doctype (standards mode)
+    write_text(path, f"{doctype}\n{stamp}\n{rest}")
+    return path
+
+
+def load_report(run_dir: str | Path) -> dict:
+    """A run's saved report (``RUN_DIR/report.json``, or the JSON file itself)."""
+    p = Path(run_dir)
+    f = p / "report.json" if p.is_dir() else p
+    if not f.is_file():
+        raise CompressError(f"{p}: no report.json (is it a run directory of 'compress run'?)")
+    try:
+        rep = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise CompressError(f"{f}: not valid JSON ({exc})") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("stages"), list):
+        raise CompressError(f"{f}: not a compress report (expected a 'stages' list)")
+    return rep

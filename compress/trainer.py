@@ -19,17 +19,23 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from compress.config import StrictModel
+from compress.errors import CompressError
 from compress.data import DataBundle
 from compress.metrics import LOSSES, MetricAccumulator, default_loss, primary_metric
 from compress.utils import append_jsonl, atomic_path, resolve_device
 
 
 class OptimizerConfig(StrictModel):
-    name: Literal["sgd", "adam", "adamw"] = "adam"
+    # lbfgs: full-batch L-BFGS with a strong-Wolfe line search (KernelNet's optimizer); one epoch = one
+    # L-BFGS step of max_iter iterations over one batch holding the whole train split (unless batch_size).
+    name: Literal["sgd", "adam", "adamw", "lbfgs"] = "adam"
     lr: float = Field(1e-3, gt=0)
+    max_iter: int = Field(20, ge=1)  # lbfgs only
+    history_size: int = Field(10, ge=1)  # lbfgs only
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
+    backbone_lr_mult: float = Field(1.0, ge=0)  # LR of every parameter outside the head = lr x this (fine-tuning)
 
 
 class SchedulerConfig(StrictModel):
@@ -63,6 +69,11 @@ class TrainConfig(StrictModel):
     keep: Literal["best", "last"] = "best"  # weights kept at the end: best validation epoch or last
     save_every_epoch: bool = False
     augment: AugmentConfig = AugmentConfig()
+    # Fine-tuning a pretrained model: train only the head for the first k epochs (backbone frozen,
+    # its BatchNorm statistics too), then everything. The head is the module named ``head``, or with
+    # 'auto' the last Linear/Conv2d with one output per class.
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    head: str = "auto"
     device: str = "auto"
     progress: bool = True
 
@@ -155,7 +166,8 @@ class Trainer:
                  *, name: str = "train", seed: int = 0, log_path: Path | None = None,
                  state_path: Path | None = None, epoch_dir: Path | None = None):
         self.model, self.cfg, self.data = model, cfg, data
-        self.hooks = list(hooks)
+        # A model can bring its own loss terms (KernelNet's kernel regularizer): ``model.training_hooks()``.
+        self.hooks = list(hooks) + list(getattr(model, "training_hooks", lambda: [])())
         self.name, self.seed = name, seed
         self.log_path, self.state_path, self.epoch_dir = log_path, state_path, epoch_dir
         self.device = resolve_device(cfg.device)
@@ -168,11 +180,42 @@ class Trainer:
         self.history: list[dict] = []
 
     # -- construction of optimizer and schedule -------------------------------------------------
+    def _head_name(self) -> str:
+        from compress.errors import CompressError
+        from compress.models.builtin import find_head
+
+        if self.cfg.head == "auto":
+            try:
+                return find_head(self.model, self.data.num_outputs)
+            except ValueError as exc:
+                raise CompressError(f"head: {exc}; name the head module") from None
+        if self.cfg.head not in dict(self.model.named_modules()):
+            names = [n for n, m in self.model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+            raise CompressError(f"head: no module '{self.cfg.head}' in the model; modules with parameters: "
+                                f"{', '.join(names[-8:])}")
+        return self.cfg.head
+
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optimizer
         params = [p for p in self.model.parameters() if p.requires_grad]
         for h in self.hooks:
             params += list(h.parameters())
+        self._backbone: list[nn.Parameter] = []
+        if o.backbone_lr_mult != 1.0 or self.cfg.freeze_backbone_epochs:
+            # Two groups, head first (its LR is the one logged): head and hook params at lr, the rest lower.
+            head = self.model.get_submodule(self._head_name())
+            in_head = {id(p) for p in head.parameters()}
+            self._backbone = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_head]
+            backbone_ids = {id(p) for p in self._backbone}
+            groups = [{"params": [p for p in params if id(p) not in backbone_ids]}]
+            if self._backbone:
+                groups.append({"params": self._backbone, "lr": o.lr * o.backbone_lr_mult})
+            params = groups
+        if o.name == "lbfgs":
+            if params and isinstance(params[0], dict):
+                raise CompressError("optimizer.name: lbfgs takes one parameter group; drop backbone_lr_mult/freeze_backbone_epochs")
+            return torch.optim.LBFGS(params, lr=o.lr, max_iter=o.max_iter, history_size=o.history_size,
+                                     line_search_fn="strong_wolfe")
         if o.name == "sgd":
             return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
@@ -193,10 +236,23 @@ class Trainer:
         if s.name == "step":
             return torch.optim.lr_scheduler.StepLR(opt, s.step_size * steps_per_epoch, s.gamma)
         if s.name == "onecycle":
-            return torch.optim.lr_scheduler.OneCycleLR(opt, self.cfg.optimizer.lr, total_steps=total)
+            max_lr = [g["lr"] for g in opt.param_groups]  # keeps the backbone's lower LR
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr, total_steps=total)
         return None
 
+    def _freeze_backbone(self, frozen: bool) -> None:
+        """Head-only epochs: backbone params get no gradient (so no update) and its BatchNorms keep their statistics."""
+        for p in self._backbone:
+            p.requires_grad_(not frozen)
+        if frozen:
+            head = self._head_name()
+            for name, m in self.model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (name == head or name.startswith(head + ".")):
+                    m.eval()
+
     def _train_loader(self, generator: torch.Generator):
+        if self.cfg.optimizer.name == "lbfgs" and self.cfg.batch_size is None:  # full batch, as L-BFGS expects
+            return self.data.loader("train", shuffle=False, batch_size=len(self.data.dataset("train")))
         return self.data.loader("train", shuffle=True, batch_size=self.cfg.batch_size, generator=generator)
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -229,21 +285,34 @@ class Trainer:
             for h in self.hooks:
                 h.on_epoch_start(self, epoch)
             model.train()
+            if cfg.freeze_backbone_epochs:
+                self._freeze_backbone(epoch < cfg.freeze_backbone_epochs)
             acc = MetricAccumulator(self.data.task)
             t0, seen = time.perf_counter(), 0
             for raw in tqdm(loader, desc=f"{self.name} {epoch + 1}/{cfg.epochs}", leave=False, disable=not show):
                 b = unpack(raw, self.device)
                 x = augment_batch(b.inputs, cfg.augment)
-                out = model(x)
-                loss = self.loss_fn(out, b.targets)
-                base = loss
-                for h in self.hooks:
-                    loss = h.loss(self, b, out, loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
+                last: dict[str, torch.Tensor] = {}
+
+                def closure() -> torch.Tensor:
+                    # A closure because L-BFGS re-evaluates the loss several times per step.
+                    opt.zero_grad(set_to_none=True)
+                    out = model(x)
+                    loss = base = self.loss_fn(out, b.targets)
+                    for h in self.hooks:
+                        loss = h.loss(self, b, out, loss)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    last.update(out=out, base=base)
+                    return loss
+
+                if isinstance(opt, torch.optim.LBFGS):
+                    opt.step(closure)
+                else:
+                    closure()
+                    opt.step()
+                out, base = last["out"], last["base"]
                 if sched is not None:
                     sched.step()
                 for h in self.hooks:
@@ -285,6 +354,8 @@ class Trainer:
                 self.epoch = cfg.epochs
             if self.state_path is not None and is_main_process():
                 self._save_state(opt, sched, best_value, best_state, bad_epochs)
+        if cfg.freeze_backbone_epochs:
+            self._freeze_backbone(False)
         if cfg.keep == "best" and best_state is not None:
             model.load_state_dict(best_state)
         for h in self.hooks:

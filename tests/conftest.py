@@ -28,4 +28,5 @@ def tiny_recipe() -> dict:
         "data": {"name": "synthetic", "num_samples": 256, "num_classes": 3, "shape": [1, 6, 6], "batch_size": 32},
         "model": {"name": "mlp", "hidden": [16]},
         "stages": [{"train": {"epochs": 2, "progress": False}}, {"evaluate": {}}],
+        "benchmark": {"latency": False},  # timing is for benchmarks/, not unit tests
     }

@@ -132,3 +132,35 @@ def test_regression_training(tmp_path):
     before = evaluate(model, data, "test")["rmse"]
     Trainer(model, TrainConfig(epochs=15, progress=False, optimizer={"lr": 0.01}), data).fit()
     assert evaluate(model, data, "test")["rmse"] < 0.5 * before
+
+
+def test_lbfgs_full_batch_and_model_provided_hooks(data):
+    class Penalized(nn.Module):
+        """A model that brings its own loss term, as KernelNet does."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+            self.calls = 0
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_hooks(self):
+            model = self
+
+            class Count(Hook):
+                def loss(self, trainer, batch, outputs, loss):
+                    model.calls += 1
+                    return loss + 1e-4 * model.net[1].weight.pow(2).sum()
+
+            return [Count()]
+
+    torch.manual_seed(0)
+    model = Penalized()
+    cfg = TrainConfig(epochs=2, progress=False, optimizer={"name": "lbfgs", "lr": 1, "max_iter": 5})
+    trainer = Trainer(model, cfg, data)
+    trainer.fit()
+    assert trainer.step == 2  # one full-batch step per epoch
+    assert model.calls > 2  # L-BFGS evaluated the closure (with the model's hook) several times per step
+    assert evaluate(model, data, "test")["accuracy"] > 0.8

@@ -1,5 +1,7 @@
 """Datasets by name (``create_data``) and the DataBundle every stage consumes."""
 from compress.data.bundle import DataBundle, DataSpec, DATASETS, create_data, register_dataset, split_indices
 from compress.data import builtin as _builtin  # noqa: F401  (registers the built-in datasets)
+from compress.data import movielens as _movielens  # noqa: F401  (registers movielens)
+from compress.data import imagefolder as _imagefolder  # noqa: F401  (registers imagefolder: Imagenette/Imagewoof layout)
 
 __all__ = ["DataBundle", "DataSpec", "DATASETS", "create_data", "register_dataset", "split_indices"]

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from compress.models.registry import MODELS, ModelSpec, register_model
-from compress.registry import Entry
+from compress.registry import Entry, did_you_mean
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 Activation = Literal["relu", "gelu", "tanh", "sigmoid"]
@@ -114,15 +115,141 @@ def smallcnn(spec: SmallCNNSpec, input_shape, num_outputs) -> nn.Module:
 
 
 class TorchvisionSpec(ModelSpec):
-    """Any ``torchvision.models`` classifier, built with num_classes set to the data's class count."""
+    """Any ``torchvision.models`` classifier, its head sized to the data's class count.
+
+    ``weights``: pretrained weights for everything but the head, either a torchvision weights name
+    (``DEFAULT``, ``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2``; downloaded once into the
+    torch hub cache) or a local file (a torchvision ``.pth``, a plain state_dict or a compress
+    checkpoint), always read with ``weights_only=True``. Heads whose class count differs are
+    re-initialized. Models whose pretrained weights need other constructor arguments (inception_v3,
+    googlenet: ``transform_input``) take them in ``kwargs``.
+    """
 
     kwargs: dict = {}
+    weights: Optional[str] = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, w: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if w is None:
+            return w
+        if _is_path(w):
+            if not Path(w).expanduser().is_file():
+                raise ValueError(f"expected an existing weights file or a torchvision weights name, got '{w}' (no such file)")
+            return w
+        _weights_enum(info.data.get("name", ""), w)  # raises ValueError naming the choices
+        return w
+
+
+_WEIGHT_FILES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+
+
+def _is_path(w: str) -> bool:
+    return "/" in w or "\\" in w or w.lower().endswith(_WEIGHT_FILES) or Path(w).expanduser().is_file()
+
+
+def _weights_enum(model: str, w: str):
+    """The torchvision weights member named ``w`` for ``model`` (ValueError listing the choices)."""
+    from torchvision.models import get_model_weights, get_weight
+
+    try:
+        enum = get_model_weights(model)
+    except (ValueError, KeyError):
+        raise ValueError(f"torchvision has no pretrained weights for '{model}'; give a local weights file") from None
+    choices = list(dict.fromkeys(["DEFAULT", *enum.__members__]))
+    if "." in w:
+        try:
+            member = get_weight(w)
+        except (ValueError, KeyError, AttributeError):
+            member = None
+        if member is None or type(member) is not enum:
+            raise ValueError(f"unknown weights '{w}' for {model}; expected one of {', '.join(choices)} "
+                             f"(or {enum.__name__}.<name>)")
+        return member
+    if w not in choices:
+        raise ValueError(f"unknown weights '{w}' for {model}; expected one of {', '.join(choices)}{did_you_mean(w, choices)}")
+    return enum[w]
+
+
+def find_head(model: nn.Module, num_outputs: Optional[int] = None) -> str:
+    """Name of the classifier head: the last Linear/Conv2d (with ``num_outputs`` outputs when given).
+
+    Holds for every torchvision classifier (auxiliary heads come earlier in module order) and for the
+    built-in models.
+    """
+    last, match = None, None
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = name
+            out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            if num_outputs is None or out == num_outputs:
+                match = name
+    if match is None and last is None:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to use as the head")
+    return match if match is not None else last
+
+
+def _read_state_dict(spec: TorchvisionSpec) -> tuple[dict, str]:
+    """(state_dict, where it came from) for ``spec.weights``."""
+    from compress.errors import CompressError
+
+    w = spec.weights
+    if _is_path(w):
+        path = Path(w).expanduser()
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt or unsafe files
+            raise CompressError(f"weights '{path}': not a loadable weights file "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        for key in ("state_dict", "model"):  # compress checkpoints and common training wrappers
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+        if not isinstance(sd, dict):
+            raise CompressError(f"weights '{path}': expected a state_dict, got {type(sd).__name__}")
+        return sd, str(path)
+    member = _weights_enum(spec.name, w)
+    try:
+        return member.get_state_dict(progress=True, weights_only=True), str(member)
+    except Exception as exc:  # URLError, HTTPError, OSError, a truncated download...
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
+        raise CompressError(f"weights '{w}': could not get {member} from {member.url} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); without internet, "
+                            f"download that file elsewhere and put it at {cache}, or pass its path as weights") from None
+
+
+def load_pretrained(model: nn.Module, sd: dict, num_outputs: int, source: str = "weights") -> list[str]:
+    """Load ``sd`` into ``model`` except head tensors whose class count differs; return the skipped keys."""
+    from compress.errors import CompressError
+
+    own = model.state_dict()
+    heads = {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+             and (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == num_outputs}
+    keep, skipped = {}, []
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            if k.rpartition(".")[0] in heads:
+                skipped.append(k)
+                continue
+            raise CompressError(f"{source}: weights do not fit the model: '{k}' has shape {tuple(v.shape)}, "
+                                f"the model's has {tuple(own[k].shape)}")
+        keep[k] = v
+    missing, unexpected = model.load_state_dict(keep, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if missing or unexpected:
+        parts = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(unexpected[:3])}" if unexpected else ""]
+        raise CompressError(f"{source}: weights do not fit the model: {'; '.join(p for p in parts if p)}")
+    return skipped
 
 
 def _torchvision_model(spec: TorchvisionSpec, input_shape, num_outputs) -> nn.Module:
     import torchvision
 
-    return torchvision.models.get_model(spec.name, weights=None, num_classes=num_outputs, **spec.kwargs)
+    # Built without weights at the data's class count, so a checkpoint rebuilds the same structure.
+    model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_outputs, **spec.kwargs)
+    if spec.weights is not None:
+        sd, source = _read_state_dict(spec)
+        load_pretrained(model, sd, num_outputs, source)
+    return model
 
 
 def _torchvision_fallback(name: str):

@@ -1,0 +1,141 @@
+import base64
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from compress.checkpoint import save_model
+from compress.cli import cli
+from compress.data import create_data
+from compress.measure import to_onnx
+from compress.models import create_model
+from compress.report import format_table, load_report, pareto_front, render_html, write_html
+
+
+def lat(ms, speedup):
+    cell = {"median_ms": ms, "p90_ms": ms * 1.1, "p99_ms": ms * 1.2, "speedup": speedup}
+    return {"threads": 1, "runs": 50, "pytorch": {"1": cell}, "onnxruntime": {"1": dict(cell, median_ms=ms / 2)}}
+
+
+def make_report(name="quick", acc2=0.9, run_dir=None):
+    return {
+        "recipe": name, "seed": 0, "run_dir": run_dir, "seconds": 1.0,
+        "machine": {"cpu": "Test CPU", "cores": 2, "torch": "x", "onnxruntime": "y", "gpu": None},
+        "stages": [
+            {"name": "train", "index": 0, "metrics": {"accuracy": 0.95, "top5": 1.0}, "size_bytes": 4096,
+             "zipped_bytes": 3900, "params": 1000, "nonzero_params": 1000, "bits_per_weight": 32.8, "macs": 2_500_000,
+             "latency": lat(0.2, 1.0), "layers": [{"name": "fc1", "sparsity": 0.0}, {"name": "fc2", "sparsity": 0.0}]},
+            {"name": "prune", "index": 1, "metrics": {"accuracy": acc2, "top5": 0.99}, "size_bytes": 1024,
+             "zipped_bytes": 800, "params": 1000, "nonzero_params": 250, "bits_per_weight": 8.2, "macs": 600_000,
+             "latency": lat(0.1, 2.0), "layers": [{"name": "fc1", "sparsity": 0.75}, {"name": "fc2", "sparsity": 0.5}]},
+        ],
+    }
+
+
+def pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_table_compares_every_stage_with_the_first():
+    text = format_table(make_report())
+    lines = text.splitlines()
+    assert lines[0].startswith("| stage | top-1 (top-5) | size | zipped | x smaller | params | non-zero | bits/w | MACs |")
+    assert "PyTorch b1 (x faster)" in lines[0] and "ORT b1 (x faster)" in lines[0]
+    prune = lines[3]
+    assert "| 1: prune | 90.00% (99.0%) | 1.0 KiB | 800 B | 4.00x | 1,000 | 250 | 8.2 | 600.00K |" in prune
+    assert "0.100 ms (2.00x)" in prune and "0.050 ms (2.00x)" in prune
+
+
+def test_table_accepts_rows_without_the_new_measures():
+    old = {"stages": [{"name": "train", "index": 0, "metrics": {"rmse": 0.91}, "size_bytes": 2048, "params": 10,
+                       "nonzero_params": 10}]}
+    assert "| 0: train | 0.9100 | 2.0 KiB | - | 1.00x | 10 | 10 | - | - |" in format_table(old)
+
+
+def test_pareto_front():
+    pts = [(1, 80), (2, 90), (3, 85), (4, 95), (5, 95)]
+    assert pareto_front(pts) == [(1, 80), (2, 90), (4, 95)]
+    assert pareto_front([(1, 0.9), (2, 0.8), (3, 0.85)], maximize=False) == [(1, 0.9), (2, 0.8)]
+
+
+def test_html_renders_from_a_saved_report_json(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps(make_report()))
+    page = render_html(load_report(tmp_path))
+    images = pngs(page)
+    assert len(images) == 4  # accuracy vs size, accuracy vs latency, speed-up, per-layer sparsity
+    assert all(img.startswith(b"\x89PNG\r\n\x1a\n") and len(img) > 5000 for img in images)
+    assert "<td>1: prune</td>" in page and "Test CPU" in page and page.startswith("<!doctype html>")
+
+
+def test_html_without_latency_or_layers_still_has_the_size_plot(tmp_path):
+    rep = make_report()
+    for r in rep["stages"]:
+        del r["latency"], r["layers"]
+    assert len(pngs(render_html(rep))) == 1
+
+
+def test_write_html_skips_unchanged_rows(tmp_path):
+    def small(acc2=0.9):
+        rep = make_report(acc2=acc2)
+        for r in rep["stages"]:
+            del r["latency"], r["layers"]
+        return rep
+
+    path = write_html(small(), tmp_path / "r.html")
+    path.write_text(path.read_text() + "<!-- marker -->")
+    write_html({**small(), "seconds": 99.0}, path)
+    assert path.read_text().endswith("<!-- marker -->")  # same rows: not re-rendered
+    write_html(small(acc2=0.5), path)
+    assert "marker" not in path.read_text()
+
+
+def test_compress_report_compares_two_run_folders(tmp_path):
+    for name, acc in (("run-a", 0.9), ("run-b", 0.8)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "report.json").write_text(json.dumps(make_report("quick", acc, str(d))))
+    out = tmp_path / "cmp.html"
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "run-a"), str(tmp_path / "run-b"), "--html", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0].startswith("| run | stage |")
+    assert "| run-a | 1: prune | 90.00%" in res.output and "| run-b | 1: prune | 80.00%" in res.output
+    page = out.read_text()
+    assert "run-a vs run-b" in page and len(pngs(page)) == 4
+
+
+def test_compress_report_on_a_folder_without_a_report(tmp_path):
+    res = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert res.exit_code == 2
+    assert res.output.strip() == f"error: {tmp_path}: no report.json (is it a run directory of 'compress run'?)"
+
+
+@pytest.fixture(scope="module")
+def bench_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    (d / "r.yaml").write_text(
+        "name: b\ndata: {name: synthetic, num_samples: 64, num_classes: 3, shape: [1, 4, 4]}\nmodel: {name: mlp}\n"
+        "stages: [evaluate]\nbenchmark: {runs: 5, warmup: 1, min_sample_ms: 0, batch_sizes: [1], progress: false}\n")
+    data = create_data({"name": "synthetic", "num_samples": 64, "num_classes": 3, "shape": [1, 4, 4]})
+    big = create_model("mlp", data.input_shape, data.num_outputs, hidden=[64])
+    small = create_model("mlp", data.input_shape, data.num_outputs, hidden=[4])
+    save_model(big, d / "big.pt")
+    to_onnx(small, data.example_input(2), d / "small.onnx")
+    return d
+
+
+def test_compress_bench_an_onnx_file_against_a_checkpoint(bench_files):
+    d = bench_files
+    res = CliRunner().invoke(cli, ["bench", str(d / "small.onnx"), "--recipe", str(d / "r.yaml"),
+                                   "--baseline", str(d / "big.pt"), "--json", str(d / "b.json")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((d / "b.json").read_text())["stages"]
+    assert [r["name"] for r in rows] == ["big.pt", "small.onnx"]
+    assert rows[1]["params"] == 16 * 4 + 4 + 4 * 3 + 3 and rows[0]["params"] == 16 * 64 + 64 + 64 * 3 + 3
+    assert rows[1]["latency"]["onnxruntime"]["1"]["speedup"] > 0 and "pytorch" not in rows[1]["latency"]
+    assert "| 1: small.onnx |" in res.output
+
+
+def test_compress_bench_rejects_a_missing_file(bench_files):
+    res = CliRunner().invoke(cli, ["bench", str(bench_files / "nope.pt"), "--recipe", str(bench_files / "r.yaml")])
+    assert res.exit_code == 2 and "nope.pt: no such model file" in res.output
