@@ -37,7 +37,7 @@ MALFORMED = [
     ("stages.0.train.epochs=-1", "stages[0].train.epochs: expected an integer >= 0, got -1"),
     ("stages.0.train.epochs=many", "stages[0].train.epochs: expected an integer >= 0, got 'many'"),
     ("stages.0.train.epoch=3", "stages[0].train.epoch: unknown key; did you mean 'epochs'?"),
-    ("stages.0.train.optimizer.name=adan", "stages[0].train.optimizer.name: expected one of 'sgd', 'adam', 'adamw', got 'adan'"),
+    ("stages.0.train.optimizer.name=adan", "stages[0].train.optimizer.name: expected one of 'sgd', 'adam', 'adamw', 'lbfgs', got 'adan'"),
     ("stages.0.train.optimizer.lr=0", "stages[0].train.optimizer.lr: expected a number > 0, got 0"),
     ("stages.0.train.scheduler.gamma=2", "stages[0].train.scheduler.gamma: expected a number in (0, 1], got 2"),
     ("stages.0.train.grad_clip=-1", "stages[0].train.grad_clip: expected a number > 0"),

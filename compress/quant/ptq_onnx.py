@@ -1,0 +1,154 @@
+"""Post-training int8 through ONNX Runtime: export, static QDQ or dynamic quantization, evaluation.
+
+Everything numeric here is ONNX Runtime's own (``onnxruntime.quantization``); this module only
+feeds it the recipe's data and runs the result.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+CALIBRATION = ("minmax", "entropy", "percentile")
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17) -> Path:
+    """Legacy (TorchScript) exporter: fast, and it maps torch's fake-quant ops to Q/DQ nodes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["output"], do_constant_folding=True,
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    model.train(was)
+    return path
+
+
+def session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class OrtModel(nn.Module):
+    """An ONNX file behind the nn.Module call interface, so ``evaluate`` measures it unchanged."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.sess = session(path, threads)
+        self.input_name = self.sess.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.sess.run(None, {self.input_name: x.detach().cpu().numpy().astype(np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+class LoaderReader:
+    """onnxruntime CalibrationDataReader over the first ``batches`` batches of a DataLoader."""
+
+    def __init__(self, loader, batches: int, input_name: str = "input"):
+        self.loader, self.batches, self.input_name = loader, batches, input_name
+        self.rewind()
+
+    def rewind(self) -> None:
+        self._it, self._n = iter(self.loader), 0
+
+    def get_next(self):
+        if self._n >= self.batches:
+            return None
+        raw = next(self._it, None)
+        if raw is None:
+            return None
+        self._n += 1
+        return {self.input_name: raw[0].numpy().astype(np.float32)}
+
+
+def _preprocess(src: Path, dst: Path) -> Path:
+    """ORT's recommended shape inference + optimization before static quantization."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        return dst
+    except Exception:  # pre-processing is an optimization; quantization works without it
+        return src
+
+
+def quantize_static_onnx(fp32: Path, out: Path, loader, *, batches: int, method: str = "minmax",
+                         percentile: float = 99.999, per_channel: bool = True,
+                         activation_type: Literal["uint8", "int8"] = "uint8", preprocess: bool = True,
+                         quantize_bias: bool = False) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src = _preprocess(fp32, fp32.with_name(fp32.stem + "_pre.onnx")) if preprocess else fp32
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    extra = {"QuantizeBias": quantize_bias}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    quantize_static(str(src), str(out), LoaderReader(loader, batches), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, calibrate_method=methods[method], weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
+                    extra_options=extra)
+    return out
+
+
+def quantize_dynamic_onnx(fp32: Path, out: Path, *, per_channel: bool = True) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), per_channel=per_channel, weight_type=QuantType.QInt8)
+    return out
+
+
+def op_counts(path: str | Path, optimized: bool = False) -> dict[str, int]:
+    """Node types in the file, or in ORT's optimized graph (to see int8 kernels such as QLinearConv)."""
+    import onnx
+
+    if optimized:
+        import tempfile
+
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as d:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            opts.optimized_model_filepath = str(Path(d) / "opt.onnx")
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            graph = onnx.load(opts.optimized_model_filepath).graph
+    else:
+        graph = onnx.load(str(path)).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def interleaved_latency(paths: dict[str, Path], x: np.ndarray, *, threads: int = 1, warmup: int = 20,
+                        rounds: int = 30, reps: int = 10) -> dict[str, float]:
+    """Median milliseconds per batch for each model, timed in alternating rounds so that machine
+    noise hits every model alike."""
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, {names[k]: x})
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                s.run(None, {names[k]: x})
+            times[k].append((time.perf_counter() - t0) / reps * 1000)
+    return {k: float(np.median(v)) for k, v in times.items()}

@@ -1,0 +1,265 @@
+"""Quantized layers (k-bit and binary) that wrap nn.Conv*/nn.Linear, BN folding, packing, reload.
+
+One wrapper, ``QuantLayer``, serves QAT, weight-only rounding and binary nets: while training it
+keeps the float ("latent") weight and fake-quantizes it; ``pack()`` replaces the float weight by
+``weight_packed`` (uint8, k bits per code) + ``weight_scale`` so the saved checkpoint really
+shrinks; a packed layer unpacks on the fly to run. Checkpoints replay the wrapping through the
+``qat`` / ``weight_only`` / ``binary`` transforms.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compress.checkpoint import TRANSFORMS
+from compress.quant.binary import binarize_weight, binary_activation, channel_scale
+from compress.quant.fake_quant import ActQuant, WeightQuant, dequantize, fake_quant_weight, qrange
+from compress.quant.packing import pack, unpack
+from compress.trainer import Hook
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class QuantLayer(nn.Module):
+    """A Conv/Linear with quantized weights and, optionally, quantized inputs and outputs.
+
+    ``spec`` (plain data, stored in the checkpoint): kind 'int' or 'binary'; bits; act_bits (0 =
+    float inputs); act_mode 'ema'|'lsq'; learned_scale; out_quant; binary 'binaryconnect'|'xnor';
+    scale_mode 'none'|'layer'|'channel'.
+    """
+
+    def __init__(self, inner: nn.Module, spec: dict):
+        super().__init__()
+        self.inner, self.spec = inner, dict(spec)
+        self.kind, self.bits = spec["kind"], int(spec["bits"])
+        act_bits, mode, mom = int(spec.get("act_bits", 0)), spec.get("act_mode", "ema"), spec.get("momentum", 0.01)
+        self.in_q = ActQuant(act_bits, mode, mom) if act_bits else None
+        self.out_q = ActQuant(act_bits, mode, mom) if act_bits and spec.get("out_quant") else None
+        self.wq = WeightQuant(inner.weight, self.bits, spec.get("learned_scale", False)) if self.kind == "int" else None
+        self.weight_shape = tuple(inner.weight.shape)
+        self.packed = False
+        self.export_weight: torch.Tensor | None = None  # set only while exporting to ONNX
+        # Unpacked weight, kept so inference and ONNX tracing do not redo the bit unpacking each call.
+        self._w_cache: torch.Tensor | None = None
+        self._w_key: tuple | None = None
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_cache() if module.packed else None)
+
+    def extra_repr(self) -> str:
+        extra = f", {self.spec.get('binary')}" if self.kind == "binary" else ""
+        return f"kind={self.kind}, bits={self.bits}{extra}, packed={self.packed}"
+
+    # -- weights -------------------------------------------------------------------------------
+    def unpacked_weight(self) -> torch.Tensor:
+        codes = unpack(self.weight_packed, self.bits, math.prod(self.weight_shape)).view(self.weight_shape)
+        if self.kind == "binary":
+            shape = [-1] + [1] * (len(self.weight_shape) - 1)
+            return (codes * 2 - 1).float() * self.weight_scale.view(shape)
+        qmin, _ = qrange(self.bits, signed=True)
+        return dequantize(codes + qmin, self.weight_scale, 0, axis=0)
+
+    def _cache_key(self) -> tuple:
+        return (self.weight_packed.data_ptr(), self.weight_packed._version, self.weight_scale._version)
+
+    @torch.no_grad()
+    def _refresh_cache(self) -> None:
+        self._w_cache = self.unpacked_weight()
+        self._w_key = self._cache_key()
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.export_weight is not None:  # a constant in the ONNX graph; 8-bit gets Q/DQ nodes
+            if self.kind == "int" and self.bits == 8:
+                return fake_quant_weight(self.export_weight, self.weight_scale, 8)
+            return self.export_weight
+        if self.packed:
+            if self._w_key != self._cache_key():
+                self._refresh_cache()
+            return self._w_cache
+        w = self.inner.weight
+        if self.kind == "int":
+            return self.wq(w)
+        return binarize_weight(w, self.spec.get("scale_mode", "channel"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_q is not None:
+            x = self.in_q(x)
+        if self.kind == "binary" and self.spec.get("binary") == "xnor":
+            x = binary_activation(x)
+        w = self.quantized_weight()
+        if isinstance(self.inner, nn.Linear):
+            y = F.linear(x, w, self.inner.bias)
+        else:
+            y = self.inner._conv_forward(x, w, self.inner.bias)
+        return self.out_q(y) if self.out_q is not None else y
+
+    # -- packing -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unsigned codes, per-channel scale) of the current float weight."""
+        w = self.inner.weight.detach()
+        if self.kind == "binary":
+            return (w >= 0).to(torch.int32), channel_scale(w, self.spec.get("scale_mode", "channel")).float()
+        q, scale = self.wq.codes(w)
+        return q - qrange(self.bits, signed=True)[0], scale.float()
+
+    @torch.no_grad()
+    def round_weight(self) -> None:
+        """Snap the float weight onto the quantization grid (the 'round' of round-then-fine-tune)."""
+        codes, scale = self.codes()
+        self.inner.weight.copy_(self._decode(codes, scale))
+
+    def _decode(self, codes, scale):
+        shape = [-1] + [1] * (codes.ndim - 1)
+        if self.kind == "binary":
+            return (codes * 2 - 1).float() * scale.view(shape)
+        return dequantize(codes + qrange(self.bits, signed=True)[0], scale, 0, axis=0)
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        codes, scale = self.codes()
+        self._make_packed(pack(codes, self.bits), scale)
+
+    def _make_packed(self, packed: torch.Tensor, scale: torch.Tensor) -> None:
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", scale)
+        self.inner.register_parameter("weight", None)
+        self.wq = None
+        self.packed = True
+        self._refresh_cache()
+
+
+def quantizable_names(model: nn.Module, keep_first_last: bool, exclude: Iterable[str] = ()) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    if keep_first_last and len(names) > 2:
+        names = names[1:-1]
+    exclude = set(exclude)
+    return [n for n in names if n not in exclude]
+
+
+def wrap(model: nn.Module, layers: dict[str, dict]) -> nn.Module:
+    for name, spec in layers.items():
+        model.set_submodule(name, QuantLayer(model.get_submodule(name), spec))
+    return model
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayer]:
+    return [m for m in model.modules() if isinstance(m, QuantLayer)]
+
+
+def pack_model(model: nn.Module) -> None:
+    for m in quant_layers(model):
+        if not m.packed:
+            m.pack()
+
+
+# -- batch-norm folding ---------------------------------------------------------------------------
+def _bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Conv followed by BatchNorm (or Linear by BatchNorm1d) inside nn.Sequential containers."""
+    pairs = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Sequential):
+            continue
+        kids = list(mod.named_children())
+        for (n1, m1), (n2, m2) in zip(kids, kids[1:]):
+            conv_bn = isinstance(m1, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(m2, nn.modules.batchnorm._BatchNorm)
+            lin_bn = isinstance(m1, nn.Linear) and isinstance(m2, nn.BatchNorm1d)
+            if (conv_bn or lin_bn) and m2.track_running_stats:
+                pre = f"{name}." if name else ""
+                pairs.append((pre + n1, pre + n2))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module) -> list[list[str]]:
+    """Fold BN into the preceding layer with torch's own fusion helpers; BN becomes Identity."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    pairs = _bn_pairs(model)
+    for layer_name, bn_name in pairs:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        was = layer.training
+        fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+        fused = fuse(layer.eval(), bn.eval())
+        fused.train(was)
+        model.set_submodule(layer_name, fused)
+        model.set_submodule(bn_name, nn.Identity())
+    return [list(p) for p in pairs]
+
+
+@TRANSFORMS.register("fold_bn")
+def _replay_fold_bn(model: nn.Module, params: dict, state_dict: dict) -> nn.Module:
+    for layer_name, bn_name in params["pairs"]:
+        layer = model.get_submodule(layer_name)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+        model.set_submodule(bn_name, nn.Identity())
+    return model
+
+
+def _replay_quant(model: nn.Module, params: dict, state_dict: dict) -> nn.Module:
+    wrap(model, params["layers"])
+    for name in params["layers"]:
+        layer = model.get_submodule(name)
+        key = f"{name}.weight_packed"
+        if key in state_dict:
+            layer._make_packed(torch.empty_like(state_dict[key]), torch.empty_like(state_dict[f"{name}.weight_scale"]))
+    return model
+
+
+for _kind in ("qat", "weight_only", "binary"):
+    TRANSFORMS.register(_kind)(_replay_quant)
+
+
+# -- training hooks --------------------------------------------------------------------------
+class ClipLatentWeights(Hook):
+    """BinaryConnect keeps the real-valued weights in [-1, 1] after every update."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in quant_layers(model) if m.kind == "binary"]
+
+    @torch.no_grad()
+    def after_step(self, trainer) -> None:
+        for m in self.layers:
+            if m.inner.weight is not None:
+                m.inner.weight.clamp_(-1, 1)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader, batches: int) -> None:
+    """Initialise activation ranges (EMA min/max, LSQ steps) on a few batches before training."""
+    was = model.training
+    model.train()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for i, raw in enumerate(loader):
+        if i >= batches:
+            break
+        model(raw[0].to(device))
+    model.train(was)
+
+
+@contextmanager
+def exporting(model: nn.Module):
+    """Freeze each quantized layer's weight as a constant for tracing (8-bit ones get Q/DQ nodes)."""
+    layers = quant_layers(model)
+    added = []
+    try:
+        for m in layers:
+            with torch.no_grad():
+                if m.packed:
+                    m.export_weight = m.unpacked_weight().detach()
+                elif m.kind == "int":
+                    codes, scale = m.codes()
+                    m.register_buffer("weight_scale", scale, persistent=False)
+                    added.append(m)
+                    m.export_weight = m._decode(codes, scale)
+                else:
+                    m.export_weight = binarize_weight(m.inner.weight, m.spec.get("scale_mode", "channel")).detach()
+        yield model
+    finally:
+        for m in layers:
+            m.export_weight = None
+        for m in added:
+            del m.weight_scale
