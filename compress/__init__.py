@@ -12,6 +12,12 @@ from compress.errors import CompressError, RecipeError
 from compress.models import create_model
 from compress.pipeline import Pipeline
 from compress.trainer import Hook, TrainConfig, Trainer, evaluate, train
+from compress.stages.distill import DistillConfig, distill  # noqa: F401
+from compress.stages.prune import PruneConfig, prune  # noqa: F401
+from compress.stages.export import ExportConfig, export  # noqa: F401
+from compress.measure import BenchmarkConfig, benchmark  # noqa: F401
+from compress.stages.quantize import QuantizeConfig, quantize  # noqa: F401
+from compress.stages.bake import BakeConfig, bake  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -380,7 +380,7 @@ def measure_latency(subject: Subject, data, cfg: BenchmarkConfig, baseline: Opti
         copies = {role: copy.deepcopy(s.model).cpu().eval() for role, s in pairs
                   if s.model is not None and s.onnx is None and "pytorch" in backends}
         total = len(backends) * len(cfg.batch_sizes) * cfg.runs
-        with tqdm(total=total, desc=desc, leave=False, disable=not cfg.progress) as bar:
+        with tqdm(total=total, desc=desc, leave=False, disable=None if cfg.progress else True) as bar:  # None: off when not a terminal
             for backend in backends:
                 for bs in cfg.batch_sizes:
                     x = batch_of(data, bs)

@@ -289,7 +289,8 @@ class Trainer:
                 self._freeze_backbone(epoch < cfg.freeze_backbone_epochs)
             acc = MetricAccumulator(self.data.task)
             t0, seen = time.perf_counter(), 0
-            for raw in tqdm(loader, desc=f"{self.name} {epoch + 1}/{cfg.epochs}", leave=False, disable=not show):
+            for raw in tqdm(loader, desc=f"{self.name} {epoch + 1}/{cfg.epochs}", leave=False,
+                            disable=None if show else True):  # None: no bar when not a terminal (CI logs)
                 b = unpack(raw, self.device)
                 x = augment_batch(b.inputs, cfg.augment)
                 last: dict[str, torch.Tensor] = {}

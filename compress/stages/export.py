@@ -88,7 +88,8 @@ def export(model: nn.Module, config: ExportConfig | None = None, data=None, *, p
     return Result(model, {**metrics, **parity, "path": str(path), "opset": cfg.opset})
 
 
-@register_stage("export", ExportConfig, "write the model as ONNX; ONNX Runtime must match PyTorch on real batches")
+@register_stage("export", ExportConfig, "write the model as ONNX; ONNX Runtime must match PyTorch on real batches",
+                accepts=("torch", "fakequant", "packed"))
 def run_export(state, cfg: ExportConfig):
     path = cfg.path or state.stage_dir / "model.onnx"
     _, m = export(state.model, cfg, state.data, path=path, where=state.stage.path)

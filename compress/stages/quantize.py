@@ -245,8 +245,12 @@ def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, 
     return Result(model, {**metrics, **extra})
 
 
+def _produces(cfg: QuantizeConfig, kind: str) -> str:
+    return {"ptq_static": "onnx", "ptq_dynamic": "onnx", "qat": "fakequant"}.get(cfg.method, "packed")
+
+
 @register_stage("quantize", QuantizeConfig, "int8 PTQ in ONNX Runtime, weight-only k-bit, QAT (8/4/2 bits), binary nets",
-                check=_check)
+                check=_check, accepts=("torch",), produces=_produces)
 def run_quantize(state, cfg: QuantizeConfig):
     split = state.recipe.benchmark.split if state.recipe and state.recipe.benchmark else "test"
     split = split if state.data.has(split) else "val"

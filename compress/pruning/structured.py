@@ -1,0 +1,115 @@
+"""Structured (channel/filter) pruning with torch-pruning: a genuinely smaller dense model.
+
+torch-pruning's DependencyGraph finds the layers coupled to each channel (BN, the next conv, residual
+adds) and its BasePruner removes whole channel groups ranked by a pluggable importance.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from compress.checkpoint import TRANSFORMS
+from compress.registry import Registry
+
+# name -> factory() -> a torch-pruning importance; add your own with @IMPORTANCES.register("name").
+IMPORTANCES: Registry[Callable[[], tp.importance.Importance]] = Registry("importance")
+
+
+@IMPORTANCES.register("l1", description="group L1 norm of the channel's weights")
+def _l1():
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+@IMPORTANCES.register("l2", description="group L2 norm of the channel's weights")
+def _l2():
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@IMPORTANCES.register("taylor", description="first-order Taylor |w * dL/dw| (Molchanov 2019); needs gradients",
+                      needs_grad=True)
+def _taylor():
+    return tp.importance.GroupTaylorImportance()
+
+
+@IMPORTANCES.register("bn_scale", description="|gamma| of the channel's BatchNorm (network slimming, Liu 2017)",
+                      needs_bn=True)
+def _bn_scale():
+    return tp.importance.BNScaleImportance()
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) of one forward pass on ``example`` (torch-pruning's op counter)."""
+    was = model.training
+    model.eval()
+    try:
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    finally:
+        model.train(was)
+    return int(macs), int(params)
+
+
+def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio: float, steps: int,
+                 scheduler: Callable, *, global_pruning: bool, ignored: list[nn.Module],
+                 layer_ratios: Optional[dict[nn.Module, float]] = None, round_to: Optional[int] = None,
+                 max_layer_ratio: float = 0.9) -> tp.pruner.BasePruner:
+    return tp.pruner.BasePruner(
+        model, example, importance=IMPORTANCES.get(importance).obj(), global_pruning=global_pruning,
+        pruning_ratio=ratio, pruning_ratio_dict=layer_ratios or None, max_pruning_ratio=max_layer_ratio,
+        iterative_steps=steps, iterative_pruning_ratio_scheduler=scheduler, ignored_layers=ignored,
+        round_to=round_to)
+
+
+def accumulate_grads(model: nn.Module, data, batches: int = 4, device: str | torch.device = "cpu") -> None:
+    """Fill ``.grad`` from a few training batches, for gradient-based importance (Taylor)."""
+    from compress.metrics import LOSSES, default_loss
+
+    loss_fn = LOSSES[default_loss(data.task)]
+    model.train().to(device)
+    model.zero_grad(set_to_none=True)
+    for i, (x, y, *_) in enumerate(data.loader("train", shuffle=False)):
+        if i >= batches:
+            break
+        loss_fn(model(x.to(device)), y.to(device)).backward()
+
+
+def _resize(module: nn.Module, prefix: str, state_dict: dict) -> None:
+    """Give ``module``'s own parameters/buffers the shapes saved in ``state_dict`` (values come later)."""
+    for store in (module._parameters, module._buffers):
+        for key, t in list(store.items()):
+            saved = state_dict.get(f"{prefix}{key}")
+            if t is None or saved is None or tuple(saved.shape) == tuple(t.shape):
+                continue
+            new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+            store[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        # ConvTranspose stores (in, out/groups, ...), Conv stores (out, in/groups, ...).
+        a, b = w.shape[0], w.shape[1]
+        if module.transposed:
+            module.in_channels, module.out_channels = a, b * module.groups
+        else:
+            module.out_channels = a
+            if depthwise:
+                module.groups = a
+            module.in_channels = b * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        ref = module.weight if module.weight is not None else module.running_mean
+        module.num_features = ref.shape[0]
+    elif isinstance(module, nn.GroupNorm):
+        module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+
+
+@TRANSFORMS.register("channel_prune", description="resize Conv/Linear/norm layers to a structurally pruned checkpoint")
+def replay_channel_prune(model: nn.Module, params: dict, state_dict: dict) -> nn.Module:
+    # Shapes alone rebuild the pruned architecture: channel pruning changes widths, never the graph.
+    for name, module in model.named_modules():
+        _resize(module, f"{name}." if name else "", state_dict)
+    return model

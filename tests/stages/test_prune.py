@@ -1,0 +1,122 @@
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import compress.stages.prune as prune_mod
+from compress import Pipeline, PruneConfig, TrainConfig, create_data, create_model, load_model, prune
+from compress.errors import RecipeError, RecipeErrors
+from compress.pruning.masks import prunable_layers
+from compress.recipe import parse_recipe
+
+NO_TRAIN = TrainConfig(epochs=0, progress=False)
+DATA = {"name": "synthetic", "num_samples": 160, "num_classes": 4, "shape": [1, 12, 12], "batch_size": 32, "noise": 0.3}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return create_data(DATA)
+
+
+def _recipe(prune_opts: dict, stages_before=({"train": {"epochs": 1, "progress": False}},)) -> dict:
+    return {"name": "p", "data": DATA, "model": {"name": "lenet5"}, "benchmark": {"latency": False},  # keep it fast
+            "stages": [*stages_before, {"prune": prune_opts}]}
+
+
+def _errors(doc: dict) -> list[str]:
+    with pytest.raises((RecipeErrors, RecipeError)) as e:
+        parse_recipe(doc)
+    return str(e.value).splitlines()
+
+
+def test_bad_options_name_the_key_path():
+    assert _errors(_recipe({"sparsity": 1.0})) == ["stages[1].prune.sparsity: expected a number in [0, 1), got 1.0"]
+    assert _errors(_recipe({"sparsity": "high"})) == ["stages[1].prune.sparsity: expected a number in [0, 1), got 'high'"]
+    assert _errors(_recipe({"importance": "l3norm"}))[0].startswith(
+        "stages[1].prune.importance: unknown importance 'l3norm'; expected one of bn_scale, l1, l2, taylor")
+    assert _errors(_recipe({"ignored_layers": ["classifier.9"]})) == [
+        "stages[1].prune.ignored_layers[0]: no layer named 'classifier.9' in the model; prunable layers are "
+        "features.0, features.3, classifier.1, classifier.3, classifier.5; did you mean 'classifier.5'?"]
+    assert _errors(_recipe({"layer_ratios": {"features.0": 1.2}})) == [
+        "stages[1].prune.layer_ratios.features.0: expected a number in [0, 1), got 1.2"]
+    assert _errors(_recipe({"method": "magnitude", "budget": {"kind": "macs", "reduction": 2}}))[0].startswith(
+        "stages[1].prune.budget.kind: 'macs' needs method 'channel'")
+    assert _errors(_recipe({"budget": {"kind": "params"}})) == [
+        "stages[1].prune.budget: give exactly one of 'max' (absolute) or 'reduction' (times smaller than the unpruned model)"]
+
+
+def test_python_api_checks_layer_names(data):
+    model = create_model("lenet5", data.input_shape, data.num_outputs)
+    with pytest.raises(RecipeError, match=r"^prune.ignored_layers\[0\]: no layer named 'nope'"):
+        prune(model, PruneConfig(ignored_layers=["nope"], finetune=NO_TRAIN), data)
+
+
+def test_stops_at_the_first_step_that_breaks_the_floor(data, monkeypatch):
+    real = prune_mod.evaluate
+    vals = iter([0.90, 0.899, 0.895, 0.85, 0.95])  # unpruned, steps 1-4: step 3 drops 5 points > max_drop
+
+    def fake(model, data_, split="test", *a, **k):
+        out = real(model, data_, split, *a, **k)
+        if split == "val":
+            out["accuracy"] = next(vals)
+        return out
+
+    monkeypatch.setattr(prune_mod, "evaluate", fake)
+    model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[64])
+    pruned, m = prune(model, PruneConfig(sparsity=0.8, steps=4, schedule="linear", max_drop=0.01, finetune=NO_TRAIN), data)
+    assert [s["kept"] for s in m["steps"]] == [True, True, False]  # step 4 never ran
+    assert m["steps_done"] == 2 and m["stop_reason"].startswith("step 3: val accuracy fell 0.0500")
+    # the model of the last good step (2 of 4 linear steps: 40% of the prunable weights)
+    assert m["weight_sparsity"] == pytest.approx(0.4, abs=0.01)
+    assert pruned(data.example_input(2)).shape == (2, data.num_outputs)
+
+
+def test_budget_stops_pruning_once_met(data):
+    model = create_model("lenet5", data.input_shape, data.num_outputs, width=2)
+    _, m = prune(model, PruneConfig(method="channel", sparsity=0.8, steps=4, schedule="linear", scope="layer",
+                                    budget={"kind": "macs", "reduction": 2}, finetune=NO_TRAIN), data)
+    assert m["stop_reason"].endswith("macs budget met") and m["steps_done"] < 4
+    assert m["macs_reduction"] >= 2
+    # it stopped at the first step that met the budget: every earlier step was still above it
+    assert all(s["macs"] > m["unpruned_macs"] / 2 for s in m["steps"][:-1])
+
+
+def test_magnitude_stage_in_a_recipe_masks_permanent(tmp_path):
+    doc = _recipe({"method": "magnitude", "sparsity": 0.9, "steps": 2, "finetune": {"epochs": 1, "progress": False},
+                   "final_finetune": {"epochs": 1, "progress": False}, "distill": {"alpha": 0.5},
+                   "regularize": {"kind": "l1", "strength": 1e-5}})
+    report = Pipeline.from_dict(doc).run(tmp_path / "run")
+    row = report["stages"][1]
+    assert row["weight_sparsity"] == pytest.approx(0.9, abs=0.002)
+    assert row["sparse_bytes"] < row["dense_bytes"] / 3 and row["nonzero_params"] < 0.2 * row["params"]
+    model = load_model(tmp_path / "run" / "stages" / "01_prune" / "model.pt")
+    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())  # a plain model, no reparametrization
+    w = torch.cat([m.weight.flatten() for m in prunable_layers(model, ["classifier.5"]).values()])
+    assert (w == 0).float().mean().item() == pytest.approx(0.9, abs=0.002)
+
+
+def test_channel_stage_saves_a_smaller_model_and_sensitivity_feeds_layer_ratios(tmp_path):
+    from compress.cli import cli
+
+    doc = _recipe({"method": "channel", "sparsity": 0.5, "importance": "l1", "finetune": {"epochs": 1, "progress": False}})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    report = Pipeline.from_dict(doc).run(tmp_path / "run")
+    row = report["stages"][1]
+    assert row["macs_reduction"] > 2 and row["params"] < report["stages"][0]["params"] / 2
+    model = load_model(tmp_path / "run" / "stages" / "01_prune" / "model.pt")
+    assert model.features[0].out_channels == 3 and model(torch.zeros(2, 1, 12, 12)).shape == (2, 4)
+
+    out = tmp_path / "sens"
+    r = CliRunner().invoke(cli, ["sensitivity", str(tmp_path / "r.yaml"), "--layers", "features.0,classifier.1",
+                                 "--ratios", "0.25,0.5", "--max-drop", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in out.iterdir()} == {"sensitivity.csv", "sensitivity.md", "sensitivity.png", "layer_ratios.yaml"}
+    assert len((out / "sensitivity.csv").read_text().splitlines()) == 1 + 2 * 2
+    ratios = yaml.safe_load((out / "layer_ratios.yaml").read_text())["layer_ratios"]
+    assert ratios == {"features.0": 0.5, "classifier.1": 0.5}  # max_drop 1: everything tolerated
+    doc["stages"][1]["prune"]["layer_ratios"] = ratios
+    parse_recipe(doc)  # accepted as a prune stage's per-layer ratios
+
+    bad = CliRunner().invoke(cli, ["sensitivity", str(tmp_path / "r.yaml"), "--layers", "conv9", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--layers: no prunable layer named 'conv9'" in bad.output
+    assert not (tmp_path / "x").exists()
