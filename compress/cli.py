@@ -44,9 +44,14 @@ def cli():
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/<recipe name>, made unique).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run after its last finished stage/epoch.")
 @click.option("--force", is_flag=True, help="Replace an existing run directory.")
+@click.option("--threads", type=click.IntRange(min=1), help="PyTorch CPU threads for training (default: PyTorch's choice).")
 @friendly_errors
-def run(recipe, overrides, out, resume, force):
+def run(recipe, overrides, out, resume, force, threads):
     """Run every stage of RECIPE and print the report table."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from compress.pipeline import Pipeline
     from compress.report import format_table
 

@@ -75,14 +75,14 @@ def accumulate_grads(model: nn.Module, data, batches: int = 4, device: str | tor
         loss_fn(model(x.to(device)), y.to(device)).backward()
 
 
-def _resize(module: nn.Module, prefix: str, state_dict: dict) -> None:
-    """Give ``module``'s own parameters/buffers the shapes saved in ``state_dict`` (values come later)."""
+def _resize(module: nn.Module, prefix: str, shapes: dict) -> None:
+    """Give ``module``'s own parameters/buffers the pruned shapes (values come later)."""
     for store in (module._parameters, module._buffers):
         for key, t in list(store.items()):
-            saved = state_dict.get(f"{prefix}{key}")
-            if t is None or saved is None or tuple(saved.shape) == tuple(t.shape):
+            saved = shapes.get(f"{prefix}{key}")
+            if t is None or saved is None or tuple(saved) == tuple(t.shape):
                 continue
-            new = torch.empty(saved.shape, dtype=t.dtype, device=t.device)
+            new = torch.empty(tuple(saved), dtype=t.dtype, device=t.device)
             store[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
     if isinstance(module, nn.modules.conv._ConvNd):
         w = module.weight
@@ -110,6 +110,13 @@ def _resize(module: nn.Module, prefix: str, state_dict: dict) -> None:
 @TRANSFORMS.register("channel_prune", description="resize Conv/Linear/norm layers to a structurally pruned checkpoint")
 def replay_channel_prune(model: nn.Module, params: dict, state_dict: dict) -> nn.Module:
     # Shapes alone rebuild the pruned architecture: channel pruning changes widths, never the graph.
+    # They are recorded at pruning time, because later stages (QAT wrappers, packing) rename the saved keys.
+    shapes = params.get("shapes") or {k: tuple(v.shape) for k, v in state_dict.items()}
     for name, module in model.named_modules():
-        _resize(module, f"{name}." if name else "", state_dict)
+        _resize(module, f"{name}." if name else "", shapes)
     return model
+
+
+def pruned_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The transform's record: every tensor's shape after pruning."""
+    return {k: list(v.shape) for k, v in model.state_dict().items()}

@@ -89,7 +89,7 @@ def _preprocess(src: Path, dst: Path) -> Path:
 def quantize_static_onnx(fp32: Path, out: Path, loader, *, batches: int, method: str = "minmax",
                          percentile: float = 99.999, per_channel: bool = True,
                          activation_type: Literal["uint8", "int8"] = "uint8", preprocess: bool = True,
-                         quantize_bias: bool = False) -> Path:
+                         quantize_bias: bool = False, op_types: list[str] | None = None) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src = _preprocess(fp32, fp32.with_name(fp32.stem + "_pre.onnx")) if preprocess else fp32
@@ -101,14 +101,15 @@ def quantize_static_onnx(fp32: Path, out: Path, loader, *, batches: int, method:
     quantize_static(str(src), str(out), LoaderReader(loader, batches), quant_format=QuantFormat.QDQ,
                     per_channel=per_channel, calibrate_method=methods[method], weight_type=QuantType.QInt8,
                     activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
-                    extra_options=extra)
+                    op_types_to_quantize=op_types or None, extra_options=extra)
     return out
 
 
-def quantize_dynamic_onnx(fp32: Path, out: Path, *, per_channel: bool = True) -> Path:
+def quantize_dynamic_onnx(fp32: Path, out: Path, *, per_channel: bool = True, op_types: list[str] | None = None) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out), per_channel=per_channel, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(fp32), str(out), per_channel=per_channel, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=op_types or None)
     return out
 
 

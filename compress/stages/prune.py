@@ -30,7 +30,7 @@ from compress.pruning.kd import KDHook
 from compress.pruning.masks import (MaskHook, apply_masks, classifier_name, magnitude_masks, prunable_layers,
                                     storage_report, weight_sparsity)
 from compress.pruning.regularizers import NormPenalty, RegularizerConfig
-from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner, count_macs
+from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner, count_macs, pruned_shapes
 from compress.recipe import register_stage
 from compress.registry import did_you_mean
 from compress.trainer import TrainConfig, Trainer, evaluate
@@ -284,8 +284,8 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
             if isinstance(h, NormPenalty):
                 h.layers = layers
         Trainer(model, cfg.final_finetune, data, fin_hooks, name=f"{path}:final", **tk).fit()
-    if cfg.method == "channel" and kept and not any(t["kind"] == "channel_prune" for t in getattr(model, "compress_transforms", [])):
-        record_transform(model, "channel_prune")
+    if cfg.method == "channel" and kept:  # each prune stage records its shapes; replayed in order, the last wins
+        record_transform(model, "channel_prune", shapes=pruned_shapes(model))
     model.zero_grad(set_to_none=True)
 
     macs, params = count_macs(model, example)

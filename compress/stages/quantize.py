@@ -42,6 +42,9 @@ class QuantizeConfig(StrictModel):
     bits: Optional[int] = None  # weights: 8 (default), 4 or 2; binary is 1, ONNX PTQ is 8
     activation_bits: Optional[int] = None  # qat: default = bits; 0 keeps float activations
     per_channel: bool = True  # ONNX PTQ weights (QAT/weight-only/binary scales are always per channel)
+    # ONNX PTQ: quantize only these ONNX op types (ORT's op_types_to_quantize), e.g. [Gemm, MatMul]: on
+    # tiny convolutions ORT's int8 kernels are slower than fp32, while the weights sit in the dense layers.
+    op_types: Optional[list[str]] = None
     # ONNX PTQ
     calibration: CalibrationConfig = CalibrationConfig()
     activation_type: Literal["uint8", "int8"] = "uint8"
@@ -133,9 +136,10 @@ def _ptq(model, cfg: QuantizeConfig, data, out_dir: Path, split: str):
         ptq_onnx.quantize_static_onnx(fp32, out, loader, batches=cfg.calibration.batches,
                                       method=cfg.calibration.method, percentile=cfg.calibration.percentile,
                                       per_channel=cfg.per_channel, activation_type=cfg.activation_type,
-                                      preprocess=cfg.preprocess, quantize_bias=cfg.quantize_bias)
+                                      preprocess=cfg.preprocess, quantize_bias=cfg.quantize_bias,
+                                      op_types=cfg.op_types)
     else:
-        ptq_onnx.quantize_dynamic_onnx(fp32, out, per_channel=cfg.per_channel)
+        ptq_onnx.quantize_dynamic_onnx(fp32, out, per_channel=cfg.per_channel, op_types=cfg.op_types)
     ort_model = ptq_onnx.OrtModel(out)
     metrics = evaluate(ort_model, data, split, "cpu")
     fp32_metrics = evaluate(ptq_onnx.OrtModel(fp32), data, split, "cpu")

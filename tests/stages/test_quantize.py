@@ -97,16 +97,16 @@ def test_weight_only_rounds_then_fine_tunes_and_packs(data, trained, tmp_path):
     assert model.compress_transforms[-1]["kind"] == "weight_only"
 
 
-def test_recipe_runs_ptq_then_qat_and_reloads(tmp_path):
+def test_recipe_runs_ptq_and_qat_and_reloads(tmp_path):
     doc = recipe({"method": "ptq_static", "calibration": {"batches": 2}})
-    doc["stages"].append({"quantize": {"method": "qat", "bits": 4, "observer": "lsq", "keep_first_last": False,
-                                       "finetune": {"epochs": 1, **QUIET}}})
-    report = Pipeline.from_dict(doc).run(out=tmp_path / "run")
-    ptq, qat = report["stages"][1], report["stages"][2]
+    ptq = Pipeline.from_dict(doc).run(out=tmp_path / "ptq")["stages"][1]
     assert ptq["artifact"].endswith(".onnx") and ptq["size_bytes"] == ptq["int8_onnx_bytes"]
     assert 0 <= ptq["metrics"]["accuracy"] <= 1 and ptq["method"] == "ptq_static"
+    doc = recipe({"method": "qat", "bits": 4, "observer": "lsq", "keep_first_last": False,
+                  "finetune": {"epochs": 1, **QUIET}})
+    qat = Pipeline.from_dict(doc).run(out=tmp_path / "run")["stages"][1]
     assert qat["bits"] == 4 and qat["activation_bits"] == 4
-    model = load_model(tmp_path / "run" / "stages" / "02_quantize" / "model.pt").eval()
+    model = load_model(tmp_path / "run" / "stages" / "01_quantize" / "model.pt").eval()
     data = create_data(doc["data"])
     from compress import evaluate
 
