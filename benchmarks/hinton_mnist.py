@@ -272,8 +272,8 @@ def main(seeds, jobs, recipe_path, reuse, table_only, teachers_only, select, wid
             "es_teacher", f"scratch_{w}")
     table = markdown_table(["model", "test errors / 2,000 (mean ± std)", "gap closed", "KD <= scratch (seeds)"], rows)
     print(table)
-    print(f"\nseeds {seeds}; scratch and distilled students of a width share epochs, optimizer and schedule; "
-          f"'gap closed' = (scratch - distilled) / (scratch - teacher), on the means.")
+    print(f"\nseeds {seeds}; scratch and distilled students of a width share initial weights, epochs and schedule "
+          f"(each one's Adam lr and T picked on validation by --select); 'gap closed' = (scratch - distilled) / (scratch - teacher), on the means.")
     print(machine_line())
     (RESULTS / "hinton_mnist.json").write_text(json.dumps({"runs": runs, "seeds": seeds, "table": table,
                                                           "machine": machine_line()}, indent=2))

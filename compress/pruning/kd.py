@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from compress.distill_losses import combine, kd_term, teacher_target
 from compress.trainer import Hook
 
 
 class KDHook(Hook):
-    """loss <- (1 - alpha) * loss + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
+    """loss <- alpha * loss + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    alpha weighs the hard-label loss, as in the distill stage (same formulas: compress.distill_losses).
+    """
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.5):
         self.teacher, self.T, self.alpha = teacher, temperature, alpha
@@ -40,8 +43,6 @@ class KDHook(Hook):
         x = self._input if self._input is not None else batch.inputs
         with torch.no_grad():
             t = self.teacher(x)
-        if trainer.data.task != "classification":
-            return (1 - self.alpha) * loss + self.alpha * F.mse_loss(outputs, t)
-        kd = F.kl_div(F.log_softmax(outputs / self.T, 1), F.log_softmax(t / self.T, 1), log_target=True,
-                      reduction="batchmean") * self.T ** 2
-        return (1 - self.alpha) * loss + self.alpha * kd
+        kind = "kl" if trainer.data.task == "classification" else "regression"
+        soft = kd_term(outputs, teacher_target([t], [1.0], self.T, kind), self.T, kind)
+        return combine(loss, soft, kind, self.alpha, beta=1.0 - self.alpha)

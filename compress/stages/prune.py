@@ -42,7 +42,7 @@ Ratio = Annotated[float, at.Ge(0), at.Lt(1)]
 class PruneDistillConfig(StrictModel):
     teacher: Literal["unpruned", "recipe"] = "unpruned"  # the model before this stage, or the recipe's teacher
     temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the hard-label loss, as in the distill stage
 
 
 class BudgetConfig(StrictModel):
