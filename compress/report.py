@@ -108,7 +108,7 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
             ratio = f"{base['size_bytes'] / max(size, 1):.2f}x" if size and base.get("size_bytes") else "-"
             bpw = r.get("bits_per_weight")
             line = ([run_label(rep)] if many else []) + [
-                f"{r.get('index', '?')}: {r.get('name', '?')}", _fmt_metrics(r.get("metrics") or {}),
+                stage_label(r), _fmt_metrics(r.get("metrics") or {}),
                 fmt_bytes(size), fmt_bytes(r.get("zipped_bytes")), ratio,
                 f"{r['params']:,}" if r.get("params") is not None else "-",
                 f"{r['nonzero_params']:,}" if r.get("nonzero_params") is not None else "-",
@@ -167,11 +167,17 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def stage_label(row: dict) -> str:
+    """'0: train (teacher)': the row's place in the run, its stage, and its role when it is not the student."""
+    role = f" ({row['role']})" if row.get("role") else ""
+    return f"{row.get('index', '?')}: {row.get('name', '?')}{role}"
+
+
 def _labelled(reports: list[dict]):
     many = len(reports) > 1
     for rep in reports:
         for r in rep.get("stages", []):
-            label = f"{r.get('index')}: {r.get('name')}"
+            label = stage_label(r)
             yield (f"{run_label(rep)}/{label}" if many else label), r
 
 
@@ -216,8 +222,10 @@ def _tradeoff_plot(reports: list[dict], metric: str, cost_of, xlabel: str, title
         from matplotlib.ticker import FuncFormatter
 
         ax.set_xscale("log")
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            axis(FuncFormatter(lambda v, _: f"{v:g}"))
+        from matplotlib.ticker import NullFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
         xlabel += ", log scale"
     else:
         ax.set_xlim(0, hi * 1.25 if hi > 0 else 1)
