@@ -55,7 +55,7 @@ def main() -> None:
         rows.append([name, ms(acc, "{:.2f}"), ms(drop, "{:+.2f}"), f"{statistics.mean(r['size_bytes'] for r in per) / 1024:.1f} KiB",
                      ms(smaller, "{:.1f}") + "x", f"{per[0]['params']:,}",
                      (ms(fast, "{:.2f}") + "x") if all(f is not None for f in fast) else "-"])
-    print(markdown_table(["stage", "test accuracy %", "drop (points)", "artifact", "x smaller", "params", "ORT b32 x faster"], rows))
+    print(markdown_table(["stage", "test accuracy %", "drop (points)", "artifact", "x smaller", "params (seed 0)", "ORT b32 x faster"], rows))
     last = [rep["stages"][-1] for rep in reports]
     first = [rep["stages"][0] for rep in reports]
     worst_drop = max(100 * (b["metrics"]["accuracy"] - r["metrics"]["accuracy"]) for b, r in zip(first, last))

@@ -62,14 +62,18 @@ def run_model(key: str, data, args) -> dict:
     example = data.example_input(1)
     base_macs, base_params = count_macs(base, example)
     ft = train_cfg(args.ft_epochs, 5e-4)
-    kd = {"temperature": 4.0, "alpha": 0.5}
-    out = {"model": key, "spec": spec, "baseline": {"accuracy": base_acc, "macs": base_macs, "params": base_params}}
+    final = train_cfg(args.final_epochs if args.final_epochs is not None else args.ft_epochs, 5e-4)
+    kd = {"temperature": 4.0, "alpha": args.kd_alpha}  # alpha: weight of the hard-label loss
+    steps = {"magnitude": args.mag_steps or args.steps, "channel": args.steps}
+    ratio = args.channel_ratio if args.channel_ratio is not None else CHANNEL_RATIO[key]
+    out = {"model": key, "spec": spec, "baseline": {"accuracy": base_acc, "val_accuracy": evaluate(base, data, "val")["accuracy"],
+                                                    "macs": base_macs, "params": base_params}}
 
     configs = {
-        "magnitude": PruneConfig(method="magnitude", sparsity=args.sparsity, scope="global", steps=args.steps,
-                                 schedule="agp", finetune=ft, final_finetune=ft, distill=kd),
-        "channel": PruneConfig(method="channel", sparsity=CHANNEL_RATIO[key], scope="layer", importance="l2",
-                               steps=args.steps, schedule="agp", finetune=ft, final_finetune=ft, distill=kd),
+        "magnitude": PruneConfig(method="magnitude", sparsity=args.sparsity, scope="global", steps=steps["magnitude"],
+                                 schedule="agp", finetune=ft, final_finetune=final, distill=kd),
+        "channel": PruneConfig(method="channel", sparsity=ratio, scope="layer", importance="l2", round_to=args.round_to,
+                               steps=steps["channel"], schedule="agp", finetune=ft, final_finetune=final, distill=kd),
     }
     pruned = {}
     for method, cfg in configs.items():
@@ -80,6 +84,7 @@ def run_model(key: str, data, args) -> dict:
         model, metrics = prune(copy.deepcopy(base), cfg, data)
         pruned[method] = model
         metrics["seconds"] = round(time.time() - t0, 1)
+        metrics["val_accuracy"] = evaluate(model, data, "val")["accuracy"]  # what settings may be chosen on
         out[method] = metrics
         print(f"[{key}] {method}: test accuracy {100 * metrics['accuracy']:.2f}%, {metrics['macs_reduction']}x MACs, "
               f"{metrics['nonzero']:,}/{metrics['params']:,} non-zero ({metrics['seconds']}s)", flush=True)
@@ -117,7 +122,7 @@ def tables(results: list[dict]) -> str:
     rows = []
     for r in results:
         b = r["baseline"]
-        rows.append([r["model"], "baseline", "0%", f"{100 * b['accuracy']:.2f}", "-", f"{b['params']:,}", f"{b['params']:,}",
+        rows.append([r["model"], "baseline", "0%", f"{100 * b['accuracy']:.2f}", "-", f"{100 * b['val_accuracy']:.2f}", f"{b['params']:,}", f"{b['params']:,}",
                      f"{b['macs'] / 1e6:.2f}M", "1.00x", f"{r['latency_ms_b32']['baseline']:.2f}", "1.00x",
                      f"{4 * b['params'] / 1024:.0f}"])
         for method in ("magnitude", "channel"):
@@ -128,9 +133,10 @@ def tables(results: list[dict]) -> str:
             lat = f"{r['latency_ms_b32'][method]:.2f}"
             speed = f"{r['speedup'][method]:.2f}x"
             rows.append([r["model"], method, amount, f"{100 * m['accuracy']:.2f}", f"{100 * (b['accuracy'] - m['accuracy']):+.2f}",
+                         f"{100 * m['val_accuracy']:.2f} ({100 * (b['val_accuracy'] - m['val_accuracy']):+.2f})",
                          f"{m['params']:,}", f"{m['nonzero']:,}", f"{m['macs'] / 1e6:.2f}M", f"{m['macs_reduction']:.2f}x",
                          lat, speed, f"{m['sparse_bytes'] / 1024:.0f}"])
-    main = markdown_table(["model", "method", "removed", "test acc %", "drop (pts)", "params", "non-zero", "MACs",
+    main = markdown_table(["model", "method", "removed", "test acc %", "drop (pts)", "val acc % (drop)", "params", "non-zero", "MACs",
                            "MACs x fewer", "ORT CPU ms (b32)", "speedup", "sparse KiB"], rows)
     curve = []
     for r in results:
@@ -154,6 +160,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8, help="baseline training epochs")
     ap.add_argument("--ft-epochs", type=int, default=2, help="fine-tune epochs per pruning step (and at the end)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--mag-steps", type=int, default=None, help="AGP steps for magnitude pruning (default --steps)")
+    ap.add_argument("--final-epochs", type=int, default=None, help="final fine-tune epochs (default --ft-epochs)")
+    ap.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the hard-label loss in KD fine-tuning")
+    ap.add_argument("--channel-ratio", type=float, default=None, help="channels removed per layer (default per model)")
+    ap.add_argument("--round-to", type=int, default=None, help="keep pruned channel counts multiples of this")
     ap.add_argument("--sparsity", type=float, default=0.95)
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=30)

@@ -39,7 +39,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--model", default="mlp", choices=["mlp", "lenet5"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both loops (1: steady on a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     data = create_data({"name": "synthetic", "num_samples": 8000, "num_classes": 10, "shape": [1, 28, 28],
                         "batch_size": 128, "val_fraction": 0.0, "test_fraction": 0.1})
     kwargs = {"hidden": [512, 512]} if args.model == "mlp" else {"width": 2}
