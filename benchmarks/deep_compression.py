@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.common import data_dir, machine_line, markdown_table
 from compress.pipeline import Pipeline
+from compress.report import stage_label
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mnist_deep_compression.yaml"
 OUT = Path("benchmarks/results/deep_compression")
@@ -39,7 +40,7 @@ def main() -> None:
         reports.append(Pipeline.from_yaml(RECIPE, [f"seed={seed}", *args.overrides]).run(out, force=True))
     (OUT / "reports.json").write_text(json.dumps(reports, indent=2))
 
-    names = [f"{r['index']}: {r['name']}" for r in reports[0]["stages"]]
+    names = [stage_label(r) for r in reports[0]["stages"]]
     rows = []
     for i, name in enumerate(names):
         per = [rep["stages"][i] for rep in reports]
