@@ -71,30 +71,36 @@ def load_model(path: str | Path) -> nn.Module:
     spec = {k: v for k, v in ckpt["spec"].items() if k not in ("checkpoint", "weights")}
     io = ckpt.get("io") or {}
     model = create_model(spec, tuple(io.get("input_shape", ())), io.get("num_outputs", 0))
-    return restore(model, ckpt)
+    return restore(model, ckpt, str(path))
 
 
-def restore(model: nn.Module, ckpt: dict) -> nn.Module:
+def restore(model: nn.Module, ckpt: dict, where: str = "checkpoint") -> nn.Module:
     """Replay recorded transforms on a freshly built model and load its weights."""
     for t in ckpt.get("transforms", []):
         fn = TRANSFORMS.get(t["kind"]).obj
         model = fn(model, t.get("params", {}), ckpt["state_dict"]) or model
     model.compress_transforms = copy.deepcopy(ckpt.get("transforms", []))
-    model.load_state_dict(ckpt["state_dict"])
+    _load_state(model, ckpt["state_dict"], where)
     return model
+
+
+def _load_state(model: nn.Module, sd: dict, where: str) -> None:
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        raise CompressError(f"{where}: weights do not fit the model: {' '.join(lines[1:3]) or lines[0]}") from None
 
 
 def load_weights_into(model: nn.Module, path: str | Path) -> None:
     """Load a compress checkpoint or a plain state_dict into an already built model."""
     ckpt = _load(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-        restore(model, ckpt)
+        # Transforms change the model in place; one that built a new module could not be handed back here.
+        if restore(model, ckpt, str(path)) is not model:
+            raise CompressError(f"{path}: this checkpoint changes the architecture; load it with compress.load_model")
         return
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise CompressError(f"{path}: expected a state_dict, got {type(ckpt).__name__}")
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()
-        raise CompressError(f"{path}: weights do not fit the model: {' '.join(first[1:3]) or first[0]}") from None
+    _load_state(model, sd, str(path))

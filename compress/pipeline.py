@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -183,7 +184,10 @@ class Pipeline:
         if out is None:
             out = self.default_dir()
             if resume:
-                candidates = sorted(out.parent.glob(f"{out.name}*"), key=lambda p: p.stat().st_mtime)
+                # Only this recipe's directories: runs/<name> and runs/<name>-<n>, not runs/<name>_other.
+                candidates = sorted((p for p in out.parent.glob(f"{out.name}*")
+                                     if p.name == out.name or re.fullmatch(rf"{re.escape(out.name)}-\d+", p.name)),
+                                    key=lambda p: p.stat().st_mtime)
                 out = candidates[-1] if candidates else out
             elif out.exists() and not force:
                 n = 2

@@ -303,8 +303,8 @@ class Trainer:
                     for h in self.hooks:
                         loss = h.loss(self, b, out, loss)
                     loss.backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if cfg.grad_clip:  # everything the optimizer updates, hook parameters (adapters) included
+                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
                     last.update(out=out, base=base)
                     return loss
 

@@ -29,15 +29,21 @@ class KDHook(Hook):
             self._input = args[0]
 
     def on_fit_start(self, trainer) -> None:
-        self.teacher.eval().to(trainer.device)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        from compress.stages.distill import frozen
+
+        # The teacher may be the recipe's (state.teacher): freeze it for this fit only, then restore its flags.
+        self._frozen = frozen([self.teacher.to(trainer.device)])
+        self._frozen.__enter__()
         self._handle = trainer.model.register_forward_pre_hook(self._grab)
 
     def on_fit_end(self, trainer) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if getattr(self, "_frozen", None) is not None:
+            self._frozen.__exit__(None, None, None)
+            self._frozen = None
+        self._input = None
 
     def loss(self, trainer, batch, outputs, loss):
         x = self._input if self._input is not None else batch.inputs

@@ -21,6 +21,7 @@ from compress.quant import ptq_onnx
 from compress.quant.qat import (ClipLatentWeights, calibrate, exporting, fold_batchnorm, pack_model,
                                 quant_layers, quantizable_names, wrap)
 from compress.recipe import register_stage
+from compress.utils import resolve_device
 from compress.trainer import OptimizerConfig, TrainConfig, Trainer, evaluate
 
 class CalibrationConfig(StrictModel):
@@ -128,7 +129,7 @@ def _sizes(model: nn.Module) -> dict:
 
 def _ptq(model, cfg: QuantizeConfig, data, out_dir: Path, split: str):
     example = data.example_input(1)
-    fp32 = ptq_onnx.export_onnx(model, example, out_dir / "model_fp32.onnx", cfg.opset)
+    fp32 = ptq_onnx.export_onnx(model.cpu(), example, out_dir / "model_fp32.onnx", cfg.opset)
     out = out_dir / "model_int8.onnx"
     if cfg.method == "ptq_static":
         bs = cfg.calibration.batch_size or data.batch_size
@@ -195,21 +196,28 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
             raise RecipeError("quantize.kd", "needs a teacher model (pass teacher=... or add 'teacher:' to the recipe)")
         from compress.stages.distill import DistillConfig, DistillHook
 
-        dcfg = DistillConfig(alpha=cfg.kd.alpha, temperature=cfg.kd.temperature)
-        hooks.append(DistillHook(model, [teacher.eval()], dcfg, [1.0], data.example_input(2), "quantize.kd"))
+        kd_loss = "kl" if data.task == "classification" else "regression"
+        dcfg = DistillConfig(alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, loss=kd_loss)
+        teacher.to(resolve_device(finetune.device))
+        hooks.append(DistillHook(model, [teacher], dcfg, [1.0], data.example_input(2), "quantize.kd"))
     rounds = cfg.rounds if cfg.method == "weight_only" else 1
-    for r in range(rounds):
-        if cfg.method == "weight_only":
-            for m in quant_layers(model):
-                m.round_weight()
-        if finetune.epochs > 0:
-            kw = dict(trainer_kwargs)
-            if rounds > 1 and kw.get("state_path") is not None:
-                kw["state_path"] = Path(kw["state_path"]).with_name(f"trainer_state_round{r}.pt")
-            Trainer(model, finetune, data, hooks, **kw).fit()
-    for h in hooks:
-        if hasattr(h, "close"):
-            h.close()
+    from compress.stages.distill import frozen
+
+    try:
+        with frozen([teacher] if cfg.kd is not None else []):
+            for r in range(rounds):
+                if cfg.method == "weight_only":
+                    for m in quant_layers(model):
+                        m.round_weight()
+                if finetune.epochs > 0:
+                    kw = dict(trainer_kwargs)
+                    if rounds > 1 and kw.get("state_path") is not None:
+                        kw["state_path"] = Path(kw["state_path"]).with_name(f"trainer_state_round{r}.pt")
+                    Trainer(model, finetune, data, hooks, **kw).fit()
+    finally:
+        for h in hooks:
+            if hasattr(h, "close"):
+                h.close()
     model.eval()
     pack_model(model)
     record_transform(model, cfg.method, layers=layers, bits=bits)
@@ -226,7 +234,7 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
 def export_qdq(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17) -> Path:
     """An 8-bit QAT model as ONNX with QuantizeLinear/DequantizeLinear (ORT fuses them to int8 kernels)."""
     with exporting(model):
-        return ptq_onnx.export_onnx(model, example, path, opset)
+        return ptq_onnx.export_onnx(model.cpu(), example, path, opset)
 
 
 def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, teacher: nn.Module | None = None,

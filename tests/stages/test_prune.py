@@ -120,3 +120,16 @@ def test_channel_stage_saves_a_smaller_model_and_sensitivity_feeds_layer_ratios(
     bad = CliRunner().invoke(cli, ["sensitivity", str(tmp_path / "r.yaml"), "--layers", "conv9", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--layers: no prunable layer named 'conv9'" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_kd_teacher_is_frozen_only_during_pruning():
+    """The recipe's teacher may be trained again by a later stage: its flags must come back."""
+    from compress import PruneConfig, create_data, create_model, prune
+
+    data = create_data({"name": "synthetic", "num_samples": 128, "num_classes": 3, "shape": [1, 6, 6]})
+    teacher = create_model("mlp", data.input_shape, data.num_outputs, hidden=[32]).train()
+    student = create_model("mlp", data.input_shape, data.num_outputs, hidden=[16])
+    cfg = PruneConfig(method="magnitude", sparsity=0.5, finetune={"epochs": 1, "progress": False},
+                      distill={"teacher": "recipe"})
+    prune(student, cfg, data, teacher=teacher)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
