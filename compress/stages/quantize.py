@@ -163,7 +163,8 @@ def _layer_spec(cfg: QuantizeConfig) -> dict:
             "out_quant": act_bits == 8}  # int8 outputs let ONNX Runtime fuse Q/DQ into int8 kernels
 
 
-def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict, out_dir: Optional[Path], split: str):
+def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict, out_dir: Optional[Path], split: str,
+                path: str = "quantize"):
     bits = cfg.weight_bits
     extra: dict = {"method": cfg.method, "bits": bits}
     finetune = cfg.finetune_config()
@@ -176,9 +177,9 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
     names = quantizable_names(model, keep, cfg.exclude)
     missing = [n for n in cfg.exclude if n not in dict(model.named_modules())]
     if missing:
-        raise RecipeError("quantize.exclude", f"no layer named {missing[0]!r} in the model")
+        raise RecipeError(f"{path}.exclude", f"no layer named {missing[0]!r} in the model")
     if not names:
-        raise RecipeError("quantize", "the model has no Conv/Linear layer left to quantize")
+        raise RecipeError(path, "the model has no Conv/Linear layer left to quantize")
     spec = _layer_spec(cfg)
     layers = {n: spec for n in names}
     wrap(model, layers)
@@ -193,13 +194,13 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
         hooks.append(ClipLatentWeights(model))
     if cfg.kd is not None:
         if teacher is None:
-            raise RecipeError("quantize.kd", "needs a teacher model (pass teacher=... or add 'teacher:' to the recipe)")
+            raise RecipeError(f"{path}.kd", "needs a teacher model (pass teacher=... or add 'teacher:' to the recipe)")
         from compress.stages.distill import DistillConfig, DistillHook
 
         kd_loss = "kl" if data.task == "classification" else "regression"
         dcfg = DistillConfig(alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, loss=kd_loss)
         teacher.to(resolve_device(finetune.device))
-        hooks.append(DistillHook(model, [teacher], dcfg, [1.0], data.example_input(2), "quantize.kd"))
+        hooks.append(DistillHook(model, [teacher], dcfg, [1.0], data.example_input(2), f"{path}.kd"))
     rounds = cfg.rounds if cfg.method == "weight_only" else 1
     from compress.stages.distill import frozen
 
@@ -238,14 +239,15 @@ def export_qdq(model: nn.Module, example: torch.Tensor, path: Path, opset: int =
 
 
 def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, teacher: nn.Module | None = None,
-             *, out_dir: str | Path | None = None, split: str | None = None, trainer_kwargs: dict | None = None) -> Result:
-    """Quantize ``model`` with ``config.method``.
+             *, out_dir: str | Path | None = None, split: str | None = None, trainer_kwargs: dict | None = None,
+             path: str = "quantize") -> Result:
+    """Quantize ``model`` with ``config.method`` (``path``: the recipe key path errors name).
 
     ONNX PTQ leaves ``model`` untouched and returns an ``OrtModel`` running the int8 .onnx (path in
     ``metrics['artifact']``); the other methods change ``model`` in place (packed weights) and return it.
     """
     config = config or QuantizeConfig()
-    check_config(config, "quantize")
+    check_config(config, path)
     data = as_data(data)
     split = split or ("test" if data.has("test") else "val")
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="compress-quantize-"))
@@ -253,7 +255,8 @@ def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, 
     if config.method in ("ptq_static", "ptq_dynamic"):
         ort_model, metrics, extra = _ptq(model, config, data, out, split)
         return Result(ort_model, {**metrics, **extra})
-    model, metrics, extra = _torch_side(model, config, data, teacher, trainer_kwargs or {"name": "quantize"}, out, split)
+    model, metrics, extra = _torch_side(model, config, data, teacher, trainer_kwargs or {"name": "quantize"}, out, split,
+                                        path)
     return Result(model, {**metrics, **extra})
 
 
@@ -268,7 +271,7 @@ def run_quantize(state, cfg: QuantizeConfig):
     split = split if state.data.has(split) else "val"
     kw = state.trainer_kwargs("quantize")
     _, metrics = quantize(state.model, cfg, state.data, state.teacher, out_dir=state.stage_dir, split=split,
-                          trainer_kwargs=kw)
+                          trainer_kwargs=kw, path=state.stage.path)
     task_keys = {"accuracy", "top5", "loss", "rmse", "mae"}
     state.stage_metrics = {k: v for k, v in metrics.items() if k in task_keys}
     state.extra = {k: v for k, v in metrics.items() if k not in task_keys}
