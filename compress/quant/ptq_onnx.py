@@ -13,21 +13,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from compress.measure import to_onnx
+
 CALIBRATION = ("minmax", "entropy", "percentile")
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17) -> Path:
     """Legacy (TorchScript) exporter: fast, and it maps torch's fake-quant ops to Q/DQ nodes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was = model.training
-    model.eval()
     with torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["output"], do_constant_folding=True,
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    model.train(was)
-    return path
+        return to_onnx(model, example, path, opset)
 
 
 def session(path: str | Path, threads: int | None = None):
