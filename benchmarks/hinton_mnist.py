@@ -37,19 +37,22 @@ def _roles(recipe_path: str) -> dict:
     from compress.trainer import TrainConfig
 
     r = load_recipe(recipe_path)
-    roles: dict = {"recipe": r, "scratch": {}, "kd": {}}
+    roles: dict = {"recipe": r, "scratch": {}, "kd": {}, "jitter_scratch": {}, "jitter_kd": {}}
     prev_width = None
     for s in r.stages:
         cfg = s.config
+        jitter = cfg.augment.random_shift > 0
         if s.name == "train":
             tc = TrainConfig(**cfg.model_dump(exclude={"target", "model"}))
             if cfg.target == "teacher":
                 roles["teacher_train"] = tc
             else:
-                roles["scratch"][cfg.model.hidden[0]] = (list(cfg.model.hidden), tc)
+                roles["jitter_scratch" if jitter else "scratch"][cfg.model.hidden[0]] = (list(cfg.model.hidden), tc)
         elif s.name == "distill":
             width, plain = cfg.student.hidden[0], cfg.model_copy(update={"student": None, "teacher": "recipe"})
-            if cfg.teacher == "previous":
+            if jitter:
+                roles["jitter_kd"][width] = plain
+            elif cfg.teacher == "previous":
                 roles["ta"] = (width, prev_width, plain)
             elif cfg.kd_until_epoch is not None:
                 roles["es_kd"] = (width, plain)
@@ -112,13 +115,23 @@ def train_teacher(seed: int, recipe_path: str) -> int:
 
 
 def run_part(seed: int, recipe_path: str, reuse: bool, part: str) -> dict:
-    """Rows of one seed on the test split; part 'widest' is the widest student, 'rest' everything else
-    (two parts so that two workers share the work evenly)."""
+    """Rows of one seed on the test split; part 'widest' is the widest student, 'jitter' the students
+    trained on jittered images, 'rest' everything else (parts so that two workers share the work evenly)."""
     from compress import distill, load_model, train
 
     c, data, teacher, tdir = _setup(seed, recipe_path, reuse)
     widest = max(c["scratch"])
     out: dict[str, int] = {"teacher": _errors(teacher, data, "test")}
+    if part == "jitter":  # the teacher labels the very jittered image the student sees (function matching)
+        for w, (hidden, scratch_cfg) in c["jitter_scratch"].items():
+            m = _student(seed, hidden, data)
+            train(m, scratch_cfg, data, seed=seed, name=f"scratch+jitter {w} s{seed}")
+            out[f"jitter_scratch_{w}"] = _errors(m, data, "test")
+            if w in c["jitter_kd"]:
+                m = _student(seed, hidden, data)
+                distill(m, teacher, c["jitter_kd"][w], data, seed=seed, name=f"kd+jitter {w} s{seed}")
+                out[f"jitter_kd_{w}"] = _errors(m, data, "test")
+        return out
     kd_models = {}
     for w, (hidden, scratch_cfg) in c["scratch"].items():
         if (w == widest) != (part == "widest"):
@@ -152,17 +165,22 @@ def run_part(seed: int, recipe_path: str, reuse: bool, part: str) -> dict:
     return out
 
 
-def run_seeds(seeds, recipe_path: str, reuse: bool, jobs: int) -> list[dict]:
+PARTS = ("rest", "widest", "jitter")
+
+
+def run_seeds(seeds, recipe_path: str, reuse: bool, jobs: int, only: tuple = PARTS) -> list[dict]:
+    """Every part of every seed; with ``only`` a subset, the other rows come from the saved per-seed results."""
     c = _roles(recipe_path)
     missing = [s for s in seeds if not reuse or not (teacher_dir(c["recipe"], c["teacher_train"], s) / "teacher.pt").is_file()]
     if missing:  # train each teacher once, before the parts that share it
         _pool(train_teacher, jobs, missing, [recipe_path] * len(missing))
-    parts = [(s, p) for p in ("rest", "widest") for s in seeds]
+    parts = [(s, p) for p in only for s in seeds]
     res = _pool(run_part, jobs, [s for s, _ in parts], [recipe_path] * len(parts), [True] * len(parts),
                 [p for _, p in parts])
     runs = []
     for s in seeds:
-        out = {}
+        saved = RESULTS / f"hinton_seed{s}.json"
+        out = json.loads(saved.read_text()) if set(only) != set(PARTS) and saved.is_file() else {}
         for (s_, _), r in zip(parts, res):
             if s_ == s:
                 out.update(r)
@@ -188,6 +206,12 @@ def select_one(job) -> tuple:
     return (seed, w, kind, lr, _errors(m, data, "val"))
 
 
+def _gap(scratch, student, teacher: float) -> float:
+    """Share of the scratch-to-teacher error gap the student closes, on the means (percent)."""
+    sc, st = statistics.mean(scratch), statistics.mean(student)
+    return 100 * (sc - st) / (sc - teacher) if sc != teacher else float("nan")
+
+
 def ms(values) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
 
@@ -204,13 +228,15 @@ def _pool(fn, jobs: int, *iters):
 @click.option("--jobs", default=1, show_default=True, help="parallel processes (1 torch thread each)")
 @click.option("--recipe", "recipe_path", default=str(ROOT / "recipes" / "mnist_kd.yaml"), show_default=True)
 @click.option("--reuse/--no-reuse", default=True, show_default=True, help="reuse teachers saved with the same settings")
+@click.option("--parts", default=",".join(PARTS), show_default=True,
+              help="rerun only these parts (rest: small students, widest, jitter); other rows from saved results")
 @click.option("--table-only", is_flag=True, help="print the table from saved per-seed results")
 @click.option("--teachers-only", is_flag=True, help="train and save the teachers only (validation errors printed)")
 @click.option("--select", is_flag=True, help="the lr/T grid on the validation split (needs saved teachers or trains them)")
 @click.option("--widths", default="", help="--select: only these student widths, e.g. 64,16")
 @click.option("--lrs", default=",".join(f"{v:g}" for v in GRID_LR), show_default=True, help="--select: Adam lrs")
 @click.option("--temps", default=",".join(f"{v:g}" for v in GRID_T), show_default=True, help="--select: KD temperatures")
-def main(seeds, jobs, recipe_path, reuse, table_only, teachers_only, select, widths, lrs, temps):
+def main(seeds, jobs, recipe_path, reuse, parts, table_only, teachers_only, select, widths, lrs, temps):
     import torch
 
     torch.set_num_threads(1)  # as in every worker, so the machine line tells the truth
@@ -240,7 +266,7 @@ def main(seeds, jobs, recipe_path, reuse, table_only, teachers_only, select, wid
     if table_only:
         runs = [json.loads((RESULTS / f"hinton_seed{s}.json").read_text()) for s in seeds]
     else:
-        runs = run_seeds(seeds, recipe_path, reuse, jobs)
+        runs = run_seeds(seeds, recipe_path, reuse, jobs, tuple(p for p in parts.split(",") if p))
     col = lambda k: [r[k] for r in runs]  # noqa: E731
     teacher = statistics.mean(col("teacher"))
     tt = c["teacher_train"]
@@ -248,8 +274,7 @@ def main(seeds, jobs, recipe_path, reuse, table_only, teachers_only, select, wid
              f"{tt.optimizer.name}, {tt.epochs} epochs)", ms(col("teacher")), "", ""]]
 
     def row(label, key, scratch_key):
-        scratch, dist = statistics.mean(col(scratch_key)), statistics.mean(col(key))
-        gap = 100 * (scratch - dist) / (scratch - teacher) if scratch != teacher else float("nan")
+        gap = _gap(col(scratch_key), col(key), teacher)
         wins = sum(d <= s for d, s in zip(col(key), col(scratch_key)))
         rows.append([label, ms(col(key)), f"{gap:.0f}%", f"{wins}/{len(runs)}"])
 
@@ -270,10 +295,26 @@ def main(seeds, jobs, recipe_path, reuse, table_only, teachers_only, select, wid
         w, cfg, epoch = c["es_teacher"]
         row(f"2x{w} from early-stopped teacher (epoch {epoch}: {ms(col('early_teacher'))} errors)",
             "es_teacher", f"scratch_{w}")
+    notes = []
+    for w, (_, sc) in c["jitter_scratch"].items():
+        if f"jitter_scratch_{w}" not in runs[0]:
+            continue
+        shift = sc.augment.random_shift
+        rows.append([f"2x{w} from scratch, ±{shift} px jitter (lr {sc.optimizer.lr:g}, {sc.epochs} epochs)",
+                     ms(col(f"jitter_scratch_{w}")), f"{_gap(col(f'scratch_{w}'), col(f'jitter_scratch_{w}'), teacher):.0f}%", ""])
+        if w in c["jitter_kd"]:
+            row(f"2x{w} distilled, ±{shift} px jitter, teacher labels the jittered image ({kd_label(c['jitter_kd'][w])})",
+                f"jitter_kd_{w}", f"scratch_{w}")
+            js, jk = statistics.mean(col(f"jitter_scratch_{w}")), statistics.mean(col(f"jitter_kd_{w}"))
+            notes.append(f"2x{w} with jitter: distilled {jk:.1f} vs scratch {js:.1f} errors "
+                         f"(KD <= scratch on {sum(k <= j for k, j in zip(col(f'jitter_kd_{w}'), col(f'jitter_scratch_{w}')))}"
+                         f"/{len(runs)} seeds); jitter's gap closed is against the plain (unjittered) scratch student")
     table = markdown_table(["model", "test errors / 2,000 (mean ± std)", "gap closed", "KD <= scratch (seeds)"], rows)
     print(table)
     print(f"\nseeds {seeds}; scratch and distilled students of a width share initial weights, epochs and schedule "
           f"(each one's Adam lr and T picked on validation by --select); 'gap closed' = (scratch - distilled) / (scratch - teacher), on the means.")
+    for n in notes:
+        print(n)
     print(machine_line())
     (RESULTS / "hinton_mnist.json").write_text(json.dumps({"runs": runs, "seeds": seeds, "table": table,
                                                           "machine": machine_line()}, indent=2))

@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import ROOT, data_dir, machine_line, markdown_table
 from compress import (PruneConfig, TrainConfig, create_data, create_model, evaluate, load_model, prune, save_model,
                       train)
-from compress.pruning.structured import count_macs
+from compress.measure import count_macs
 from compress.utils import seed_everything
 
 MODELS = {

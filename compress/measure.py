@@ -122,21 +122,25 @@ def onnx_params(path: str | Path) -> tuple[int, int]:
     return total, nonzero
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> Optional[int]:
-    """Multiply-accumulates of one sample (torch-pruning's counter: conv/linear MACs plus elementwise ops).
+def count_macs(model: nn.Module, example: torch.Tensor, *, strict: bool = False) -> tuple[Optional[int], int]:
+    """(multiply-accumulates, parameters) of one sample: torch-pruning's counter (conv/linear MACs plus
+    elementwise ops). Dense count: zeros left by unstructured pruning are still counted, as a dense kernel runs them.
 
-    Dense count: zeros left by unstructured pruning are still counted, as a dense kernel runs them.
+    A model the counter cannot trace gives ``(None, parameters)`` and a warning, so a report row still comes
+    out; ``strict`` raises instead (pruning's budgets need the number).
     """
     import torch_pruning as tp
 
     was = model.training
     try:
         with torch.no_grad():
-            macs, _ = tp.utils.count_ops_and_params(model.eval(), example[:1].to(next(model.parameters()).device))
-        return int(macs)
+            macs, params = tp.utils.count_ops_and_params(model.eval(), example[:1].to(next(model.parameters()).device))
+        return int(macs), int(params)
     except Exception as exc:  # custom modules the counter cannot trace: report no number rather than fail the run
+        if strict:
+            raise
         warnings.warn(f"MACs not counted: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        return None
+        return None, sum(p.numel() for p in model.parameters())
     finally:
         model.train(was)
 
@@ -174,12 +178,14 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: in
     return path
 
 
-def onnx_session(path: str | Path, threads: int = 1):
+def onnx_session(path: str | Path, threads: Optional[int] = 1):
+    """A CPU session with ``threads`` intra-op threads (None: ONNX Runtime's default, one per core)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     try:
@@ -191,6 +197,18 @@ def onnx_session(path: str | Path, threads: int = 1):
 def onnx_run(session, x: torch.Tensor) -> np.ndarray:
     inp = session.get_inputs()[0]
     return session.run(None, {inp.name: x.detach().cpu().numpy()})[0]
+
+
+class OrtModel(nn.Module):
+    """An ONNX file behind the nn.Module call interface, so ``evaluate`` measures it unchanged."""
+
+    def __init__(self, path: str | Path, threads: Optional[int] = None):
+        super().__init__()
+        self.path = Path(path)
+        self.sess = onnx_session(path, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(onnx_run(self.sess, x.float()))
 
 
 def evaluate_onnx(path: str | Path, data, split: str = "test", threads: int | None = None) -> dict[str, float]:
@@ -304,6 +322,20 @@ def time_interleaved(timers: dict[str, Timer], runs: int, warmup: int, min_sampl
         out[n] = {**stats_ms(main), "clock": clock, f"{'wall' if clock == 'cpu' else 'cpu'}_median_ms":
                   stats_ms(other)["median_ms"], "runs": runs, "calls_per_sample": reps[n]}
     return out
+
+
+def interleaved_latency(paths: dict[str, Path], x: np.ndarray, *, threads: int = 1, warmup: int = 20,
+                        rounds: int = 30, reps: int = 10) -> dict[str, float]:
+    """Median wall-clock ms per batch for each ONNX file, timed in rounds that visit every model in turn
+    so that machine noise hits them alike (``reps`` calls per sample, ``warmup`` calls per model first)."""
+    timers = {k: onnx_timer(onnx_session(p, threads), torch.from_numpy(x)) for k, p in paths.items()}
+    for t in timers.values():
+        t.timed(warmup)
+    times: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(rounds):
+        for k, t in timers.items():
+            times[k].append(t.timed(reps)[0] / reps * 1000)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def batch_of(data, batch: int) -> torch.Tensor:
@@ -439,7 +471,7 @@ def measure(subject: Subject, data, cfg: BenchmarkConfig | None = None, *, metri
     if cfg.zipped:
         row["zipped_bits_per_weight"] = bits_per_weight(row["zipped_bytes"], params)
     if cfg.macs and model is not None:
-        row["macs"] = count_macs(model, batch_of(data, 1))
+        row["macs"] = count_macs(model, batch_of(data, 1))[0]
     if model is not None:
         row["layers"] = layer_stats(model)
     if cfg.latency:

@@ -5,6 +5,7 @@ each optimizer step (pruning masks, quantizer ranges).
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -263,6 +264,7 @@ class Trainer:
         opt = self._optimizer()
         sched = self._scheduler(opt, max(len(loader), 1))
         best_value, best_state, bad_epochs = None, None, 0
+        best_hooks = None  # the hooks' state at the best epoch (FitNets adapters): kept with the weights
         has_val = self.data.has("val") and len(self.data.dataset("val")) > 0
         if self.state_path is not None and self.state_path.is_file():
             st = torch.load(self.state_path, map_location="cpu", weights_only=True)
@@ -274,6 +276,7 @@ class Trainer:
                 h.load_state_dict(hs)
             self.epoch, self.step, self.history = st["epoch"], st["step"], st["history"]
             best_value, best_state, bad_epochs = st["best_value"], st["best_state"], st["bad_epochs"]
+            best_hooks = st.get("best_hooks")
         for h in self.hooks:
             h.on_fit_start(self)
         show = cfg.progress and is_main_process()
@@ -342,6 +345,7 @@ class Trainer:
                 best_value, bad_epochs = value, 0
                 if cfg.keep == "best":
                     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    best_hooks = copy.deepcopy([h.state_dict() for h in self.hooks])
             else:
                 bad_epochs += 1
             self._log(row)
@@ -354,20 +358,23 @@ class Trainer:
                 self._log({"stage": self.name, "event": "early_stop", "epoch": self.epoch, "best": best_value})
                 self.epoch = cfg.epochs
             if self.state_path is not None and is_main_process():
-                self._save_state(opt, sched, best_value, best_state, bad_epochs)
+                self._save_state(opt, sched, best_value, best_state, bad_epochs, best_hooks)
         if cfg.freeze_backbone_epochs:
             self._freeze_backbone(False)
         if cfg.keep == "best" and best_state is not None:
             model.load_state_dict(best_state)
+            for h, hs in zip(self.hooks, best_hooks or []):
+                h.load_state_dict(hs)
         for h in self.hooks:
             h.on_fit_end(self)
         return self.history[-1] if self.history else {}
 
-    def _save_state(self, opt, sched, best_value, best_state, bad_epochs) -> None:
+    def _save_state(self, opt, sched, best_value, best_state, bad_epochs, best_hooks=None) -> None:
         st = {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict() if sched is not None else None,
               "hooks": [h.state_dict() for h in self.hooks], "epoch": self.epoch, "step": self.step,
-              "history": self.history, "best_value": best_value, "best_state": best_state, "bad_epochs": bad_epochs}
+              "history": self.history, "best_value": best_value, "best_state": best_state, "bad_epochs": bad_epochs,
+              "best_hooks": best_hooks}
         with atomic_path(self.state_path) as tmp:
             torch.save(st, tmp)
 

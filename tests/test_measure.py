@@ -47,8 +47,23 @@ def test_macs_of_a_known_conv_linear_stack():
     # conv 1->4, 3x3 on 8x8: 4*9*6*6 = 1296 MACs; ReLU: 144 elementwise ops; linear 144->10: 1440 MACs
     # plus 10 bias adds (torch-pruning's convention counts elementwise ops and bias too).
     m = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
-    assert count_macs(m, torch.zeros(3, 1, 8, 8)) == 1296 + 144 + 1440 + 10
+    assert count_macs(m, torch.zeros(3, 1, 8, 8)) == (1296 + 144 + 1440 + 10, 36 + 1450)  # (MACs, parameters)
     assert m.training  # mode restored
+
+
+def test_macs_of_an_untraceable_model_warn_or_raise_when_strict():
+    class Odd(nn.Module):  # a forward the counter cannot run
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            raise RuntimeError("no tracing here")
+
+    with pytest.warns(UserWarning, match="MACs not counted: RuntimeError: no tracing here"):
+        assert count_macs(Odd(), torch.zeros(1, 4)) == (None, 10)
+    with pytest.raises(RuntimeError, match="no tracing here"):
+        count_macs(Odd(), torch.zeros(1, 4), strict=True)
 
 
 def test_onnx_params_count_initializers(tmp_path):

@@ -58,16 +58,17 @@ def test_hooks_see_every_step_and_can_add_loss(data):
     assert abs(hook.extra.item()) < 3.0
 
 
+class Worsen(Hook):
+    """After epoch 1, scramble the weights so validation gets worse."""
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch >= 1:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.add_(torch.randn_like(p) * 5)
+
+
 def test_early_stopping_stops_and_keeps_best(data):
-    class Worsen(Hook):
-        """After epoch 1, scramble the weights so validation gets worse."""
-
-        def on_epoch_start(self, trainer, epoch):
-            if epoch >= 1:
-                with torch.no_grad():
-                    for p in trainer.model.parameters():
-                        p.add_(torch.randn_like(p) * 5)
-
     model = _model(data)
     cfg = TrainConfig(epochs=10, progress=False, early_stopping={"patience": 2}, optimizer={"lr": 0.01})
     trainer = Trainer(model, cfg, data, [Worsen()])
@@ -75,6 +76,32 @@ def test_early_stopping_stops_and_keeps_best(data):
     assert len(trainer.history) < 10
     best = max(r["val_accuracy"] for r in trainer.history)
     assert evaluate(model, data, "val")["accuracy"] == pytest.approx(best)
+
+
+def test_keep_best_restores_the_hooks_state_of_the_best_epoch_too(data):
+    """A hook's own state (FitNets adapters, ...) must match the weights it is kept with."""
+
+    class Counter(Hook):  # its state: how many epochs have ended
+        def __init__(self):
+            self.n = torch.zeros(())
+
+        def on_epoch_end(self, trainer, epoch, metrics):
+            self.n += 1
+
+        def state_dict(self):
+            return {"n": self.n}  # a live view, as nn.Module.state_dict() gives
+
+        def load_state_dict(self, state):
+            self.n.copy_(state["n"])
+
+    counter = Counter()
+    trainer = Trainer(_model(data), TrainConfig(epochs=4, progress=False, optimizer={"lr": 0.01}), data,
+                      [Worsen(), counter])
+    trainer.fit()
+    accs = [r["val_accuracy"] for r in trainer.history]
+    best = accs.index(max(accs))
+    assert best < len(accs) - 1  # otherwise best and last agree and this test shows nothing
+    assert counter.n.item() == best + 1
 
 
 def test_keep_last_keeps_last(data):

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from compress.checkpoint import TRANSFORMS
+from compress.measure import count_macs  # noqa: F401  (one counter; compress.pruning.sensitivity imports it from here)
 from compress.registry import Registry
 
 # name -> factory() -> a torch-pruning importance; add your own with @IMPORTANCES.register("name").
@@ -38,17 +39,6 @@ def _taylor():
                       needs_bn=True)
 def _bn_scale():
     return tp.importance.BNScaleImportance()
-
-
-def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """(MACs, parameters) of one forward pass on ``example`` (torch-pruning's op counter)."""
-    was = model.training
-    model.eval()
-    try:
-        macs, params = tp.utils.count_ops_and_params(model, example)
-    finally:
-        model.train(was)
-    return int(macs), int(params)
 
 
 def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio: float, steps: int,

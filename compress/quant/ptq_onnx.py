@@ -5,7 +5,6 @@ feeds it the recipe's data and runs the result.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -22,31 +21,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     """Legacy (TorchScript) exporter: fast, and it maps torch's fake-quant ops to Q/DQ nodes."""
     with torch.no_grad():
         return to_onnx(model, example, path, opset)
-
-
-def session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-class OrtModel(nn.Module):
-    """An ONNX file behind the nn.Module call interface, so ``evaluate`` measures it unchanged."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        super().__init__()
-        self.path = Path(path)
-        self.sess = session(path, threads)
-        self.input_name = self.sess.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.sess.run(None, {self.input_name: x.detach().cpu().numpy().astype(np.float32)})[0]
-        return torch.from_numpy(out)
 
 
 class LoaderReader:
@@ -128,22 +102,3 @@ def op_counts(path: str | Path, optimized: bool = False) -> dict[str, int]:
     for node in graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
-
-
-def interleaved_latency(paths: dict[str, Path], x: np.ndarray, *, threads: int = 1, warmup: int = 20,
-                        rounds: int = 30, reps: int = 10) -> dict[str, float]:
-    """Median milliseconds per batch for each model, timed in alternating rounds so that machine
-    noise hits every model alike."""
-    sessions = {k: session(p, threads) for k, p in paths.items()}
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
-    for k, s in sessions.items():
-        for _ in range(warmup):
-            s.run(None, {names[k]: x})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                s.run(None, {names[k]: x})
-            times[k].append((time.perf_counter() - t0) / reps * 1000)
-    return {k: float(np.median(v)) for k, v in times.items()}

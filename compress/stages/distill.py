@@ -2,6 +2,7 @@
 
 Everything trains through the shared Trainer; distillation is one Hook that adds the soft-target term
 (and hint terms) to the hard-label loss. Teachers are frozen and in eval mode for the whole stage.
+Other stages that fine-tune with KD (prune, quantize) get the same hook from ``kd_hook``.
 """
 from __future__ import annotations
 
@@ -109,21 +110,36 @@ class DistillHook(Hook):
 
     def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], cfg: DistillConfig,
                  weights: Sequence[float], example: torch.Tensor, path: str = "distill"):
-        self.student, self.teachers, self.cfg, self.weights = student, list(teachers), cfg, list(weights)
+        self.teachers, self.cfg, self.weights, self.path = list(teachers), cfg, list(weights), path
         self.active = True
         self.cache: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None
         self._input: Optional[torch.Tensor] = None
         self._s_feats: dict[int, torch.Tensor] = {}
         self._t_feats: dict[int, torch.Tensor] = {}
-        self._handles = [student.register_forward_pre_hook(self._grab_input)]
+        self._frozen = None
+        self._handles = []
         for i, h in enumerate(cfg.hints):
-            s_layer = _layer(student, h.student, "student", f"{path}.hints[{i}].student")
             t_layer = _layer(self.teachers[0], h.teacher, "teacher", f"{path}.hints[{i}].teacher")
-            self._handles.append(s_layer.register_forward_hook(self._store(self._s_feats, i)))
             self._handles.append(t_layer.register_forward_hook(self._store(self._t_feats, i)))
+        self._student_handles: list = []
+        self._bind(student)
         self.adapters = nn.ModuleList()
         if cfg.hints:
             self._build_adapters(example, path)
+
+    def _bind(self, student: nn.Module) -> None:
+        """Hook the input and hint layers of ``student``; prune's later fits train a reverted copy."""
+        self._unbind()
+        self.student = student
+        self._student_handles = [student.register_forward_pre_hook(self._grab_input)]
+        for i, h in enumerate(self.cfg.hints):
+            s_layer = _layer(student, h.student, "student", f"{self.path}.hints[{i}].student")
+            self._student_handles.append(s_layer.register_forward_hook(self._store(self._s_feats, i)))
+
+    def _unbind(self) -> None:
+        for h in self._student_handles:
+            h.remove()
+        self._student_handles = []
 
     # -- forward hooks ---------------------------------------------------------------------------
     def _grab_input(self, module, args):
@@ -151,6 +167,7 @@ class DistillHook(Hook):
         self._input = None
 
     def close(self) -> None:
+        self._release()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -179,6 +196,28 @@ class DistillHook(Hook):
     # -- Hook API --------------------------------------------------------------------------------
     def parameters(self):
         return self.adapters.parameters()
+
+    def on_fit_start(self, trainer) -> None:
+        # Teachers are frozen for each fit only: a later stage may train the recipe's teacher again.
+        if trainer.model is not self.student or not self._student_handles:
+            self._bind(trainer.model)
+        for t in self.teachers:
+            t.to(trainer.device)
+        self.adapters.to(trainer.device)
+        if self._frozen is None:
+            self._frozen = frozen(self.teachers)
+            self._frozen.__enter__()
+
+    def on_fit_end(self, trainer) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Detach from the student (deep copies of it must not carry this hook) and restore the teachers."""
+        self._unbind()
+        self._input = None
+        if self._frozen is not None:
+            self._frozen.__exit__(None, None, None)
+            self._frozen = None
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
         self.active = self.cfg.kd_until_epoch is None or epoch < self.cfg.kd_until_epoch
@@ -299,6 +338,31 @@ def _fit(student: nn.Module, teachers: Sequence[nn.Module], cfg: DistillConfig, 
             hook.close()
     return {"kd_loss": cfg.loss, "temperature": cfg.temperature, "alpha": cfg.alpha, "teachers": len(teachers),
             "teacher_cache": use_cache}
+
+
+class KDOptions(StrictModel):
+    """KD while another stage fine-tunes (prune, quantize): one teacher, the distill stage's losses."""
+
+    loss: Literal["auto", "kl", "soft_ce", "mse_logits", "regression"] = "auto"  # auto: kl, regression for regression data
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the hard-label loss (classification)
+    beta: float = Field(1.0, ge=0)  # weight of the teacher term (regression: hard + beta * soft)
+
+
+def kd_hook(student: nn.Module, teacher: nn.Module, options: KDOptions, data: DataBundle, *, path: str,
+            teacher_path: Optional[str] = None, device: str = "auto") -> DistillHook:
+    """The KD hook every stage but distill adds to its fine-tuning (``path``: the options' key path).
+
+    Checks the loss against the task and the teacher's outputs against the student's before any training.
+    The hook freezes the teacher for each fit only, follows the trainer's model, and is closed by the caller.
+    """
+    kind = options.loss if options.loss != "auto" else ("kl" if data.task == "classification" else "regression")
+    cfg = DistillConfig(loss=kind, temperature=options.temperature, alpha=options.alpha, beta=options.beta,
+                        cache_teacher=False, device=device)
+    x = _check_models(student, [teacher], data, cfg, path, [teacher_path or f"{path}.teacher"], resolve_device(device))
+    hook = DistillHook(student, [teacher], cfg, [1.0], x, path)
+    hook._unbind()  # bound at each fit start: until then deep copies of the student (prune's) stay hook-free
+    return hook
 
 
 def distill(student: nn.Module, teacher: nn.Module | str | Path | Sequence, config: DistillConfig | None = None,

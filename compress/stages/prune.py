@@ -23,26 +23,24 @@ from compress.api import Result, as_data
 from compress.checkpoint import record_transform
 from compress.config import StrictModel
 from compress.errors import RecipeError
-from compress.measure import count_params
+from compress.measure import count_macs, count_params
 from compress.metrics import primary_metric
 from compress.pruning import schedules
-from compress.pruning.kd import KDHook
 from compress.pruning.masks import (MaskHook, apply_masks, classifier_name, magnitude_masks, prunable_layers,
                                     storage_report, weight_sparsity)
 from compress.pruning.regularizers import NormPenalty, RegularizerConfig
-from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner, count_macs, pruned_shapes
+from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner, pruned_shapes
 from compress.recipe import register_stage
 from compress.registry import did_you_mean
+from compress.stages.distill import KDOptions, kd_hook
 from compress.trainer import TrainConfig, Trainer, evaluate
 from compress.utils import resolve_device
 
 Ratio = Annotated[float, at.Ge(0), at.Lt(1)]
 
 
-class PruneDistillConfig(StrictModel):
+class PruneDistillConfig(KDOptions):
     teacher: Literal["unpruned", "recipe"] = "unpruned"  # the model before this stage, or the recipe's teacher
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1)  # weight of the hard-label loss, as in the distill stage
 
 
 class BudgetConfig(StrictModel):
@@ -166,7 +164,7 @@ def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: tor
     if kind == "params":
         return count_params(model)[1] if method == "magnitude" else count_params(model)[0]
     if kind == "macs":
-        return count_macs(model, example)[0]
+        return count_macs(model, example, strict=True)[0]
     return torch_latency_ms(model, batch)
 
 
@@ -199,7 +197,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
     model.to(device)
 
     base_val = evaluate(model, data, split, device)[metric]
-    base_macs, base_params = count_macs(model, example)
+    base_macs, base_params = count_macs(model, example, strict=True)
     base_nonzero = count_params(model)[1]
     lat_batch = None
     base_budget = None
@@ -214,7 +212,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
         kd_teacher = unpruned if cfg.distill.teacher == "unpruned" else teacher
         if kd_teacher is None:
             raise RecipeError(f"{path}.distill.teacher", "is 'recipe' but no teacher model was given")
-        hooks.append(KDHook(kd_teacher, cfg.distill.temperature, cfg.distill.alpha))
+        hooks.append(kd_hook(model, kd_teacher, cfg.distill, data, path=f"{path}.distill", device=cfg.finetune.device))
     layers = prunable_layers(model, cfg.ignored_layers)
     if cfg.regularize is not None:
         hooks.append(NormPenalty(layers, cfg.regularize.kind, cfg.regularize.strength))
@@ -253,7 +251,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
             model.zero_grad(set_to_none=True)
         Trainer(model, cfg.finetune, data, step_hooks, name=f"{path}:step{t}", **tk).fit()
         value = evaluate(model, data, split, device)[metric]
-        macs, params = count_macs(model, example)
+        macs, params = count_macs(model, example, strict=True)
         nonzero = count_params(model)[1]
         row = {"step": t, "target": round(target, 4), f"{split}_{metric}": value, "drop": sign * (base_val - value),
                # reported only (the stopping rule never looks at it), for accuracy-vs-sparsity tables
@@ -288,7 +286,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
         record_transform(model, "channel_prune", shapes=pruned_shapes(model))
     model.zero_grad(set_to_none=True)
 
-    macs, params = count_macs(model, example)
+    macs, params = count_macs(model, example, strict=True)
     total, nonzero = count_params(model)
     summary = {
         "method": cfg.method,

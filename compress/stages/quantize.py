@@ -17,11 +17,12 @@ from compress.api import Result, as_data
 from compress.checkpoint import record_transform
 from compress.config import StrictModel
 from compress.errors import RecipeError
+from compress.measure import OrtModel
 from compress.quant import ptq_onnx
 from compress.quant.qat import (ClipLatentWeights, calibrate, exporting, fold_batchnorm, pack_model,
                                 quant_layers, quantizable_names, wrap)
 from compress.recipe import register_stage
-from compress.utils import resolve_device
+from compress.stages.distill import KDOptions, kd_hook
 from compress.trainer import OptimizerConfig, TrainConfig, Trainer, evaluate
 
 class CalibrationConfig(StrictModel):
@@ -31,11 +32,10 @@ class CalibrationConfig(StrictModel):
     percentile: float = Field(99.999, gt=0, le=100)
 
 
-class KDConfig(StrictModel):
+class KDConfig(KDOptions):
     """Knowledge distillation while fine-tuning, through the distill stage's own hook."""
 
     alpha: float = Field(0.1, ge=0, le=1)  # weight of the hard-label loss, as in the distill stage
-    temperature: float = Field(4.0, gt=0)
 
 
 class QuantizeConfig(StrictModel):
@@ -141,9 +141,9 @@ def _ptq(model, cfg: QuantizeConfig, data, out_dir: Path, split: str):
                                       op_types=cfg.op_types)
     else:
         ptq_onnx.quantize_dynamic_onnx(fp32, out, per_channel=cfg.per_channel, op_types=cfg.op_types)
-    ort_model = ptq_onnx.OrtModel(out)
+    ort_model = OrtModel(out)
     metrics = evaluate(ort_model, data, split, "cpu")
-    fp32_metrics = evaluate(ptq_onnx.OrtModel(fp32), data, split, "cpu")
+    fp32_metrics = evaluate(OrtModel(fp32), data, split, "cpu")
     extra = {"method": cfg.method, "bits": 8, "artifact": str(out), "fp32_onnx": str(fp32),
              "fp32_onnx_bytes": fp32.stat().st_size, "int8_onnx_bytes": out.stat().st_size,
              "size_ratio": round(fp32.stat().st_size / out.stat().st_size, 2),
@@ -195,26 +195,19 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
     if cfg.kd is not None:
         if teacher is None:
             raise RecipeError(f"{path}.kd", "needs a teacher model (pass teacher=... or add 'teacher:' to the recipe)")
-        from compress.stages.distill import DistillConfig, DistillHook
-
-        kd_loss = "kl" if data.task == "classification" else "regression"
-        dcfg = DistillConfig(alpha=cfg.kd.alpha, temperature=cfg.kd.temperature, loss=kd_loss)
-        teacher.to(resolve_device(finetune.device))
-        hooks.append(DistillHook(model, [teacher], dcfg, [1.0], data.example_input(2), f"{path}.kd"))
+        hooks.append(kd_hook(model, teacher, cfg.kd, data, path=f"{path}.kd", teacher_path=f"{path}.kd",
+                             device=finetune.device))
     rounds = cfg.rounds if cfg.method == "weight_only" else 1
-    from compress.stages.distill import frozen
-
     try:
-        with frozen([teacher] if cfg.kd is not None else []):
-            for r in range(rounds):
-                if cfg.method == "weight_only":
-                    for m in quant_layers(model):
-                        m.round_weight()
-                if finetune.epochs > 0:
-                    kw = dict(trainer_kwargs)
-                    if rounds > 1 and kw.get("state_path") is not None:
-                        kw["state_path"] = Path(kw["state_path"]).with_name(f"trainer_state_round{r}.pt")
-                    Trainer(model, finetune, data, hooks, **kw).fit()
+        for r in range(rounds):
+            if cfg.method == "weight_only":
+                for m in quant_layers(model):
+                    m.round_weight()
+            if finetune.epochs > 0:
+                kw = dict(trainer_kwargs)
+                if rounds > 1 and kw.get("state_path") is not None:
+                    kw["state_path"] = Path(kw["state_path"]).with_name(f"trainer_state_round{r}.pt")
+                Trainer(model, finetune, data, hooks, **kw).fit()
     finally:
         for h in hooks:
             if hasattr(h, "close"):
@@ -227,7 +220,7 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
     metrics = evaluate(model, data, split)
     if cfg.method == "qat" and bits == 8 and spec["act_bits"] == 8 and cfg.export_onnx and out_dir is not None:
         path = export_qdq(model, data.example_input(1), out_dir / "model_qat_int8.onnx", cfg.opset)
-        ort_metrics = evaluate(ptq_onnx.OrtModel(path), data, split, "cpu")
+        ort_metrics = evaluate(OrtModel(path), data, split, "cpu")
         extra.update(onnx=str(path), onnx_bytes=path.stat().st_size, onnx_metrics=ort_metrics)
     return model, metrics, extra
 

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from compress import create_data, create_model, load_model, save_model
 from compress.checkpoint import record_transform
-from compress.quant.ptq_onnx import OrtModel, op_counts
+from compress.measure import OrtModel
+from compress.quant.ptq_onnx import op_counts
 from compress.quant.qat import (QuantLayer, calibrate, fold_batchnorm, pack_model, quant_layers, quantizable_names,
                                 wrap)
 from compress.stages.quantize import export_qdq

@@ -142,6 +142,28 @@ def test_conv_hints_get_a_1x1_conv_adapter():
     assert (hook.adapters[0].in_channels, hook.adapters[0].out_channels) == (4, 8)
 
 
+def test_kd_hook_follows_the_trainers_model_and_freezes_the_teacher_per_fit(data):
+    """prune trains a reverted copy after max_drop and deep-copies the student between fits."""
+    from types import SimpleNamespace
+
+    from compress.stages.distill import KDOptions, kd_hook
+
+    teacher, student = mlp(data, [16], 1).train(), mlp(data, [8], 2)
+    hook = kd_hook(student, teacher, KDOptions(alpha=0.3), data, path="prune.distill")
+    assert (hook.cfg.loss, hook.cfg.alpha) == ("kl", 0.3)  # auto: kl for class labels
+    assert not student._forward_pre_hooks  # nothing attached to the student until a fit starts
+    other = mlp(data, [8], 3)
+    trainer = SimpleNamespace(model=other, device=torch.device("cpu"))
+    hook.on_fit_start(trainer)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    x = data.example_input(4)
+    other.train()(x)
+    assert hook._input is x
+    hook.on_fit_end(trainer)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert not other._forward_pre_hooks
+
+
 # -- cache, early-stopped KD -----------------------------------------------------------------------
 def test_cached_teacher_gives_the_same_loss_as_the_live_teacher(data):
     teacher, student = mlp(data, [16, 16], 1), mlp(data, [8, 6], 2)

@@ -133,3 +133,31 @@ def test_kd_teacher_is_frozen_only_during_pruning():
                       distill={"teacher": "recipe"})
     prune(student, cfg, data, teacher=teacher)
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+
+
+REG_DATA = {"name": "synthetic", "task": "regression", "num_samples": 96, "num_classes": 6, "shape": [6], "batch_size": 32}
+
+
+def _spy_kd_hooks(monkeypatch, module) -> list:
+    """The KD hooks ``module`` makes, in order."""
+    made, real = [], module.kd_hook
+    monkeypatch.setattr(module, "kd_hook", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    return made
+
+
+@pytest.mark.parametrize("opts, beta", [({"beta": 0.25}, 0.25), ({"alpha": 0.2}, 1.0)])  # default beta: 1, as in distill
+def test_kd_prunes_a_regression_autoencoder_with_the_regression_loss_and_beta(monkeypatch, opts, beta):
+    data = create_data(REG_DATA)
+    model = create_model({"name": "autoencoder", "hidden": [8], "clip": None}, data.input_shape, data.num_outputs)
+    made = _spy_kd_hooks(monkeypatch, prune_mod)
+    _, m = prune(model, PruneConfig(sparsity=0.5, finetune={"epochs": 1, "progress": False}, distill=opts), data)
+    assert "rmse" in m and m["weight_sparsity"] == pytest.approx(0.5, abs=0.05)
+    (hook,) = made
+    assert (hook.cfg.loss, hook.cfg.beta) == ("regression", beta)
+
+
+def test_kd_loss_that_does_not_fit_the_task_names_the_key():
+    data = create_data(REG_DATA)
+    model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[8])
+    with pytest.raises(RecipeError, match=r"^stages\[1\]\.prune\.distill\.loss: 'kl' needs class logits"):
+        prune(model, PruneConfig(finetune=NO_TRAIN, distill={"loss": "kl"}), data, path="stages[1].prune")

@@ -131,3 +131,26 @@ def test_binary_weights_are_bit_packed_25x_smaller(data, trained):
     model, m = quantize(copy.deepcopy(trained[0]), QuantizeConfig(method="binary", binary="xnor", finetune={"epochs": 0}), data)
     assert m["binary"] == "xnor" and m["quantized_layers"] == 3  # first and last conv/linear stay fp32
     assert isinstance(model.features[0], torch.nn.Conv2d)
+
+
+def test_qat_kd_freezes_the_teacher_only_while_fine_tuning(data):
+    teacher = create_model("mlp", data.input_shape, data.num_outputs, hidden=[32]).train()
+    student = create_model("mlp", data.input_shape, data.num_outputs, hidden=[16])
+    cfg = QuantizeConfig(method="qat", kd={}, export_onnx=False, finetune={"epochs": 1, **QUIET})
+    quantize(student, cfg, data, teacher=teacher)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert not student._forward_pre_hooks  # the KD hook let go of the student
+
+
+def test_qat_kd_on_a_regression_autoencoder_uses_the_regression_loss_and_beta(monkeypatch):
+    import compress.stages.quantize as quantize_mod
+
+    data = create_data({"name": "synthetic", "task": "regression", "num_samples": 96, "num_classes": 6, "shape": [6]})
+    spec = {"name": "autoencoder", "hidden": [8], "clip": None}
+    teacher = create_model(spec, data.input_shape, data.num_outputs)
+    made, real = [], quantize_mod.kd_hook
+    monkeypatch.setattr(quantize_mod, "kd_hook", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    _, m = quantize(create_model(spec, data.input_shape, data.num_outputs), QuantizeConfig(
+        method="qat", kd={"beta": 0.5}, export_onnx=False, finetune={"epochs": 1, **QUIET}), data, teacher=teacher)
+    assert "rmse" in m and m["bits"] == 8
+    assert (made[0].cfg.loss, made[0].cfg.beta, made[0].cfg.alpha) == ("regression", 0.5, 0.1)
