@@ -180,7 +180,17 @@ def run_seeds(seeds, recipe_path: str, reuse: bool, jobs: int, only: tuple = PAR
     runs = []
     for s in seeds:
         saved = RESULTS / f"hinton_seed{s}.json"
-        out = json.loads(saved.read_text()) if set(only) != set(PARTS) and saved.is_file() else {}
+        # Rows of other parts are merged only if the same recipe and teacher made them.
+        made_by = {"recipe": hashlib.sha1(Path(recipe_path).read_bytes()).hexdigest()[:12],
+                   "teacher": teacher_dir(c["recipe"], c["teacher_train"], s).name}
+        out = {}
+        if set(only) != set(PARTS):
+            old = json.loads(saved.read_text()) if saved.is_file() else {}
+            if old.get("made_by") != made_by:
+                raise click.UsageError(f"{saved} was made by another recipe or teacher (or by an older script): "
+                                       f"rerun every part (--parts {','.join(PARTS)})")
+            out = old
+        out["made_by"] = made_by
         for (s_, _), r in zip(parts, res):
             if s_ == s:
                 out.update(r)
@@ -266,16 +276,19 @@ def main(seeds, jobs, recipe_path, reuse, parts, table_only, teachers_only, sele
     if table_only:
         runs = [json.loads((RESULTS / f"hinton_seed{s}.json").read_text()) for s in seeds]
     else:
-        runs = run_seeds(seeds, recipe_path, reuse, jobs, tuple(p for p in parts.split(",") if p))
+        chosen = tuple(p for p in parts.split(",") if p)
+        if not chosen or set(chosen) - set(PARTS):
+            raise click.BadParameter(f"expected parts among {', '.join(PARTS)}, got '{parts}'", param_hint="--parts")
+        runs = run_seeds(seeds, recipe_path, reuse, jobs, chosen)
     col = lambda k: [r[k] for r in runs]  # noqa: E731
     teacher = statistics.mean(col("teacher"))
     tt = c["teacher_train"]
     rows = [[f"teacher 2x{c['recipe'].teacher.hidden[0]} (dropout, ±{tt.augment.random_shift} px jitter, "
              f"{tt.optimizer.name}, {tt.epochs} epochs)", ms(col("teacher")), "", ""]]
 
-    def row(label, key, scratch_key):
+    def row(label, key, scratch_key, wins_against=None):
         gap = _gap(col(scratch_key), col(key), teacher)
-        wins = sum(d <= s for d, s in zip(col(key), col(scratch_key)))
+        wins = sum(d <= s for d, s in zip(col(key), col(wins_against or scratch_key)))
         rows.append([label, ms(col(key)), f"{gap:.0f}%", f"{wins}/{len(runs)}"])
 
     def kd_label(cfg):
@@ -304,11 +317,11 @@ def main(seeds, jobs, recipe_path, reuse, parts, table_only, teachers_only, sele
                      ms(col(f"jitter_scratch_{w}")), f"{_gap(col(f'scratch_{w}'), col(f'jitter_scratch_{w}'), teacher):.0f}%", ""])
         if w in c["jitter_kd"]:
             row(f"2x{w} distilled, ±{shift} px jitter, teacher labels the jittered image ({kd_label(c['jitter_kd'][w])})",
-                f"jitter_kd_{w}", f"scratch_{w}")
+                f"jitter_kd_{w}", f"scratch_{w}", f"jitter_scratch_{w}")
             js, jk = statistics.mean(col(f"jitter_scratch_{w}")), statistics.mean(col(f"jitter_kd_{w}"))
             notes.append(f"2x{w} with jitter: distilled {jk:.1f} vs scratch {js:.1f} errors "
                          f"(KD <= scratch on {sum(k <= j for k, j in zip(col(f'jitter_kd_{w}'), col(f'jitter_scratch_{w}')))}"
-                         f"/{len(runs)} seeds); jitter's gap closed is against the plain (unjittered) scratch student")
+                         f"/{len(runs)} seeds); gap closed is against the plain (unjittered) scratch student, KD <= scratch against the jittered one")
     table = markdown_table(["model", "test errors / 2,000 (mean ± std)", "gap closed", "KD <= scratch (seeds)"], rows)
     print(table)
     print(f"\nseeds {seeds}; scratch and distilled students of a width share initial weights, epochs and schedule "

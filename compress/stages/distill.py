@@ -116,16 +116,25 @@ class DistillHook(Hook):
         self._input: Optional[torch.Tensor] = None
         self._s_feats: dict[int, torch.Tensor] = {}
         self._t_feats: dict[int, torch.Tensor] = {}
-        self._frozen = None
-        self._handles = []
-        for i, h in enumerate(cfg.hints):
-            t_layer = _layer(self.teachers[0], h.teacher, "teacher", f"{path}.hints[{i}].teacher")
-            self._handles.append(t_layer.register_forward_hook(self._store(self._t_feats, i)))
+        self._frozen: Optional[list] = None
+        self._handles: list = []
         self._student_handles: list = []
-        self._bind(student)
         self.adapters = nn.ModuleList()
-        if cfg.hints:
-            self._build_adapters(example, path)
+        try:  # a bad layer name must not leave hooks behind on either model
+            self._bind(student)
+            for i, h in enumerate(cfg.hints):
+                t_layer = _layer(self.teachers[0], h.teacher, "teacher", f"{path}.hints[{i}].teacher")
+                self._handles.append(t_layer.register_forward_hook(self._store(self._t_feats, i)))
+            if cfg.hints:
+                self._build_adapters(example, path)
+        except Exception:
+            self.close()
+            raise
+
+    def __deepcopy__(self, memo):
+        # A deep copy of the student (EMA, snapshots, prune's revert point) reaches this hook through its
+        # forward pre-hook; sharing it keeps the teachers and the output cache from being copied with it.
+        return self
 
     def _bind(self, student: nn.Module) -> None:
         """Hook the input and hint layers of ``student``; prune's later fits train a reverted copy."""
@@ -205,8 +214,7 @@ class DistillHook(Hook):
             t.to(trainer.device)
         self.adapters.to(trainer.device)
         if self._frozen is None:
-            self._frozen = frozen(self.teachers)
-            self._frozen.__enter__()
+            self._frozen = freeze(self.teachers)
 
     def on_fit_end(self, trainer) -> None:
         self._release()
@@ -216,7 +224,7 @@ class DistillHook(Hook):
         self._unbind()
         self._input = None
         if self._frozen is not None:
-            self._frozen.__exit__(None, None, None)
+            unfreeze(self.teachers, self._frozen)
             self._frozen = None
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
@@ -244,19 +252,29 @@ class DistillHook(Hook):
             self.adapters.load_state_dict(state["adapters"])
 
 
-@contextmanager
-def frozen(models: Sequence[nn.Module]):
-    """Eval mode and no gradients for the teachers; their previous flags come back afterwards."""
+def freeze(models: Sequence[nn.Module]) -> list:
+    """Eval mode and no gradients; returns the previous flags (plain data, so a hook holding them copies)."""
     saved = [(m.training, [p.requires_grad for p in m.parameters()]) for m in models]
     for m in models:
         m.eval().requires_grad_(False)
+    return saved
+
+
+def unfreeze(models: Sequence[nn.Module], saved: list) -> None:
+    for m, (training, flags) in zip(models, saved):
+        m.train(training)
+        for p, f in zip(m.parameters(), flags):
+            p.requires_grad_(f)
+
+
+@contextmanager
+def frozen(models: Sequence[nn.Module]):
+    """Eval mode and no gradients for the teachers; their previous flags come back afterwards."""
+    saved = freeze(models)
     try:
         yield
     finally:
-        for m, (training, flags) in zip(models, saved):
-            m.train(training)
-            for p, f in zip(m.parameters(), flags):
-                p.requires_grad_(f)
+        unfreeze(models, saved)
 
 
 def _teacher_weights(cfg: DistillConfig, n: int, path: str) -> list[float]:

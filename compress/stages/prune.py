@@ -213,75 +213,80 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
         if kd_teacher is None:
             raise RecipeError(f"{path}.distill.teacher", "is 'recipe' but no teacher model was given")
         hooks.append(kd_hook(model, kd_teacher, cfg.distill, data, path=f"{path}.distill", device=cfg.finetune.device))
-    layers = prunable_layers(model, cfg.ignored_layers)
-    if cfg.regularize is not None:
-        hooks.append(NormPenalty(layers, cfg.regularize.kind, cfg.regularize.strength))
-        if cfg.regularize.epochs:
-            reg_cfg = cfg.finetune.model_copy(update={"epochs": cfg.regularize.epochs})
-            Trainer(model, reg_cfg, data, hooks, name=f"{path}:regularize", **tk).fit()
+    try:  # the KD hook's teacher must come back unfrozen and the student hook-free, even on an error
+        layers = prunable_layers(model, cfg.ignored_layers)
+        if cfg.regularize is not None:
+            hooks.append(NormPenalty(layers, cfg.regularize.kind, cfg.regularize.strength))
+            if cfg.regularize.epochs:
+                reg_cfg = cfg.finetune.model_copy(update={"epochs": cfg.regularize.epochs})
+                Trainer(model, reg_cfg, data, hooks, name=f"{path}:regularize", **tk).fit()
 
-    targets = schedules.targets(cfg.schedule, cfg.sparsity, cfg.steps, cfg.initial_sparsity)
-    pruner = None
-    if cfg.method == "channel":
-        entry = IMPORTANCES.get(cfg.importance)
-        if entry.extra.get("needs_bn") and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise RecipeError(f"{path}.importance", "'bn_scale' ranks channels by BatchNorm scales, but the model has no BatchNorm")
-        named = dict(model.named_modules())
-        pruner = build_pruner(
-            model, example, cfg.importance, cfg.sparsity, cfg.steps, schedules.tp_scheduler(cfg.schedule, cfg.initial_sparsity),
-            global_pruning=cfg.scope == "global", ignored=[named[n] for n in cfg.ignored_layers],
-            layer_ratios={named[n]: r for n, r in cfg.layer_ratios.items()}, round_to=cfg.round_to,
-            max_layer_ratio=cfg.max_layer_ratio)
+        targets = schedules.targets(cfg.schedule, cfg.sparsity, cfg.steps, cfg.initial_sparsity)
+        pruner = None
+        if cfg.method == "channel":
+            entry = IMPORTANCES.get(cfg.importance)
+            if entry.extra.get("needs_bn") and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                raise RecipeError(f"{path}.importance", "'bn_scale' ranks channels by BatchNorm scales, but the model has no BatchNorm")
+            named = dict(model.named_modules())
+            pruner = build_pruner(
+                model, example, cfg.importance, cfg.sparsity, cfg.steps, schedules.tp_scheduler(cfg.schedule, cfg.initial_sparsity),
+                global_pruning=cfg.scope == "global", ignored=[named[n] for n in cfg.ignored_layers],
+                layer_ratios={named[n]: r for n, r in cfg.layer_ratios.items()}, round_to=cfg.round_to,
+                max_layer_ratio=cfg.max_layer_ratio)
 
-    history: list[dict] = []
-    good = copy.deepcopy(model)
-    masks: dict = {}
-    stop = "schedule finished"
-    for t, target in enumerate(targets, 1):
-        step_hooks = list(hooks)
-        if cfg.method == "magnitude":
-            frac = target / cfg.sparsity if cfg.sparsity else 0.0
-            masks = magnitude_masks(layers, target, cfg.scope, {n: r * frac for n, r in cfg.layer_ratios.items()})
-            apply_masks(layers, masks)
-            step_hooks.append(MaskHook(layers, masks))
-        else:
-            if IMPORTANCES.get(cfg.importance).extra.get("needs_grad"):
-                accumulate_grads(model, data, device=device)
-            pruner.step()
-            model.zero_grad(set_to_none=True)
-        Trainer(model, cfg.finetune, data, step_hooks, name=f"{path}:step{t}", **tk).fit()
-        value = evaluate(model, data, split, device)[metric]
-        macs, params = count_macs(model, example, strict=True)
-        nonzero = count_params(model)[1]
-        row = {"step": t, "target": round(target, 4), f"{split}_{metric}": value, "drop": sign * (base_val - value),
-               # reported only (the stopping rule never looks at it), for accuracy-vs-sparsity tables
-               **({f"test_{metric}": evaluate(model, data, "test", device)[metric]} if split != "test" and data.has("test") else {}),
-               "weight_sparsity": weight_sparsity(layers) if cfg.method == "magnitude" else None,
-               "params": params, "nonzero_params": nonzero, "macs": macs, "kept": True}
-        history.append(row)
-        if cfg.max_drop is not None and row["drop"] > cfg.max_drop:
-            row["kept"] = False
-            stop = f"step {t}: {split} {metric} fell {row['drop']:.4f} below the unpruned model (max_drop {cfg.max_drop})"
-            model = good
-            break
+        history: list[dict] = []
         good = copy.deepcopy(model)
-        if cfg.budget is not None:
-            value_b = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.method)
-            row["budget_value"] = value_b
-            if _budget_met(cfg.budget, value_b, base_budget):
-                stop = f"step {t}: {cfg.budget.kind} budget met"
+        masks: dict = {}
+        stop = "schedule finished"
+        for t, target in enumerate(targets, 1):
+            step_hooks = list(hooks)
+            if cfg.method == "magnitude":
+                frac = target / cfg.sparsity if cfg.sparsity else 0.0
+                masks = magnitude_masks(layers, target, cfg.scope, {n: r * frac for n, r in cfg.layer_ratios.items()})
+                apply_masks(layers, masks)
+                step_hooks.append(MaskHook(layers, masks))
+            else:
+                if IMPORTANCES.get(cfg.importance).extra.get("needs_grad"):
+                    accumulate_grads(model, data, device=device)
+                pruner.step()
+                model.zero_grad(set_to_none=True)
+            Trainer(model, cfg.finetune, data, step_hooks, name=f"{path}:step{t}", **tk).fit()
+            value = evaluate(model, data, split, device)[metric]
+            macs, params = count_macs(model, example, strict=True)
+            nonzero = count_params(model)[1]
+            row = {"step": t, "target": round(target, 4), f"{split}_{metric}": value, "drop": sign * (base_val - value),
+                   # reported only (the stopping rule never looks at it), for accuracy-vs-sparsity tables
+                   **({f"test_{metric}": evaluate(model, data, "test", device)[metric]} if split != "test" and data.has("test") else {}),
+                   "weight_sparsity": weight_sparsity(layers) if cfg.method == "magnitude" else None,
+                   "params": params, "nonzero_params": nonzero, "macs": macs, "kept": True}
+            history.append(row)
+            if cfg.max_drop is not None and row["drop"] > cfg.max_drop:
+                row["kept"] = False
+                stop = f"step {t}: {split} {metric} fell {row['drop']:.4f} below the unpruned model (max_drop {cfg.max_drop})"
+                model = good
                 break
+            good = copy.deepcopy(model)
+            if cfg.budget is not None:
+                value_b = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.method)
+                row["budget_value"] = value_b
+                if _budget_met(cfg.budget, value_b, base_budget):
+                    stop = f"step {t}: {cfg.budget.kind} budget met"
+                    break
 
-    kept = [r for r in history if r["kept"]]
-    layers = prunable_layers(model, cfg.ignored_layers)
-    if cfg.method == "magnitude" and kept:
-        masks = {n: m.weight != 0 for n, m in layers.items()}  # the kept step's zeros, now permanent
-    if cfg.final_finetune is not None and kept:
-        fin_hooks = list(hooks) + ([MaskHook(layers, masks)] if cfg.method == "magnitude" else [])
-        for h in fin_hooks:
-            if isinstance(h, NormPenalty):
-                h.layers = layers
-        Trainer(model, cfg.final_finetune, data, fin_hooks, name=f"{path}:final", **tk).fit()
+        kept = [r for r in history if r["kept"]]
+        layers = prunable_layers(model, cfg.ignored_layers)
+        if cfg.method == "magnitude" and kept:
+            masks = {n: m.weight != 0 for n, m in layers.items()}  # the kept step's zeros, now permanent
+        if cfg.final_finetune is not None and kept:
+            fin_hooks = list(hooks) + ([MaskHook(layers, masks)] if cfg.method == "magnitude" else [])
+            for h in fin_hooks:
+                if isinstance(h, NormPenalty):
+                    h.layers = layers
+            Trainer(model, cfg.final_finetune, data, fin_hooks, name=f"{path}:final", **tk).fit()
+    finally:
+        for h in hooks:
+            if hasattr(h, "close"):
+                h.close()
     if cfg.method == "channel" and kept:  # each prune stage records its shapes; replayed in order, the last wins
         record_transform(model, "channel_prune", shapes=pruned_shapes(model))
     model.zero_grad(set_to_none=True)

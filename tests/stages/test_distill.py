@@ -282,3 +282,28 @@ def test_teacher_with_other_outputs_is_rejected(data):
         distill(mlp(data, [8]), [mlp(data, [8], 1), wrong], DistillConfig(epochs=1, **QUIET), data)
     with pytest.raises(RecipeError, match=r"^distill\.loss: is 'regression' but the data is a classification task"):
         distill(mlp(data, [8]), mlp(data, [8], 1), DistillConfig(loss="regression", **QUIET), data)
+
+
+def test_student_can_be_deep_copied_during_a_fit(data):
+    """EMA/snapshot hooks copy the model mid-fit: the KD hook must not make that fail (or copy the teacher)."""
+    import copy
+
+    from compress.trainer import Hook
+
+    copies = []
+
+    class Snapshot(Hook):
+        def on_epoch_end(self, trainer, epoch, metrics):
+            copies.append(copy.deepcopy(trainer.model))
+
+    teacher = mlp(data, [16], 1)
+    distill(mlp(data, [8], 2), teacher, DistillConfig(epochs=1, progress=False), data, hooks=[Snapshot()])
+    assert len(copies) == 1
+
+
+def test_a_bad_student_hint_name_leaves_no_hook_on_the_teacher(data):
+    teacher, student = mlp(data, [16], 1), mlp(data, [8], 2)
+    with pytest.raises((RecipeError, RecipeErrors), match=r"hints\[0\]\.student"):
+        distill(student, teacher, DistillConfig(epochs=1, progress=False, hints=[{"student": "nope", "teacher": "2"}]), data)
+    assert not any(m._forward_hooks for m in teacher.modules())
+    assert not any(m._forward_pre_hooks for m in student.modules())

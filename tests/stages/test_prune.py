@@ -135,6 +135,29 @@ def test_kd_teacher_is_frozen_only_during_pruning():
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
 
 
+def test_kd_hook_is_closed_when_a_fine_tune_fails(monkeypatch):
+    """An error inside pruning must not leave the teacher frozen or a hook on the student."""
+    import copy
+
+    data = create_data({"name": "synthetic", "num_samples": 64, "num_classes": 3, "shape": [1, 4, 4]})
+    teacher = create_model("mlp", data.input_shape, data.num_outputs, hidden=[16]).train()
+    student = create_model("mlp", data.input_shape, data.num_outputs, hidden=[8])
+
+    def boom(*a, **k):
+        raise RuntimeError("fine-tune failed")
+
+    import compress.trainer
+
+    monkeypatch.setattr(compress.trainer, "evaluate", boom)  # raises inside the fit, after the teacher froze
+    cfg = PruneConfig(method="magnitude", sparsity=0.5, finetune={"epochs": 1, "progress": False},
+                      distill={"teacher": "recipe"})
+    with pytest.raises(RuntimeError, match="fine-tune failed"):
+        prune(student, cfg, data, teacher=teacher)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert not student._forward_pre_hooks
+    copy.deepcopy(student)
+
+
 REG_DATA = {"name": "synthetic", "task": "regression", "num_samples": 96, "num_classes": 6, "shape": [6], "batch_size": 32}
 
 
