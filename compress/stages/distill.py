@@ -7,6 +7,7 @@ Other stages that fine-tune with KD (prune, quantize) get the same hook from ``k
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
@@ -300,7 +301,9 @@ def _cache_reason(cfg: DistillConfig, data: DataBundle) -> Optional[str]:
 
 
 def _check_models(student, teachers, data: DataBundle, cfg: DistillConfig, path: str, teacher_paths: list[str],
-                  device: torch.device):
+                  device: torch.device, alpha_given: bool = False):
+    if cfg.loss == "regression" and alpha_given:
+        warnings.warn(f"{path}.alpha: has no effect with the regression loss (hard + beta * teacher term); set beta")
     if cfg.loss == "regression" and data.task != "regression":
         raise RecipeError(f"{path}.loss", f"is 'regression' but the data is a {data.task} task; use kl, soft_ce or mse_logits")
     if cfg.loss in ("kl", "soft_ce") and data.task != "classification":
@@ -338,7 +341,7 @@ def _fit(student: nn.Module, teachers: Sequence[nn.Module], cfg: DistillConfig, 
                                       [f"{path}.teacher[{j}]" for j in range(len(teachers))])
     weights = _teacher_weights(cfg, len(teachers), path)
     device = resolve_device(cfg.device)
-    x = _check_models(student, teachers, data, cfg, path, teacher_paths, device)
+    x = _check_models(student, teachers, data, cfg, path, teacher_paths, device, "alpha" in cfg.model_fields_set)
     reason = _cache_reason(cfg, data)
     if cfg.cache_teacher is True and reason:
         raise RecipeError(f"{path}.cache_teacher", f"is true but {reason}")
@@ -377,7 +380,8 @@ def kd_hook(student: nn.Module, teacher: nn.Module, options: KDOptions, data: Da
     kind = options.loss if options.loss != "auto" else ("kl" if data.task == "classification" else "regression")
     cfg = DistillConfig(loss=kind, temperature=options.temperature, alpha=options.alpha, beta=options.beta,
                         cache_teacher=False, device=device)
-    x = _check_models(student, [teacher], data, cfg, path, [teacher_path or f"{path}.teacher"], resolve_device(device))
+    x = _check_models(student, [teacher], data, cfg, path, [teacher_path or f"{path}.teacher"], resolve_device(device),
+                      alpha_given="alpha" in options.model_fields_set)
     hook = DistillHook(student, [teacher], cfg, [1.0], x, path)
     hook._unbind()  # bound at each fit start: until then deep copies of the student (prune's) stay hook-free
     return hook

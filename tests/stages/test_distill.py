@@ -307,3 +307,9 @@ def test_a_bad_student_hint_name_leaves_no_hook_on_the_teacher(data):
         distill(student, teacher, DistillConfig(epochs=1, progress=False, hints=[{"student": "nope", "teacher": "2"}]), data)
     assert not any(m._forward_hooks for m in teacher.modules())
     assert not any(m._forward_pre_hooks for m in student.modules())
+
+
+def test_alpha_with_the_regression_loss_warns_that_it_has_no_effect():
+    data = create_data({"name": "synthetic", "task": "regression", "num_samples": 32, "num_classes": 2, "shape": [4]})
+    with pytest.warns(UserWarning, match=r"^distill\.alpha: has no effect with the regression loss"):
+        distill(mlp(data, [8]), mlp(data, [8], 1), DistillConfig(loss="regression", alpha=0.3, epochs=1, progress=False), data)
