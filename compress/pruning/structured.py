@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from compress.checkpoint import TRANSFORMS
-from compress.measure import count_macs  # noqa: F401  (one counter; compress.pruning.sensitivity imports it from here)
 from compress.registry import Registry
 
 # name -> factory() -> a torch-pruning importance; add your own with @IMPORTANCES.register("name").

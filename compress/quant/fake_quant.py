@@ -23,24 +23,25 @@ def weight_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     return (amax / max(qmax, 1)).clamp_min(1e-8)
 
 
+def _along(axis: int | None, ndim: int, scale: torch.Tensor, zero_point: torch.Tensor | int):
+    """Per-channel scale and zero point shaped to broadcast along ``axis`` of an ``ndim`` tensor."""
+    if axis is None:
+        return scale, zero_point
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.view(shape), zero_point.view(shape) if torch.is_tensor(zero_point) else zero_point
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int, qmin: int, qmax: int,
              axis: int | None = None) -> torch.Tensor:
     """Integer codes (as int32). ``axis`` broadcasts per-channel scales."""
-    if axis is not None:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        scale = scale.view(shape)
-        zero_point = zero_point.view(shape) if torch.is_tensor(zero_point) else zero_point
+    scale, zero_point = _along(axis, x.ndim, scale, zero_point)
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int = 0,
                axis: int | None = None) -> torch.Tensor:
-    if axis is not None:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale = scale.view(shape)
-        zero_point = zero_point.view(shape) if torch.is_tensor(zero_point) else zero_point
+    scale, zero_point = _along(axis, q.ndim, scale, zero_point)
     return (q.float() - zero_point) * scale
 
 
