@@ -178,11 +178,18 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: in
     return path
 
 
-def onnx_session(path: str | Path, threads: Optional[int] = 1):
-    """A CPU session with ``threads`` intra-op threads (None: ONNX Runtime's default, one per core)."""
+def onnx_session(path: str | Path, threads: Optional[int] = 1, optimize: bool = True):
+    """A CPU session with ``threads`` intra-op threads (None: ONNX Runtime's default, one per core).
+
+    The one place compress opens ONNX Runtime sessions: int8 files need no session option to be right
+    (``compress.quant.int8``), so a user's plain ``InferenceSession`` computes what we measured.
+    ``optimize=False`` runs the graph as written: a QDQ file then runs as float ops (ORT's float simulation).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -509,6 +516,9 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    from compress.quant.int8 import cpu_features
+
+    feats = cpu_features()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
+            "onnxruntime": onnxruntime.__version__, "int8_flags": feats["int8_flags"], "vnni": feats["vnni"],
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -68,13 +68,49 @@ def latency_keys(rows: list[dict]) -> list[tuple[str, str]]:
 SHORT = {"pytorch": "PyTorch", "onnxruntime": "ORT", "cuda": "CUDA"}
 
 
-def _latency_cell(r: dict, key: tuple[str, str]) -> str:
+def _latency_cell(r: dict, key: tuple[str, str], slow: Optional[float] = None) -> str:
     cell = ((r.get("latency") or {}).get(key[0]) or {}).get(key[1])
     if not cell:
         return "-"
     ms = cell["median_ms"]
     text = f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
-    return f"{text} ({cell['speedup']:.2f}x)" if cell.get("speedup") is not None else text
+    text = f"{text} ({cell['speedup']:.2f}x)" if cell.get("speedup") is not None else text
+    return f"{text} SLOWER {slow:.2f}x" if slow is not None else text
+
+
+SLOWER = 0.9  # a stage running below this share of its input's speed is flagged (10%: above timing noise)
+
+
+def _speedup(r: dict, key: tuple[str, str]) -> Optional[float]:
+    return ((((r.get("latency") or {}).get(key[0]) or {}).get(key[1])) or {}).get("speedup")
+
+
+def slower_than_input(rows: list[dict]) -> dict[tuple[int, tuple[str, str]], float]:
+    """(row position, latency key) -> speed relative to the stage's input, for stages that made it slower.
+
+    The input is the previous row that describes the student (teacher rows are skipped). Both speedups are
+    interleaved with the same first-stage model, so their ratio compares the two rows fairly.
+    """
+    out = {}
+    prev = None
+    for i, r in enumerate(rows):
+        if r.get("role"):
+            continue
+        if prev is not None:
+            for key in latency_keys([r]):
+                a, b = _speedup(r, key), _speedup(prev, key)
+                if a and b and a / b < SLOWER:
+                    out[(i, key)] = a / b
+        prev = r
+    return out
+
+
+def _int8_cell(r: dict) -> str:
+    c = r.get("int8_check")
+    if not c:
+        return "-"
+    top1 = f"top-1 {100 * c['top1_agreement']:.1f}%, " if c.get("top1_agreement") is not None else ""
+    return f"{top1}max {100 * c['rel_diff']:.1f}%"
 
 
 def run_label(rep: dict) -> str:
@@ -97,13 +133,17 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
         "stage", "top-1 (top-5)" if metric == "accuracy" else "RMSE", "size", "zipped", "x smaller",
         "params", "non-zero", "bits/w", "MACs"]
     header += [f"{SHORT.get(b, b)} b{bs} (x faster)" for b, bs in lkeys]
+    int8 = any(r.get("int8_check") for r in all_rows)
+    if int8:
+        header.append("int8 vs float")
     cells = []
     for rep in reports:
         rows = rep.get("stages", [])
         if not rows:
             continue
         base = rows[0]
-        for r in rows:
+        slow = slower_than_input(rows)
+        for i, r in enumerate(rows):
             size = r.get("size_bytes")
             ratio = f"{base['size_bytes'] / max(size, 1):.2f}x" if size and base.get("size_bytes") else "-"
             bpw = r.get("bits_per_weight")
@@ -113,7 +153,9 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
                 f"{r['params']:,}" if r.get("params") is not None else "-",
                 f"{r['nonzero_params']:,}" if r.get("nonzero_params") is not None else "-",
                 f"{bpw:.1f}" if bpw is not None else "-", fmt_count(r.get("macs"))]
-            line += [_latency_cell(r, k) for k in lkeys]
+            line += [_latency_cell(r, k, slow.get((i, k))) for k in lkeys]
+            if int8:
+                line.append(_int8_cell(r))
             cells.append(line)
     return header, cells
 
@@ -125,8 +167,30 @@ def format_table(report) -> str:
         return "(no stages)"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
-    notes = _latency_note(_runs(report))
+    notes = "\n\n".join(n for n in (_latency_note(_runs(report)), _slow_note(_runs(report)), _int8_note(_runs(report))) if n)
     return "\n".join(lines) + (f"\n\n{notes}" if notes else "")
+
+
+def _slow_note(reports: list[dict]) -> str:
+    """One sentence per stage that made its model slower than the model it was given."""
+    out = []
+    for rep in reports:
+        rows = rep.get("stages", [])
+        for (i, key), ratio in slower_than_input(rows).items():
+            out.append(f"{stage_label(rows[i])} runs at {ratio:.2f}x the speed of its input in {SHORT.get(key[0], key[0])} "
+                       f"at batch {key[1]} (SLOWER)")
+    return ("Stages slower than their input: " + "; ".join(out) + ".") if out else ""
+
+
+def _int8_note(reports: list[dict]) -> str:
+    for rep in reports:
+        for r in rep.get("stages", []):
+            c = r.get("int8_check")
+            if c:
+                return (f"int8 vs float: the int8 file in ONNX Runtime's kernels against its float reference on "
+                        f"{c['samples']} {c['split']} samples (share of predicted classes that agree; largest difference "
+                        f"as a share of the largest output), on {c['cpu']}; format: {c.get('format', '?')}.")
+    return ""
 
 
 def _latency_note(reports: list[dict]) -> str:
@@ -354,12 +418,20 @@ def render_html(report_or_reports) -> str:
     machines = {json.dumps(rep.get("machine"), sort_keys=True): rep.get("machine") for rep in reports if rep.get("machine")}
     mlines = "".join(
         f"<li>{html.escape(m.get('cpu', '?'))}, {m.get('cores')} cores{', GPU ' + html.escape(m['gpu']) if m.get('gpu') else ''}; "
+        f"int8 features: {html.escape(', '.join(m.get('int8_flags') or []) or 'none')}"
+        f"{'' if m.get('vnni') is None else (' (VNNI)' if m.get('vnni') else ' (no VNNI)')}; "
         f"torch {html.escape(str(m.get('torch')))}, onnxruntime {html.escape(str(m.get('onnxruntime')))}</li>"
         for m in machines.values())
     thead = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    tbody = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    slow_td = '<td class="slow">'
+    tbody = "".join("<tr>" + "".join(f"{slow_td if 'SLOWER' in c else '<td>'}{html.escape(c)}</td>" for c in row)
+                    + "</tr>" for row in cells)
     imgs = "".join(f'<figure><img alt="plot" src="data:image/png;base64,{p}"></figure>' for p in plots if p)
     note = html.escape(_latency_note(reports))
+    slow_note = _slow_note(reports)
+    note += f'</p><p class="slow"><strong>{html.escape(slow_note)}</strong>' if slow_note else ""
+    int8_note = _int8_note(reports)
+    note += f"</p><p>{html.escape(int8_note)}" if int8_note else ""
     runs = "".join(f"<li><code>{html.escape(str(rep.get('run_dir', '')))}</code> ({rep.get('seconds', '?')} s)</li>" for rep in reports)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>compress report: {title}</title>
@@ -367,7 +439,7 @@ def render_html(report_or_reports) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 13px; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f0f0f0; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+th {{ background: #f0f0f0; }} .slow {{ color: #b00000; font-weight: bold; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
 figure {{ display: inline-block; margin: 1em 1em 0 0; }} img {{ max-width: 100%; }}
 .small {{ color: #666; font-size: 12px; }}
 </style></head><body>

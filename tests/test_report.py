@@ -139,3 +139,20 @@ def test_compress_bench_an_onnx_file_against_a_checkpoint(bench_files):
 def test_compress_bench_rejects_a_missing_file(bench_files):
     res = CliRunner().invoke(cli, ["bench", str(bench_files / "nope.pt"), "--recipe", str(bench_files / "r.yaml")])
     assert res.exit_code == 2 and "nope.pt: no such model file" in res.output
+
+
+def test_a_stage_slower_than_its_input_is_flagged_in_table_and_page():
+    rep = make_report()
+    quant = dict(rep["stages"][1], name="quantize", index=2, latency=lat(0.15, 1.3),
+                 int8_check={"top1_agreement": 0.995, "rel_diff": 0.012, "samples": 144, "split": "val",
+                             "cpu": "x86_64 with AVX2", "format": "int8 (7-bit range) weights, uint8 activations"})
+    rep["stages"].append(quant)
+    table = format_table(rep)
+    row = next(line for line in table.splitlines() if line.startswith("| 2: quantize"))
+    assert "SLOWER 0.65x" in row and "top-1 99.5%, max 1.2%" in row
+    prune_row = next(line for line in table.splitlines() if line.startswith("| 1: prune"))
+    assert "SLOWER" not in prune_row  # faster than its input: not flagged
+    assert "2: quantize runs at 0.65x the speed of its input" in table
+    page = render_html(dict(rep, machine=dict(rep["machine"], int8_flags=["avx2"], vnni=False)))
+    assert 'class="slow"' in page and "int8 features: avx2 (no VNNI)" in page
+    assert "SLOWER" not in format_table(make_report())

@@ -6,13 +6,13 @@ feeds it the recipe's data and runs the result.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from compress.measure import to_onnx
+from compress.quant.int8 import Int8Format
 
 CALIBRATION = ("minmax", "entropy", "percentile")
 
@@ -54,11 +54,10 @@ def _preprocess(src: Path, dst: Path) -> Path:
         return src
 
 
-def quantize_static_onnx(fp32: Path, out: Path, loader, *, batches: int, method: str = "minmax",
-                         percentile: float = 99.999, per_channel: bool = True,
-                         activation_type: Literal["uint8", "int8"] = "uint8", preprocess: bool = True,
+def quantize_static_onnx(fp32: Path, out: Path, loader, fmt: Int8Format = Int8Format(), *, batches: int,
+                         method: str = "minmax", percentile: float = 99.999, preprocess: bool = True,
                          quantize_bias: bool = False, op_types: list[str] | None = None) -> Path:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     src = _preprocess(fp32, fp32.with_name(fp32.stem + "_pre.onnx")) if preprocess else fp32
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -67,18 +66,25 @@ def quantize_static_onnx(fp32: Path, out: Path, loader, *, batches: int, method:
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     quantize_static(str(src), str(out), LoaderReader(loader, batches), quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel, calibrate_method=methods[method], weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
+                    per_channel=fmt.per_channel, reduce_range=fmt.reduce_range, calibrate_method=methods[method],
+                    weight_type=_qtype(fmt.weight_type), activation_type=_qtype(fmt.activation_type),
                     op_types_to_quantize=op_types or None, extra_options=extra)
     return out
 
 
-def quantize_dynamic_onnx(fp32: Path, out: Path, *, per_channel: bool = True, op_types: list[str] | None = None) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_dynamic_onnx(fp32: Path, out: Path, fmt: Int8Format = Int8Format(), *,
+                          op_types: list[str] | None = None) -> Path:
+    from onnxruntime.quantization import quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out), per_channel=per_channel, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=op_types or None)
+    quantize_dynamic(str(fp32), str(out), per_channel=fmt.per_channel, reduce_range=fmt.reduce_range,
+                     weight_type=_qtype(fmt.weight_type), op_types_to_quantize=op_types or None)
     return out
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if name == "uint8" else QuantType.QInt8
 
 
 def op_counts(path: str | Path, optimized: bool = False) -> dict[str, int]:

@@ -40,7 +40,9 @@ class QuantLayer(nn.Module):
         act_bits, mode, mom = int(spec.get("act_bits", 0)), spec.get("act_mode", "ema"), spec.get("momentum", 0.01)
         self.in_q = ActQuant(act_bits, mode, mom) if act_bits else None
         self.out_q = ActQuant(act_bits, mode, mom) if act_bits and spec.get("out_quant") else None
-        self.wq = WeightQuant(inner.weight, self.bits, spec.get("learned_scale", False)) if self.kind == "int" else None
+        # range_bits < bits: codes on a narrower grid stored in ``bits`` (7-bit-range int8 for portable int8 files)
+        self.wq = WeightQuant(inner.weight, int(spec.get("range_bits", self.bits)), spec.get("learned_scale", False)) \
+            if self.kind == "int" else None
         self.weight_shape = tuple(inner.weight.shape)
         self.packed = False
         self.export_weight: torch.Tensor | None = None  # set only while exporting to ONNX

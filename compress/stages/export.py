@@ -29,6 +29,9 @@ class ExportConfig(StrictModel):
     # differ by an output quantization step or two; allowed extra: this fraction of the largest |output|.
     quantized_tolerance: float = Field(0.03, ge=0, lt=1)
     dynamic_batch: bool = True
+    # Models with 8-bit quantizers: the CPU the int8 file must be right on (compress/quant/int8.py). any:
+    # weights that could saturate the U8S8 kernels of CPUs without VNNI are stored as uint8 (exact, U8U8).
+    target_cpu: Literal["any", "vnni", "native"] = "any"
     path: Optional[Path] = None  # default: <stage dir>/model.onnx (recipe) or ./model.onnx (Python)
 
 
@@ -62,10 +65,36 @@ def check_parity(model: nn.Module, onnx_path: Path, data, cfg: ExportConfig, qua
     if samples == 0:
         raise CompressError(f"no {split} samples to compare ONNX Runtime against PyTorch")
     if worst_excess > 0:
-        raise CompressError(f"ONNX Runtime's outputs differ from PyTorch's by up to {worst:.3g} on {samples} real {split} "
-                            f"samples (allowed: atol {cfg.atol} + rtol {cfg.rtol} x |output|): the exported graph "
-                            "does not compute what the model computes")
+        measured = (f"ONNX Runtime's outputs differ from PyTorch's by up to {worst:.3g} on {samples} real {split} "
+                    f"samples (allowed: atol {cfg.atol} + rtol {cfg.rtol} x |output|")
+        if not quantized:
+            raise CompressError(f"{measured}): the exported graph does not compute what the model computes")
+        raise CompressError(f"{measured} + {cfg.quantized_tolerance:.0%} of the output range): {_int8_cause(model, onnx_path, data, split)}")
     return {"max_abs_diff": worst, "checked_samples": samples}
+
+
+def _int8_cause(model: nn.Module, onnx_path: Path, data, split: str) -> str:
+    """Graph or kernel? ORT's float simulation of the same file tells (compress.quant.int8)."""
+    from compress.quant.int8 import check_int8, cpu_features
+
+    def reference(x):
+        with torch.no_grad():
+            return model(x).cpu().numpy()
+
+    c = check_int8(onnx_path, reference, data, split=split, batches=2)
+    if c.kernel_rel_diff > c.sim_rel_diff or (not c.portable and cpu_features()["u8s8_saturates"]):
+        return (f"the graph is right (ONNX Runtime's float simulation of the file is {c.sim_rel_diff:.1%} off) but the "
+                f"int8 kernels of this CPU ({c.cpu}) compute it {c.kernel_rel_diff:.1%} off"
+                + ("; its full-range int8 weights saturate U8S8 kernels without VNNI: use target_cpu: any" if not c.portable else ""))
+    return f"the exported graph does not compute what the model computes (its float simulation is {c.sim_rel_diff:.1%} off too)"
+
+
+def _portable(path: Path, target_cpu: str) -> Path:
+    """Store int8 weights that could saturate U8S8 kernels as uint8 when the file must run on any CPU."""
+    from compress.quant.int8 import cpu_features, saturation_risk, to_uint8_weights
+
+    needs = target_cpu == "any" or (target_cpu == "native" and cpu_features()["u8s8_saturates"])
+    return to_uint8_weights(path) if needs and saturation_risk(path) else path
 
 
 def export(model: nn.Module, config: ExportConfig | None = None, data=None, *, path: str | Path | None = None,
@@ -86,6 +115,8 @@ def export(model: nn.Module, config: ExportConfig | None = None, data=None, *, p
     try:
         with exporting(model):  # quantized layers: constant weights, Q/DQ nodes for 8-bit ones
             to_onnx(model.cpu(), data.example_input(2), path, cfg.opset, cfg.dynamic_batch)
+        if quantized:
+            _portable(path, cfg.target_cpu)
         parity = check_parity(model, path, data, cfg, quantized)
     except CompressError as exc:
         if path.is_file():

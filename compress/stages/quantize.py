@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -16,9 +16,9 @@ from pydantic import Field, field_validator
 from compress.api import Result, as_data
 from compress.checkpoint import record_transform
 from compress.config import StrictModel
-from compress.errors import RecipeError
-from compress.measure import OrtModel
-from compress.quant import ptq_onnx
+from compress.errors import CompressError, RecipeError
+from compress.measure import OrtModel, onnx_run, onnx_session, to_onnx
+from compress.quant import int8, ptq_onnx
 from compress.quant.qat import (ClipLatentWeights, calibrate, exporting, fold_batchnorm, pack_model,
                                 quant_layers, quantizable_names, wrap)
 from compress.recipe import register_stage
@@ -30,6 +30,14 @@ class CalibrationConfig(StrictModel):
     batches: int = Field(8, ge=1)  # batches of the training split fed to ONNX Runtime's calibrator
     batch_size: Optional[int] = Field(None, ge=1)
     percentile: float = Field(99.999, gt=0, le=100)
+
+
+class Int8CheckConfig(StrictModel):
+    """int8 file vs its float reference on the validation split, on the machine that makes it."""
+
+    batches: int = Field(4, ge=1)
+    max_rel_diff: float = Field(0.25, gt=0)  # largest |int8 - float| as a share of the largest |float output|
+    min_top1_agreement: float = Field(0.97, ge=0, le=1)  # classification: predicted classes that agree
 
 
 class KDConfig(KDOptions):
@@ -49,6 +57,13 @@ class QuantizeConfig(StrictModel):
     # ONNX PTQ
     calibration: CalibrationConfig = CalibrationConfig()
     activation_type: Literal["uint8", "int8"] = "uint8"
+    # int8 files (PTQ, 8-bit QAT): the CPU they must be right on. any: every x86 CPU (7-bit weights keep
+    # ORT's fast U8S8 kernels from saturating where there is no VNNI); vnni: full 8-bit weights, only for
+    # CPUs with VNNI/AMX; native: what this machine needs. See compress/quant/int8.py.
+    target_cpu: Literal["any", "vnni", "native"] = "any"
+    weight_type: Literal["auto", "int8", "uint8"] = "auto"  # uint8: U8U8 kernels (never saturate, slower)
+    reduce_range: Union[bool, Literal["auto"]] = "auto"  # 7-bit int8 weights (ORT's reduce_range)
+    check: Int8CheckConfig = Int8CheckConfig()
     preprocess: bool = True  # onnxruntime's quant_pre_process before static quantization
     # False keeps biases float in the file: ORT still fuses QLinearConv/QGemm (it quantizes them at
     # load) and the file drops each layer's int32 bias, bias scale and bias zero point.
@@ -98,10 +113,29 @@ def check_config(cfg: QuantizeConfig, path: str) -> None:
     bits = cfg.weight_bits
     if cfg.method in ("ptq_static", "ptq_dynamic") and bits != 8:
         raise RecipeError(f"{path}.bits", f"{cfg.method} quantizes to int8 in ONNX Runtime; expected 8, got {bits}")
+    if cfg.method in ("ptq_static", "ptq_dynamic") or (cfg.method == "qat" and bits == 8):
+        int8_format(cfg, path)
     if cfg.method == "binary" and bits != 1:
         raise RecipeError(f"{path}.bits", f"binary networks have 1-bit weights; expected 1, got {bits}")
     if cfg.method in ("weight_only", "qat") and bits == 1:
         raise RecipeError(f"{path}.bits", f"1-bit weights are method 'binary'; {cfg.method} takes 8, 4 or 2")
+
+
+def int8_format(cfg: QuantizeConfig, path: str = "quantize") -> int8.Int8Format:
+    return int8.resolve_format(cfg.weight_type, cfg.reduce_range, cfg.target_cpu, cfg.activation_type,
+                               cfg.per_channel, path)
+
+
+def check_int8_file(path: Path, reference, data, cfg: QuantizeConfig, fmt: int8.Int8Format, where: str) -> dict:
+    """Check an int8 file against its float reference on validation inputs; a failing file is set aside."""
+    split = "val" if data.has("val") else "test"
+    result = int8.check_int8(path, reference, data, split=split, batches=cfg.check.batches)
+    problem = int8.verdict(result, max_rel_diff=cfg.check.max_rel_diff, min_top1_agreement=cfg.check.min_top1_agreement)
+    if problem:
+        rejected = path.with_suffix(".rejected.onnx")
+        path.replace(rejected)
+        raise CompressError(f"{where}: {problem}; the file was not kept (see {rejected})")
+    return {**result.as_dict(), "format": fmt.words(), "target_cpu": cfg.target_cpu}
 
 
 def _check(recipe, index: int, cfg: QuantizeConfig) -> None:
@@ -127,40 +161,45 @@ def _sizes(model: nn.Module) -> dict:
     return {"weight_bytes": stored, "fp32_weight_bytes": fp32, "weight_compression": round(fp32 / max(stored, 1), 2)}
 
 
-def _ptq(model, cfg: QuantizeConfig, data, out_dir: Path, split: str):
+def _ptq(model, cfg: QuantizeConfig, data, out_dir: Path, split: str, path: str):
     example = data.example_input(1)
     fp32 = ptq_onnx.export_onnx(model.cpu(), example, out_dir / "model_fp32.onnx", cfg.opset)
     out = out_dir / "model_int8.onnx"
+    fmt = int8_format(cfg, path)
     if cfg.method == "ptq_static":
         bs = cfg.calibration.batch_size or data.batch_size
         loader = data.loader("train", shuffle=False, batch_size=bs)
-        ptq_onnx.quantize_static_onnx(fp32, out, loader, batches=cfg.calibration.batches,
+        ptq_onnx.quantize_static_onnx(fp32, out, loader, fmt, batches=cfg.calibration.batches,
                                       method=cfg.calibration.method, percentile=cfg.calibration.percentile,
-                                      per_channel=cfg.per_channel, activation_type=cfg.activation_type,
                                       preprocess=cfg.preprocess, quantize_bias=cfg.quantize_bias,
                                       op_types=cfg.op_types)
     else:
-        ptq_onnx.quantize_dynamic_onnx(fp32, out, per_channel=cfg.per_channel, op_types=cfg.op_types)
+        ptq_onnx.quantize_dynamic_onnx(fp32, out, fmt, op_types=cfg.op_types)
+    fp32_session = onnx_session(fp32, None)
+    check = check_int8_file(out, lambda x: onnx_run(fp32_session, x), data, cfg, fmt, path)
     ort_model = OrtModel(out)
     metrics = evaluate(ort_model, data, split, "cpu")
     fp32_metrics = evaluate(OrtModel(fp32), data, split, "cpu")
     extra = {"method": cfg.method, "bits": 8, "artifact": str(out), "fp32_onnx": str(fp32),
              "fp32_onnx_bytes": fp32.stat().st_size, "int8_onnx_bytes": out.stat().st_size,
              "size_ratio": round(fp32.stat().st_size / out.stat().st_size, 2),
-             "fp32_onnx_metrics": fp32_metrics}
+             "fp32_onnx_metrics": fp32_metrics, "int8_check": check}
     if cfg.method == "ptq_static":
         extra["calibration"] = cfg.calibration.method
     return ort_model, metrics, extra
 
 
-def _layer_spec(cfg: QuantizeConfig) -> dict:
+def _layer_spec(cfg: QuantizeConfig, path: str = "quantize") -> dict:
     if cfg.method == "binary":
         return {"kind": "binary", "bits": 1, "binary": cfg.binary, "scale_mode": cfg.binary_scale}
     bits = cfg.weight_bits
     act_bits = 0 if cfg.method == "weight_only" else (bits if cfg.activation_bits is None else cfg.activation_bits)
-    return {"kind": "int", "bits": bits, "act_bits": act_bits, "act_mode": cfg.observer,
+    spec = {"kind": "int", "bits": bits, "act_bits": act_bits, "act_mode": cfg.observer,
             "momentum": cfg.ema_momentum, "learned_scale": cfg.observer == "lsq" and cfg.method == "qat",
             "out_quant": act_bits == 8}  # int8 outputs let ONNX Runtime fuse Q/DQ into int8 kernels
+    if cfg.method == "qat" and bits == 8 and int8_format(cfg, path).reduce_range:
+        spec["range_bits"] = 7  # train on the 7-bit grid the portable int8 file holds, so both compute alike
+    return spec
 
 
 def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict, out_dir: Optional[Path], split: str,
@@ -180,7 +219,7 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
         raise RecipeError(f"{path}.exclude", f"no layer named {missing[0]!r} in the model")
     if not names:
         raise RecipeError(path, "the model has no Conv/Linear layer left to quantize")
-    spec = _layer_spec(cfg)
+    spec = _layer_spec(cfg, path)
     layers = {n: spec for n in names}
     wrap(model, layers)
     if cfg.method == "binary":
@@ -219,16 +258,26 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
     extra["quantized_layers"] = len(names)
     metrics = evaluate(model, data, split)
     if cfg.method == "qat" and bits == 8 and spec["act_bits"] == 8 and cfg.export_onnx and out_dir is not None:
-        path = export_qdq(model, data.example_input(1), out_dir / "model_qat_int8.onnx", cfg.opset)
-        ort_metrics = evaluate(OrtModel(path), data, split, "cpu")
-        extra.update(onnx=str(path), onnx_bytes=path.stat().st_size, onnx_metrics=ort_metrics)
+        fmt = int8_format(cfg, path)
+        onnx_path = export_qdq(model, data.example_input(1), out_dir / "model_qat_int8.onnx", cfg.opset, fmt.weight_type)
+
+        def reference(x):
+            with torch.no_grad():
+                return model(x).cpu().numpy()
+
+        check = check_int8_file(onnx_path, reference, data, cfg, fmt, path)
+        ort_metrics = evaluate(OrtModel(onnx_path), data, split, "cpu")
+        extra.update(onnx=str(onnx_path), onnx_bytes=onnx_path.stat().st_size, onnx_metrics=ort_metrics, int8_check=check)
     return model, metrics, extra
 
 
-def export_qdq(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17) -> Path:
-    """An 8-bit QAT model as ONNX with QuantizeLinear/DequantizeLinear (ORT fuses them to int8 kernels)."""
-    with exporting(model):
-        return ptq_onnx.export_onnx(model.cpu(), example, path, opset)
+def export_qdq(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17,
+               weight_type: str = "int8", dynamic_batch: bool = True) -> Path:
+    """A QAT model as ONNX with QuantizeLinear/DequantizeLinear (ORT fuses them to int8 kernels);
+    ``weight_type="uint8"`` stores the 8-bit weights as uint8 (the U8U8 kernels, same numbers)."""
+    with exporting(model), torch.no_grad():
+        out = to_onnx(model.cpu(), example, path, opset, dynamic_batch)
+    return int8.to_uint8_weights(out) if weight_type == "uint8" else out
 
 
 def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, teacher: nn.Module | None = None,
@@ -246,7 +295,7 @@ def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, 
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="compress-quantize-"))
     out.mkdir(parents=True, exist_ok=True)
     if config.method in ("ptq_static", "ptq_dynamic"):
-        ort_model, metrics, extra = _ptq(model, config, data, out, split)
+        ort_model, metrics, extra = _ptq(model, config, data, out, split, path)
         return Result(ort_model, {**metrics, **extra})
     model, metrics, extra = _torch_side(model, config, data, teacher, trainer_kwargs or {"name": "quantize"}, out, split,
                                         path)
