@@ -23,7 +23,7 @@ from compress.errors import RecipeError, RecipeErrors
 from compress.models.registry import ImportSpec, ModelSpec, parse_model_spec
 from compress.registry import Registry, did_you_mean
 from compress.rundir import check_run_name
-from compress.safety import MIN_SECRET_LEN, redacting
+from compress.safety import MIN_SECRET_LEN, checking_only, redacting
 
 # Mark a stage option as a model spec: ``student: ModelField = None``. The mapping given in the recipe is
 # parsed by the model registry (with the full key path in errors) right after the stage's own options.
@@ -217,7 +217,7 @@ def parse_recipe(doc: dict, overrides: tuple[str, ...] | list[str] = (), env: di
         apply_override(doc, o)
     secrets: dict[str, str] = {}
     resolved = interpolate(doc, env, used=secrets)
-    with redacting(secrets):
+    with redacting(secrets), checking_only():
         recipe = _parse_resolved(resolved, raw=doc)
     recipe.secrets = secrets
     return recipe

@@ -40,6 +40,24 @@ def allowing_imports(flag: Optional[bool] = None) -> Iterator[bool]:
         _ALLOWED.reset(token)
 
 
+# Set while a recipe is only parsed and checked (stage checks may build models to look at layer names):
+# an import: spec is then never resolved, whatever the opt-in says.
+_CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("compress_checking_recipe", default=False)
+
+
+@contextmanager
+def checking_only() -> Iterator[None]:
+    token = _CHECKING.set(True)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
+
+
+def imports_blocked() -> bool:
+    return _CHECKING.get()
+
+
 def import_refused(target: object) -> str:
     """Why an ``import:`` spec is not resolved, in one line (the names are escaped: they are data)."""
     module = str(target).partition(":")[0]
