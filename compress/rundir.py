@@ -91,6 +91,11 @@ def _busy(run_dir: Path, lock: RunLock) -> CompressError:
                          "or use --out for another run directory")
 
 
+def _exists(run_dir: Path) -> CompressError:
+    return CompressError(f"{run_dir}: run directory exists; use --resume to continue it, --force to replace it, "
+                         "or --out for another one")
+
+
 def _has_files(d: Path) -> bool:
     return d.is_dir() and any(p.name != LOCK for p in d.iterdir())
 
@@ -151,8 +156,7 @@ def open_run_dir(out: Optional[Path], default: Path, name: str, *, resume: bool 
     d = out if out is not None else default
     if _has_files(d):
         if not force:
-            raise CompressError(f"{d}: run directory exists; use --resume to continue it, --force to replace it, "
-                                "or --out for another one")
+            raise _exists(d)
         if not is_run_dir(d):
             raise CompressError(f"{d}: --force replaces only a run directory made by compress (with a {MARKER} "
                                 "file); this one has none, so nothing was deleted: remove it yourself or use --out")
@@ -162,8 +166,7 @@ def open_run_dir(out: Optional[Path], default: Path, name: str, *, resume: bool 
     lock = _locked(d)
     try:
         if _has_files(d) and not force:  # filled between the check and the lock
-            raise CompressError(f"{d}: run directory exists; use --resume to continue it, --force to replace it, "
-                                "or --out for another one")
+            raise _exists(d)
         for p in d.iterdir():
             if p.name == LOCK:
                 continue

@@ -3,7 +3,6 @@ import json
 import threading
 
 import pytest
-import torch
 
 from compress.errors import CompressError, RecipeErrors
 from compress.pipeline import Pipeline
