@@ -3,7 +3,8 @@
 A checkpoint reloads by itself (``load_model(path)``) without pickled code: the architecture is rebuilt
 from the registry spec, then each recorded transform (a structural prune, quantization wrappers, ...)
 is replayed from the TRANSFORMS registry, then the weights are loaded. Everything loads with
-``weights_only=True``.
+``weights_only=True``. A spec that names user code (``import: pkg.module:factory``) is plain data that
+``weights_only`` lets through, so it is resolved only with an explicit opt-in (``compress.safety``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from compress.errors import CompressError
 from compress.registry import Registry
+from compress.safety import import_allowed, import_refused
 from compress.utils import atomic_path
 
 FORMAT = "compress.checkpoint/1"
@@ -55,18 +57,29 @@ def _load(path: str | Path) -> Any:
         raise CompressError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise CompressError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files (EOFError('') when empty)
+        detail = (str(exc).splitlines() or [""])[0]
+        empty = " (the file is empty)" if path.stat().st_size == 0 else ""
+        raise CompressError(f"{path}: not a loadable checkpoint{empty} ({type(exc).__name__}"
+                            f"{': ' + detail if detail else ''})") from None
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """Rebuild a model saved by ``save_model``: architecture, transforms, weights."""
+def load_model(path: str | Path, *, allow_import: bool | None = None) -> nn.Module:
+    """Rebuild a model saved by ``save_model``: architecture, transforms, weights.
+
+    A checkpoint whose spec imports user code (``import: pkg.module:factory``) is refused unless
+    ``allow_import`` is true (default: ``compress.safety.import_allowed()``, i.e. COMPRESS_ALLOW_IMPORT=1
+    or a run that was allowed to import).
+    """
     from compress.models import create_model
 
     ckpt = _load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not ckpt.get("spec"):
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not isinstance(ckpt.get("spec"), dict) \
+            or not ckpt["spec"]:
         raise CompressError(f"{path}: not a compress checkpoint (a plain state_dict needs a model spec: "
                             "give it as model.checkpoint in a recipe)")
+    if "import" in ckpt["spec"] and not import_allowed(allow_import):
+        raise CompressError(f"{path}: its model spec {import_refused(ckpt['spec']['import'])}")
     # The saved weights replace whatever a checkpoint or pretrained file would load: skip reading those.
     spec = {k: v for k, v in ckpt["spec"].items() if k not in ("checkpoint", "weights")}
     io = ckpt.get("io") or {}

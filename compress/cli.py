@@ -28,6 +28,10 @@ def friendly_errors(fn):
 
 
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+allow_import_opt = click.option(
+    "--allow-import", is_flag=True, default=None,
+    help="Let model specs with 'import: pkg.module:factory' (in the recipe or a checkpoint) import and call "
+         "that code. Only for files you trust. Same as COMPRESS_ALLOW_IMPORT=1.")
 set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                        help="Override a recipe key, e.g. --set stages.0.train.epochs=1 (repeatable).")
 
@@ -43,10 +47,11 @@ def cli():
 @set_opt
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/<recipe name>, made unique).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run after its last finished stage/epoch.")
-@click.option("--force", is_flag=True, help="Replace an existing run directory.")
+@click.option("--force", is_flag=True, help="Replace an existing run directory made by compress (under runs/ or --out).")
 @click.option("--threads", type=click.IntRange(min=1), help="PyTorch CPU threads for training (default: PyTorch's choice).")
+@allow_import_opt
 @friendly_errors
-def run(recipe, overrides, out, resume, force, threads):
+def run(recipe, overrides, out, resume, force, threads, allow_import):
     """Run every stage of RECIPE and print the report table."""
     if threads:
         import torch
@@ -55,7 +60,7 @@ def run(recipe, overrides, out, resume, force, threads):
     from compress.pipeline import Pipeline
     from compress.report import format_table
 
-    report = Pipeline.from_yaml(recipe, overrides).run(out, resume=resume, force=force)
+    report = Pipeline.from_yaml(recipe, overrides).run(out, resume=resume, force=force, allow_import=allow_import)
     click.echo(format_table(report))
     click.echo(f"\nrun directory: {report['run_dir']}")
 
@@ -65,14 +70,20 @@ def run(recipe, overrides, out, resume, force, threads):
 @set_opt
 @friendly_errors
 def validate(recipe, overrides):
-    """Check RECIPE (keys, types, names, files, model/data shapes) without running or writing anything."""
+    """Check RECIPE (keys, types, names, files, model/data shapes) without running or writing anything.
+
+    Model specs that import user code (import: pkg.module:factory) are checked for syntax only, never imported."""
     from compress.pipeline import Pipeline
+    from compress.safety import ALLOW_IMPORT_ENV
 
     p = Pipeline.from_yaml(recipe, overrides)
-    state = p.validate()
+    state = p.validate(allow_import=False)
     stages = " -> ".join(s.name for s in p.recipe.stages)
     click.echo(f"ok: {p.recipe.name}: {state.data.task} on {p.recipe.data.name} "
                f"(input {tuple(state.data.input_shape)}, {state.data.num_outputs} outputs); stages: {stages}")
+    for path, target in p.recipe.imports():
+        click.echo(f"note: {path}: imports {target!r} (not imported or checked here); "
+                   f"'compress run' needs --allow-import or {ALLOW_IMPORT_ENV}=1")
 
 
 @cli.command("list")

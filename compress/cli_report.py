@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.cli import friendly_errors, set_opt
+from compress.cli import allow_import_opt, friendly_errors, set_opt
 
 
 @click.command()
@@ -17,18 +17,21 @@ from compress.cli import friendly_errors, set_opt
               help="Another .pt/.onnx to interleave with: latency is reported as a ratio to it.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON here.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), help="Write an HTML page here.")
+@allow_import_opt
 @friendly_errors
-def bench(model_file, recipe, overrides, baseline, json_out, html_out):
+def bench(model_file, recipe, overrides, baseline, json_out, html_out, allow_import):
     """Measure MODEL_FILE (a compress .pt checkpoint or an .onnx file) on RECIPE's data."""
     from compress.data import create_data
     from compress.measure import BenchmarkConfig, Subject, machine_info, measure
     from compress.recipe import load_recipe
     from compress.report import format_table, write_html
+    from compress.safety import allowing_imports
     from compress.utils import write_json
 
     r = load_recipe(recipe, overrides)
-    subject = Subject.load(model_file)
-    base = Subject.load(baseline) if baseline else None
+    with allowing_imports(allow_import):  # the checkpoints' specs: only the recipe's data is used here
+        subject = Subject.load(model_file)
+        base = Subject.load(baseline) if baseline else None
     data = create_data(r.data)
     cfg = r.benchmark or BenchmarkConfig()
     rows = []

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.cli import friendly_errors, recipe_arg, set_opt
+from compress.cli import allow_import_opt, friendly_errors, recipe_arg, set_opt
 from compress.errors import RecipeError
 
 
@@ -35,8 +35,9 @@ def _ratios(text: str) -> list[float]:
               help="Drop allowed per layer when suggesting layer_ratios (0.01 = 1 accuracy point).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: runs/<recipe name>-sensitivity).")
+@allow_import_opt
 @friendly_errors
-def sensitivity(recipe, overrides, layers, ratios, method, importance, checkpoint, split, max_drop, out):
+def sensitivity(recipe, overrides, layers, ratios, method, importance, checkpoint, split, max_drop, out, allow_import):
     """Prune each layer of RECIPE's model alone at several ratios; write a CSV/Markdown table, a plot and
     a layer_ratios.yaml to paste into a prune stage."""
     from compress.checkpoint import load_model
@@ -46,9 +47,11 @@ def sensitivity(recipe, overrides, layers, ratios, method, importance, checkpoin
     from compress.pruning.sensitivity import analyse, write_report
     from compress.pruning.structured import IMPORTANCES
     from compress.registry import did_you_mean
+    from compress.safety import allowing_imports
     from compress.stages.prune import PruneConfig
 
     p = Pipeline.from_yaml(recipe, overrides)
+    p.require_imports(allow_import)  # the analysis builds the recipe's models and may run its stages
     first = next((s for s in p.recipe.stages if s.name == "prune"), None)
     cfg: PruneConfig = first.config if first else PruneConfig(method="channel")
     method = method or cfg.method
@@ -57,8 +60,9 @@ def sensitivity(recipe, overrides, layers, ratios, method, importance, checkpoin
         raise RecipeError("--importance", f"unknown importance '{importance}'; expected one of {', '.join(IMPORTANCES.names())}"
                                           f"{did_you_mean(importance, IMPORTANCES.names())}")
     ratio_list = _ratios(ratios)
-    state = p.validate()
-    model = load_model(checkpoint) if checkpoint else state.model
+    state = p.validate(allow_import=allow_import)
+    with allowing_imports(allow_import):
+        model = load_model(checkpoint) if checkpoint else state.model
     ignored = cfg.ignored_layers if cfg.ignored_layers is not None else [classifier_name(model)]
     known = list(prunable_layers(model))
     names = [n.strip() for n in layers.split(",") if n.strip()] if layers else None

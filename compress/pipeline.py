@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +15,11 @@ from compress.data import DataBundle, create_data
 from compress.errors import CompressError, RecipeError
 from compress.measure import machine_info
 from compress.models import create_model
+from compress.models.registry import ImportSpec
 from compress.report import write_html
 from compress.recipe import STAGES, Recipe, StageSpec, load_recipe, parse_recipe
+from compress.rundir import check_output_file, latest_run, open_run_dir
+from compress.safety import allowing_imports, import_allowed, import_refused, redacting
 from compress.utils import append_jsonl, seed_everything, write_json, write_text
 
 
@@ -64,15 +65,23 @@ class PipelineState:
         }
 
 
-def build_state(recipe: Recipe) -> PipelineState:
-    """Data, model and teacher, with the checks that need them built (shapes must agree)."""
+def build_state(recipe: Recipe, build_imports: bool = True) -> PipelineState:
+    """Data, model and teacher, with the checks that need them built (shapes must agree).
+
+    ``build_imports=False`` leaves a model whose spec imports user code unbuilt (None): its spec's
+    syntax is all that is checked, and nothing runs.
+    """
     seed_everything(recipe.seed)
     data = create_data(recipe.data)
-    model = create_model(recipe.model, data.input_shape, data.num_outputs)
-    teacher = None
-    if recipe.teacher is not None:
-        teacher = create_model(recipe.teacher, data.input_shape, data.num_outputs)
-    check_outputs(model, data, "model")
+
+    def build(spec):
+        if spec is None or (isinstance(spec, ImportSpec) and not build_imports):
+            return None
+        return create_model(spec, data.input_shape, data.num_outputs)
+
+    model, teacher = build(recipe.model), build(recipe.teacher)
+    if model is not None:
+        check_outputs(model, data, "model")
     if teacher is not None:
         check_outputs(teacher, data, "teacher")
     return PipelineState(model=model, data=data, teacher=teacher, recipe=recipe)
@@ -135,28 +144,65 @@ class Pipeline:
     def from_dict(cls, doc: dict, overrides: list[str] | tuple[str, ...] = ()) -> "Pipeline":
         return cls(parse_recipe(doc, overrides))
 
-    def validate(self) -> PipelineState:
-        """Everything a run checks before it writes anything."""
-        return build_state(self.recipe)
+    def validate(self, *, allow_import: bool | None = None) -> PipelineState:
+        """Everything a run checks before it writes anything.
+
+        A model spec that imports user code is built only when allowed (``allow_import``, else
+        ``compress.safety.import_allowed()``); otherwise it is left None and only its syntax is checked.
+        """
+        with redacting(self.recipe.secrets):
+            return build_state(self.recipe, build_imports=import_allowed(allow_import))
+
+    def require_imports(self, allow_import: bool | None = None) -> None:
+        """Refuse, naming the key path, a recipe that imports user code without the opt-in."""
+        found = self.recipe.imports()
+        if found and not import_allowed(allow_import):
+            path, target = found[0]
+            raise RecipeError(path, import_refused(target))
 
     def default_dir(self) -> Path:
         return self.recipe.output.dir or Path("runs") / self.recipe.name
 
-    def run(self, out: str | Path | None = None, *, resume: bool = False, force: bool = False) -> dict:
-        """Run every stage; return the report (also written to ``<run dir>/report.json``)."""
-        state = self.validate()
-        run_dir = self._prepare_dir(Path(out) if out else None, resume, force)
+    def run(self, out: str | Path | None = None, *, resume: bool = False, force: bool = False,
+            allow_import: bool | None = None) -> dict:
+        """Run every stage; return the report (also written to ``<run dir>/report.json``).
+
+        ``allow_import``: the recipe's ``import:`` model specs (and checkpoints naming user code) may be
+        imported and called (default: the COMPRESS_ALLOW_IMPORT=1 environment variable).
+        """
+        self.require_imports(allow_import)
+        out = Path(out) if out else None
+        with allowing_imports(allow_import), redacting(self.recipe.secrets):
+            state = self.validate()
+            guess = out or (latest_run(self.default_dir()) if resume else self.default_dir())
+            for spec in self.recipe.stages:  # before --force empties anything
+                target = getattr(spec.config, "path", None)
+                if isinstance(target, Path):
+                    check_output_file(target, f"{spec.path}.path", guess, force=force, resume=resume)
+            run_dir, lock = open_run_dir(out, self.default_dir(), self.recipe.name, resume=resume, force=force)
+            try:
+                if resume:
+                    self._check_resumable(run_dir)
+                return self._run_stages(state, run_dir, resume)
+            finally:
+                lock.release()
+
+    def _run_stages(self, state: PipelineState, run_dir: Path, resume: bool) -> dict:
         state.run_dir = run_dir
         write_text(run_dir / "recipe.yaml", self.recipe.to_yaml())
         started = time.time()
         saved_teacher = None
+        restoring, last_done = resume, None
         for spec in self.recipe.stages:
             state.stage = spec
             done = state.stage_dir / "done.json"
-            if resume and done.is_file():
-                self._restore(state, spec, json.loads(done.read_text()))
-                saved_teacher = id(state.teacher)
-                continue
+            if restoring and done.is_file():
+                if self._restore(state, spec, done):
+                    saved_teacher, last_done = id(state.teacher), spec.index
+                    continue
+            if restoring:  # the first stage that runs: what a killed run left of it goes
+                restoring = False
+                trim_metrics(run_dir / "metrics.jsonl", last_done, state.stage_dir)
             state.artifact, state.stage_metrics, state.extra, state.subject = None, None, {}, None
             seed_everything(state.seed)
             entry = STAGES.get(spec.name)
@@ -178,46 +224,45 @@ class Pipeline:
             self._write_report(state, started)
         return self._write_report(state, started)
 
-    def _prepare_dir(self, out: Optional[Path], resume: bool, force: bool) -> Path:
-        if resume and force:
-            raise CompressError("--resume and --force exclude each other")
-        if out is None:
-            out = self.default_dir()
-            if resume:
-                # Only this recipe's directories: runs/<name> and runs/<name>-<n>, not runs/<name>_other.
-                candidates = sorted((p for p in out.parent.glob(f"{out.name}*")
-                                     if p.name == out.name or re.fullmatch(rf"{re.escape(out.name)}-\d+", p.name)),
-                                    key=lambda p: p.stat().st_mtime)
-                out = candidates[-1] if candidates else out
-            elif out.exists() and not force:
-                n = 2
-                while out.with_name(f"{out.name}-{n}").exists():
-                    n += 1
-                out = out.with_name(f"{out.name}-{n}")
-        if resume:
-            if not (out / "recipe.yaml").is_file():
-                raise CompressError(f"{out}: nothing to resume (no recipe.yaml from an earlier run)")
+    def _check_resumable(self, out: Path) -> None:
+        """Same recipe as the run being resumed; no half-written files left by a killed one."""
+        try:
             saved = yaml.safe_load((out / "recipe.yaml").read_text())
-            if saved != self.recipe.raw:
-                diff = sorted(k for k in set(saved) | set(self.recipe.raw) if saved.get(k) != self.recipe.raw.get(k))
-                raise RecipeError(diff[0] if diff else "", f"differs from the recipe of the run being resumed in {out}; "
-                                  "resume with the same recipe and --set options, or start a new run")
-            return out
-        if out.exists() and any(out.iterdir()):
-            if not force:
-                raise CompressError(f"{out}: run directory exists; use --resume to continue it, --force to replace it, "
-                                    "or --out for another one")
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        return out
+        except yaml.YAMLError:
+            saved = None
+        if not isinstance(saved, dict):
+            raise CompressError(f"{out / 'recipe.yaml'}: not a readable recipe; start a new run")
+        if saved != self.recipe.raw:
+            diff = sorted(k for k in set(saved) | set(self.recipe.raw) if saved.get(k) != self.recipe.raw.get(k))
+            raise RecipeError(diff[0] if diff else "", f"differs from the recipe of the run being resumed in {out}; "
+                              "resume with the same recipe and --set options, or start a new run")
+        for tmp in out.rglob(".*.tmp"):  # utils.atomic_path's temporary files: a write that never finished
+            if tmp.is_file():
+                tmp.unlink()
 
-    def _restore(self, state: PipelineState, spec: StageSpec, row: dict) -> None:
-        d = state.stage_dir
-        state.model = load_model(d / "model.pt")
-        if (d / "teacher.pt").is_file():
-            state.teacher = load_model(d / "teacher.pt")
+    def _restore(self, state: PipelineState, spec: StageSpec, done: Path) -> bool:
+        """Take a finished stage's outputs; False (stage and later ones run again) if they do not load."""
+        d = done.parent
+        try:
+            row = json.loads(done.read_text())
+            if not isinstance(row, dict):
+                raise CompressError(f"{done}: expected a JSON object")
+            model = load_model(d / "model.pt")
+            teacher = load_model(d / "teacher.pt") if (d / "teacher.pt").is_file() else state.teacher
+        except (CompressError, ValueError, OSError) as exc:
+            print(f"[{spec.name}] cannot resume from {d}: {str(exc).splitlines()[0]}; running this stage again")
+            for later in self.recipe.stages[spec.index:]:  # their inputs come from this stage: none is finished
+                ld = state.run_dir / "stages" / f"{later.index:02d}_{later.name}"
+                for f in [ld / "done.json", *ld.glob("trainer_state*.pt")]:
+                    f.unlink(missing_ok=True)
+            return False
+        # The row's files are this stage's own, wherever done.json says they are (it is data, not a pointer).
+        if row.get("model_file"):
+            row["model_file"] = str(d / ("teacher.pt" if Path(row["model_file"]).name == "teacher.pt" else "model.pt"))
+        state.model, state.teacher = model, teacher
         state.results.append(row)
         print(f"[{spec.name}] already finished; resumed from {d}")
+        return True
 
     def _write_report(self, state: PipelineState, started: float) -> dict:
         report = {"recipe": self.recipe.name, "seed": self.recipe.seed, "run_dir": str(state.run_dir),
@@ -226,3 +271,40 @@ class Pipeline:
         if len(state.results) == len(self.recipe.stages):  # plots once, when every stage has its row
             write_html(report, state.run_dir / "report.html")
         return report
+
+
+def trim_metrics(log: Path, last_done: Optional[int], stage_dir: Path) -> None:
+    """Before a resumed run goes on, drop the log rows a killed run wrote past what it saved.
+
+    Kept: the rows up to the finished stages' last ``stage_done`` row, then the epochs the next
+    stage's saved trainer state holds (the trainer resumes after them); everything else is logged again,
+    so no epoch appears twice. An unreadable trainer state is removed: that stage starts over.
+    """
+    import torch
+
+    saved: set = set()
+    for st in sorted(stage_dir.glob("trainer_state*.pt")):
+        try:
+            history = torch.load(st, map_location="cpu", weights_only=True)["history"]
+            saved |= {(r.get("stage"), r.get("epoch")) for r in history}
+        except Exception as exc:  # torch raises several types for corrupt files
+            print(f"[resume] {st}: unreadable ({type(exc).__name__}); that stage starts over")
+            st.unlink()
+    if not log.is_file():
+        return
+    rows = []
+    for line in log.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by the kill
+            continue
+    cut = 0
+    if last_done is not None:
+        cut = max((i + 1 for i, r in enumerate(rows) if r.get("event") == "stage_done" and r.get("index") == last_done),
+                  default=0)
+    tail: dict = {}
+    for r in rows[cut:]:
+        if (r.get("stage"), r.get("epoch")) in saved and r.get("event") != "stage_done":
+            tail.pop((r.get("stage"), r.get("epoch"), r.get("event")), None)
+            tail[(r.get("stage"), r.get("epoch"), r.get("event"))] = r  # the last one written is the saved one
+    write_text(log, "".join(json.dumps(r) + "\n" for r in rows[:cut] + list(tail.values())))

@@ -2,7 +2,8 @@
 
 A recipe is plain data (``yaml.safe_load``: no tags that run code). ``${VAR}`` and ``${VAR:-default}``
 read the environment; ``--set a.b.0.c=value`` overrides any key. Every problem is reported as
-``<key path>: <what was expected>``.
+``<key path>: <what was expected>``. Values read from the environment stay in memory: the recipe saved
+beside a run keeps ``${VAR}`` as written, and error messages show ``${VAR}`` instead of the value.
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from compress.config import StrictModel, validate
 from compress.data.bundle import DataSpec, parse_data_spec
 from compress.errors import RecipeError, RecipeErrors
-from compress.models.registry import ModelSpec, parse_model_spec
+from compress.models.registry import ImportSpec, ModelSpec, parse_model_spec
 from compress.registry import Registry, did_you_mean
+from compress.rundir import check_run_name
+from compress.safety import MIN_SECRET_LEN, checking_only, redacting
 
 # Mark a stage option as a model spec: ``student: ModelField = None``. The mapping given in the recipe is
 # parsed by the model registry (with the full key path in errors) right after the stage's own options.
@@ -73,7 +76,7 @@ class OutputConfig(StrictModel):
 
 
 class _RecipeTop(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     seed: int = 0
     data: Any
     model: Any
@@ -81,6 +84,11 @@ class _RecipeTop(StrictModel):
     stages: list[Any] = Field(min_length=1)
     benchmark: Any = None
     output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_run_name(v)  # the name becomes a folder under runs/: no '..', no separators
 
 
 @dataclass
@@ -104,25 +112,38 @@ class Recipe:
     stages: list[StageSpec]
     benchmark: Any
     output: OutputConfig
-    raw: dict = field(default_factory=dict)  # the resolved document, saved beside the run
+    raw: dict = field(default_factory=dict)  # the document as written (+ --set), ${VAR}s unresolved: saved beside the run
+    secrets: dict = field(default_factory=dict)  # environment value -> variable name, kept out of files and errors
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
+
+    def imports(self) -> list[tuple[str, str]]:
+        """``(key path, 'pkg.module:factory')`` for every model spec that imports user code."""
+        found = []
+        for path, spec in [("model", self.model), ("teacher", self.teacher)] + [
+                (f"{s.path}.{p}", v) for s in self.stages for p, v in model_fields(s.config)]:
+            if isinstance(spec, ImportSpec):
+                found.append((f"{path}.import", spec.import_))
+        return found
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def interpolate(node: Any, env: dict | None = None, path: str = "") -> Any:
+def interpolate(node: Any, env: dict | None = None, path: str = "", used: dict | None = None) -> Any:
+    """Resolve ``${VAR}``s; ``used`` (if given) collects value -> variable for every value taken from ``env``."""
     env = os.environ if env is None else env
     if isinstance(node, dict):
-        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k), used) for k, v in node.items()}
     if isinstance(node, list):
-        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+        return [interpolate(v, env, f"{path}[{i}]", used) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
         def sub(m):
             var, default = m.group(1), m.group(2)
             if var in env and env[var] != "":
+                if used is not None and len(env[var]) >= MIN_SECRET_LEN:
+                    used[env[var]] = var
                 return env[var]
             if default is not None:
                 return default
@@ -191,13 +212,21 @@ def read_yaml(path: str | Path) -> dict:
 
 def parse_recipe(doc: dict, overrides: tuple[str, ...] | list[str] = (), env: dict | None = None) -> Recipe:
     """Turn a raw document into a typed Recipe, or raise RecipeError(s) naming the key path."""
-    import compress.stages  # noqa: F401  (registers every stage)
-    from compress.measure import BenchmarkConfig
-
     doc = copy.deepcopy(doc)
     for o in overrides:
         apply_override(doc, o)
-    doc = interpolate(doc, env)
+    secrets: dict[str, str] = {}
+    resolved = interpolate(doc, env, used=secrets)
+    with redacting(secrets), checking_only():
+        recipe = _parse_resolved(resolved, raw=doc)
+    recipe.secrets = secrets
+    return recipe
+
+
+def _parse_resolved(doc: dict, raw: dict) -> Recipe:
+    import compress.stages  # noqa: F401  (registers every stage)
+    from compress.measure import BenchmarkConfig
+
     top = validate(_RecipeTop, doc)
     errors: list[RecipeError] = []
 
@@ -224,7 +253,7 @@ def parse_recipe(doc: dict, overrides: tuple[str, ...] | list[str] = (), env: di
     attempt(check_chain, stages)
     if errors:
         raise RecipeErrors(errors)
-    recipe = Recipe(top.name, top.seed, data, model, teacher, stages, bench, top.output, raw=doc)
+    recipe = Recipe(top.name, top.seed, data, model, teacher, stages, bench, top.output, raw=raw)
     for s in stages:
         check = STAGES.get(s.name).extra.get("check")
         if check is not None:
@@ -245,6 +274,16 @@ def _parse_stage(item: Any, i: int) -> StageSpec:
     cfg = validate(entry.config, options or {}, f"{path}.{name}")
     resolve_model_fields(cfg, f"{path}.{name}")
     return StageSpec(str(name), cfg, i)
+
+
+def model_fields(cfg: StrictModel) -> list[tuple[str, Any]]:
+    """``(option path, model spec)`` for the model specs among a stage's options (lists flattened)."""
+    out = []
+    for fname, info in type(cfg).model_fields.items():
+        if MODEL_SPEC in info.metadata:
+            value = getattr(cfg, fname)
+            out.extend([(f"{fname}[{j}]", v) for j, v in enumerate(value)] if isinstance(value, list) else [(fname, value)])
+    return out
 
 
 def resolve_model_fields(cfg: StrictModel, path: str) -> None:

@@ -44,7 +44,11 @@ MALFORMED = [
     ("stages.0.train.target=teacher", "stages[0].train.target: is 'teacher' but the recipe has no 'teacher:' section"),
     ("stages.0.train.model={name: mlp, hiden: [3]}", "stages[0].train.model.hiden: unknown key; did you mean 'hidden'?"),
     ("stages.5.train.epochs=1", "--set stages.5.train.epochs: stages is a list of 1"),
-    ("name=a b", "name: expected a string matching"),
+    ("name=a b", "name: expected a plain run name"),
+    ("name=..", "name: expected a plain run name"),
+    ("name=.", "name: expected a plain run name"),
+    ("name=a/b", "name: expected a plain run name"),
+    ("name=" + "x" * 65, "name: expected a plain run name"),
     ("data.root=${COMPRESS_TEST_UNSET_VARIABLE}", "data.root: environment variable COMPRESS_TEST_UNSET_VARIABLE is not set"),
     ("teacher={import: 'torch.nn:Linear', kwargs: {in_features: 8, out_features: 3}}",
      "teacher: expected outputs of shape (batch, 10)"),
@@ -63,7 +67,8 @@ def base_file(tmp_path):
 @pytest.mark.parametrize("override,expected", MALFORMED, ids=[m[0].split("=")[0] + f"#{i}" for i, m in enumerate(MALFORMED)])
 def test_malformed_recipe_is_one_line_exit_2_nothing_written(base_file, tmp_path, override, expected):
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["run", str(base_file), "--set", override, "--out", str(out)])
+    # --allow-import: the import: rows here are about what a run reports, not about the opt-in
+    result = CliRunner().invoke(cli, ["run", str(base_file), "--set", override, "--out", str(out), "--allow-import"])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from compress.config import StrictModel, validate
 from compress.errors import RecipeError
 from compress.registry import Registry
+from compress.safety import imports_blocked
 
 MODELS: Registry = Registry("model")
 
@@ -72,6 +73,8 @@ def create_model(spec: ModelSpec | dict | str, input_shape: tuple = (), num_outp
     if isinstance(spec, dict):
         spec = parse_model_spec({**spec, **kwargs})
     if isinstance(spec, ImportSpec):
+        if imports_blocked():  # e.g. a stage check building the model while the recipe is parsed
+            raise RecipeError("model.import", f"{spec.import_!r} is not imported while a recipe is only checked")
         model = _import_factory(spec.import_)(**spec.kwargs)
     else:
         model = MODELS.get(spec.name, "model.name").obj(spec, tuple(input_shape), int(num_outputs))

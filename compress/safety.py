@@ -1,0 +1,101 @@
+"""What compress may import and echo: the opt-in for user code named in data, and secret redaction.
+
+A recipe or a checkpoint is data, but a model spec ``import: pkg.module:factory`` makes compress import
+that module and call the factory with the file's keyword arguments: loading such a file runs code. That
+happens only with an explicit opt-in: ``allow_import=True`` in the API, ``--allow-import`` on the command
+line, or ``COMPRESS_ALLOW_IMPORT=1`` in the environment. Built-in registry names (and torchvision
+classifiers) need none.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from compress.errors import CompressError, RecipeError, RecipeErrors
+
+ALLOW_IMPORT_ENV = "COMPRESS_ALLOW_IMPORT"
+ALLOW_IMPORT_HINT = f"pass --allow-import (Python: allow_import=True, or set {ALLOW_IMPORT_ENV}=1) if you trust it"
+
+# Set for the lifetime of a run that was allowed to import: every checkpoint it reloads (resume, the
+# baseline row, an early-stopped teacher) was made from the same recipe.
+_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("compress_allow_import", default=False)
+
+
+def import_allowed(flag: Optional[bool] = None) -> bool:
+    """An explicit flag wins; otherwise an enclosing ``allowing_imports()`` or the environment variable."""
+    if flag is not None:
+        return bool(flag)
+    return _ALLOWED.get() or os.environ.get(ALLOW_IMPORT_ENV, "") == "1"
+
+
+@contextmanager
+def allowing_imports(flag: Optional[bool] = None) -> Iterator[bool]:
+    """Make ``import_allowed()`` answer ``flag`` (resolved as above) inside the block."""
+    token = _ALLOWED.set(import_allowed(flag))
+    try:
+        yield _ALLOWED.get()
+    finally:
+        _ALLOWED.reset(token)
+
+
+# Set while a recipe is only parsed and checked (stage checks may build models to look at layer names):
+# an import: spec is then never resolved, whatever the opt-in says.
+_CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("compress_checking_recipe", default=False)
+
+
+@contextmanager
+def checking_only() -> Iterator[None]:
+    token = _CHECKING.set(True)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
+
+
+def imports_blocked() -> bool:
+    return _CHECKING.get()
+
+
+def import_refused(target: object) -> str:
+    """Why an ``import:`` spec is not resolved, in one line (the names are escaped: they are data)."""
+    module = str(target).partition(":")[0]
+    return f"imports module {module!r} ({str(target)!r}) and so would run code from it; {ALLOW_IMPORT_HINT}"
+
+
+# -- secrets ------------------------------------------------------------------------------------------
+MIN_SECRET_LEN = 4  # shorter values ("1", "cpu") would blank out ordinary words in messages
+
+
+def redact(text: str, secrets: dict[str, str]) -> str:
+    """Replace every value that came from the environment by the ``${VAR}`` it came from."""
+    for value in sorted(secrets, key=len, reverse=True):  # longest first: a value may contain another
+        text = text.replace(value, f"${{{secrets[value]}}}")
+    return text
+
+
+def redact_error(exc: CompressError, secrets: dict[str, str]) -> CompressError:
+    """Rewrite ``exc``'s message (and its parts) in place so that no environment value is echoed."""
+    if not secrets:
+        return exc
+    if isinstance(exc, RecipeErrors):
+        for e in exc.errors:
+            redact_error(e, secrets)
+        exc.args = ("\n".join(str(e) for e in exc.errors),)
+    elif isinstance(exc, RecipeError):
+        exc.path, exc.message = redact(exc.path, secrets), redact(exc.message, secrets)
+        exc.args = (f"{exc.path}: {exc.message}" if exc.path else exc.message,)
+    else:
+        exc.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in exc.args)
+    return exc
+
+
+@contextmanager
+def redacting(secrets: dict[str, str]) -> Iterator[None]:
+    """Errors raised inside the block do not echo the values in ``secrets``."""
+    try:
+        yield
+    except CompressError as exc:
+        redact_error(exc, secrets)  # in place: the traceback and suppressed context stay as raised
+        raise
