@@ -34,6 +34,8 @@ def machine_info() -> dict:
     import onnxruntime
     import torch
 
+    from compress.quant.int8 import cpu_features
+
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -41,6 +43,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
+        **{k: v for k, v in cpu_features().items() if k in ("int8_flags", "vnni")},
         "numpy": numpy.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
@@ -56,7 +59,9 @@ def machine_info() -> dict:
 def machine_line() -> str:
     i = machine_info()
     gpu = f", GPU {i['gpu']}" if i["gpu"] else ""
+    feats = ", ".join(i.get("int8_flags") or []) or "none"
     return (f"machine: {i['cpu']}, {i['cores']} cores ({i['torch_threads']} torch threads){gpu}; "
+            f"int8 features: {feats} ({'VNNI' if i.get('vnni') else 'no VNNI'}); "
             f"python {i['python']}, torch {i['torch']}, onnxruntime {i['onnxruntime']}")
 
 

@@ -180,6 +180,28 @@ def saturation_risk(path: str | Path) -> list[str]:
     return risky
 
 
+def fold_weights(path: str | Path) -> Path:
+    """Store weights quantized inside the graph (QuantizeLinear of a float constant, as torch's exporter
+    writes QAT weights) as int8 codes: the file shrinks 4x and means the same numbers."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = _load(path)
+    graph = model.graph
+    names = {i.name for i in graph.initializer}
+    folded = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in names]
+    for n in folded:
+        graph.initializer.append(numpy_helper.from_array(_weight_codes(model, n.output[0]), n.output[0]))
+    for n in folded:
+        graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    onnx.save(model, str(path))
+    return Path(path)
+
+
 def to_uint8_weights(path: str | Path) -> Path:
     """Rewrite a QDQ file's int8 weights as uint8 (+128, zero point +128): the same numbers, U8U8 kernels.
 
@@ -189,16 +211,8 @@ def to_uint8_weights(path: str | Path) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    model = _load(path)
+    model = _load(fold_weights(path))
     graph = model.graph
-    folded = []
-    for n in list(graph.node):  # QuantizeLinear(float constant) -> int8 initializer
-        if n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in graph.initializer}:
-            codes = _weight_codes(model, n.output[0])
-            graph.initializer.append(numpy_helper.from_array(codes, n.output[0]))
-            folded.append(n)
-    for n in folded:
-        graph.node.remove(n)
     inits = {i.name: i for i in graph.initializer}
     done: set[str] = set()
     for w_name, zp_name in _weight_inputs(graph):
@@ -272,20 +286,25 @@ def check_int8(int8_path: Path, reference: Callable[[torch.Tensor], np.ndarray],
                      portable=not saturation_risk(int8_path), cpu=cpu_words())
 
 
-def verdict(check: Int8Check, *, max_rel_diff: float, min_top1_agreement: float, fmt_hint: str = "") -> Optional[str]:
-    """None when the file passes; else one sentence: the measured difference and its likely cause."""
+def verdict(check: Int8Check, *, max_rel_diff: float, min_top1_agreement: float, max_kernel_diff: float = 0.05) -> Optional[str]:
+    """None when the file passes; else one sentence: the measured difference and its likely cause.
+
+    Two bars: int8 vs the float reference (quantization error, with room for it), and int8 kernels vs the
+    file's own float simulation (must agree up to requantization rounding: a few output steps).
+    """
     top1_bad = check.top1_agreement is not None and check.top1_agreement < min_top1_agreement
-    if not top1_bad and check.rel_diff <= max_rel_diff:
+    kernel_bad = check.kernel_rel_diff > max_kernel_diff
+    if not top1_bad and not kernel_bad and check.rel_diff <= max_rel_diff:
         return None
     measured = (f"int8 outputs differ from the float reference by up to {check.rel_diff:.1%} of the output range"
                 + (f", top-1 agreement {check.top1_agreement:.1%}" if check.top1_agreement is not None else "")
                 + f" on {check.samples} {check.split} samples (allowed: {max_rel_diff:.0%}, "
                   f"{min_top1_agreement:.0%})")
-    kernel_off = check.kernel_rel_diff > max(check.sim_rel_diff, 1e-9) and check.kernel_rel_diff > max_rel_diff / 2
     # Dynamic-quantization files run integer kernels even unoptimized: there the file's weights tell.
-    if kernel_off or (not check.portable and cpu_features()["u8s8_saturates"]):
-        cause = (f"the file is right (ONNX Runtime's float simulation of it differs by only {check.sim_rel_diff:.1%}) "
-                 f"but the int8 kernels of this CPU ({check.cpu}) compute it {check.kernel_rel_diff:.1%} off")
+    if kernel_bad or (not check.portable and cpu_features()["u8s8_saturates"]):
+        cause = (f"the file is right (ONNX Runtime's float simulation of it differs by {check.sim_rel_diff:.1%}) "
+                 f"but the int8 kernels of this CPU ({check.cpu}) compute it {check.kernel_rel_diff:.1%} off "
+                 f"(allowed: {max_kernel_diff:.0%})")
         if not check.portable:
             cause += ("; full-range int8 weights saturate U8S8 kernels on CPUs without VNNI: use reduce_range: true "
                       "or weight_type: uint8 (target_cpu: any chooses this)")
@@ -293,4 +312,4 @@ def verdict(check: Int8Check, *, max_rel_diff: float, min_top1_agreement: float,
         cause = (f"quantization itself loses this (the file's float simulation is {check.sim_rel_diff:.1%} off too): "
                  "try more calibration batches, calibration entropy or percentile, per-channel weights, "
                  "op_types to keep sensitive layers in float, or QAT")
-    return f"{measured}: {cause}{fmt_hint}"
+    return f"{measured}: {cause}"

@@ -265,3 +265,15 @@ def exporting(model: nn.Module):
             m.export_weight = None
         for m in added:
             del m.weight_scale
+
+
+def export_qdq(model: nn.Module, example: torch.Tensor, path, opset: int = 17, weight_type: str = "int8",
+               dynamic_batch: bool = True):
+    """A QAT model as ONNX with QuantizeLinear/DequantizeLinear (ORT fuses them to int8 kernels), weights
+    stored as int8 codes; ``weight_type="uint8"`` stores them as uint8 (U8U8 kernels, the same numbers)."""
+    from compress.measure import to_onnx
+    from compress.quant.int8 import fold_weights, to_uint8_weights
+
+    with exporting(model), torch.no_grad():
+        out = to_onnx(model.cpu(), example, path, opset, dynamic_batch)
+    return to_uint8_weights(out) if weight_type == "uint8" else fold_weights(out)

@@ -109,14 +109,15 @@ def export(model: nn.Module, config: ExportConfig | None = None, data=None, *, p
     cfg = config or ExportConfig()
     data = as_data(data)
     path = Path(path or cfg.path or "model.onnx")
-    from compress.quant.qat import exporting, quant_layers
+    from compress.quant.qat import export_qdq, quant_layers
 
     quantized = bool(quant_layers(model))
     try:
-        with exporting(model):  # quantized layers: constant weights, Q/DQ nodes for 8-bit ones
+        if quantized:  # constant weights, Q/DQ nodes for 8-bit layers, int8 codes in the file
+            _portable(export_qdq(model, data.example_input(2), path, cfg.opset, dynamic_batch=cfg.dynamic_batch),
+                      cfg.target_cpu)
+        else:
             to_onnx(model.cpu(), data.example_input(2), path, cfg.opset, cfg.dynamic_batch)
-        if quantized:
-            _portable(path, cfg.target_cpu)
         parity = check_parity(model, path, data, cfg, quantized)
     except CompressError as exc:
         if path.is_file():

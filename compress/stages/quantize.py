@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -17,9 +19,9 @@ from compress.api import Result, as_data
 from compress.checkpoint import record_transform
 from compress.config import StrictModel
 from compress.errors import CompressError, RecipeError
-from compress.measure import OrtModel, onnx_run, onnx_session, to_onnx
+from compress.measure import OrtModel, onnx_run, onnx_session
 from compress.quant import int8, ptq_onnx
-from compress.quant.qat import (ClipLatentWeights, calibrate, exporting, fold_batchnorm, pack_model,
+from compress.quant.qat import (ClipLatentWeights, calibrate, export_qdq, fold_batchnorm, pack_model,
                                 quant_layers, quantizable_names, wrap)
 from compress.recipe import register_stage
 from compress.stages.distill import KDOptions, kd_hook
@@ -37,7 +39,10 @@ class Int8CheckConfig(StrictModel):
 
     batches: int = Field(4, ge=1)
     max_rel_diff: float = Field(0.25, gt=0)  # largest |int8 - float| as a share of the largest |float output|
-    min_top1_agreement: float = Field(0.97, ge=0, le=1)  # classification: predicted classes that agree
+    # classification: predicted classes that agree (an untrained model's near-tied logits flip more often)
+    min_top1_agreement: float = Field(0.9, ge=0, le=1)
+    # int8 kernels vs ORT's float simulation of the same file: requantization rounding only
+    max_kernel_diff: float = Field(0.05, gt=0)
 
 
 class KDConfig(KDOptions):
@@ -130,7 +135,8 @@ def check_int8_file(path: Path, reference, data, cfg: QuantizeConfig, fmt: int8.
     """Check an int8 file against its float reference on validation inputs; a failing file is set aside."""
     split = "val" if data.has("val") else "test"
     result = int8.check_int8(path, reference, data, split=split, batches=cfg.check.batches)
-    problem = int8.verdict(result, max_rel_diff=cfg.check.max_rel_diff, min_top1_agreement=cfg.check.min_top1_agreement)
+    problem = int8.verdict(result, max_rel_diff=cfg.check.max_rel_diff, min_top1_agreement=cfg.check.min_top1_agreement,
+                           max_kernel_diff=cfg.check.max_kernel_diff)
     if problem:
         rejected = path.with_suffix(".rejected.onnx")
         path.replace(rejected)
@@ -271,15 +277,6 @@ def _torch_side(model, cfg: QuantizeConfig, data, teacher, trainer_kwargs: dict,
     return model, metrics, extra
 
 
-def export_qdq(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 17,
-               weight_type: str = "int8", dynamic_batch: bool = True) -> Path:
-    """A QAT model as ONNX with QuantizeLinear/DequantizeLinear (ORT fuses them to int8 kernels);
-    ``weight_type="uint8"`` stores the 8-bit weights as uint8 (the U8U8 kernels, same numbers)."""
-    with exporting(model), torch.no_grad():
-        out = to_onnx(model.cpu(), example, path, opset, dynamic_batch)
-    return int8.to_uint8_weights(out) if weight_type == "uint8" else out
-
-
 def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, teacher: nn.Module | None = None,
              *, out_dir: str | Path | None = None, split: str | None = None, trainer_kwargs: dict | None = None,
              path: str = "quantize") -> Result:
@@ -287,6 +284,8 @@ def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, 
 
     ONNX PTQ leaves ``model`` untouched and returns an ``OrtModel`` running the int8 .onnx (path in
     ``metrics['artifact']``); the other methods change ``model`` in place (packed weights) and return it.
+    Without ``out_dir`` the files go to a temporary folder removed with the returned model: pass
+    ``out_dir`` to keep them.
     """
     config = config or QuantizeConfig()
     check_config(config, path)
@@ -294,12 +293,20 @@ def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, 
     split = split or ("test" if data.has("test") else "val")
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="compress-quantize-"))
     out.mkdir(parents=True, exist_ok=True)
-    if config.method in ("ptq_static", "ptq_dynamic"):
-        ort_model, metrics, extra = _ptq(model, config, data, out, split, path)
-        return Result(ort_model, {**metrics, **extra})
-    model, metrics, extra = _torch_side(model, config, data, teacher, trainer_kwargs or {"name": "quantize"}, out, split,
-                                        path)
-    return Result(model, {**metrics, **extra})
+    try:
+        if config.method in ("ptq_static", "ptq_dynamic"):
+            result, metrics, extra = _ptq(model, config, data, out, split, path)
+        else:
+            result, metrics, extra = _torch_side(model, config, data, teacher, trainer_kwargs or {"name": "quantize"},
+                                                 out, split, path)
+    except BaseException:
+        if out_dir is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if out_dir is None:
+        # No folder given: the files live as long as the returned model (or the process), then go.
+        weakref.finalize(result, shutil.rmtree, str(out), True)
+    return Result(result, {**metrics, **extra})
 
 
 def _produces(cfg: QuantizeConfig, kind: str) -> str:

@@ -82,10 +82,13 @@ def test_verdict_blames_the_kernel_when_the_float_simulation_is_right():
     c = int8.Int8Check(split="val", samples=64, max_abs_diff=3.0, rel_diff=0.5, top1_agreement=0.8, sim_rel_diff=0.01,
                        kernel_rel_diff=0.5, sim_top1_agreement=1.0, portable=False, cpu="x86_64 with AVX2")
     msg = int8.verdict(c, max_rel_diff=0.25, min_top1_agreement=0.97)
-    assert "the file is right" in msg and "int8 kernels of this CPU (x86_64 with AVX2)" in msg
+    assert "the file is right" in msg and "allowed: 5%" in msg and "int8 kernels of this CPU (x86_64 with AVX2)" in msg
     assert "reduce_range: true" in msg
     ok = int8.Int8Check("val", 64, 0.01, 0.01, 1.0, 0.01, 0.0, 1.0, True, "x")
     assert int8.verdict(ok, max_rel_diff=0.25, min_top1_agreement=0.97) is None
+    # a kernel off by more than requantization rounding fails even when the classes still agree
+    subtle = int8.Int8Check("val", 64, 0.1, 0.08, 1.0, 0.01, 0.08, 1.0, True, "x")
+    assert "int8 kernels of this CPU" in int8.verdict(subtle, max_rel_diff=0.25, min_top1_agreement=0.97)
 
 
 def test_cpu_features_name_the_int8_flags():
@@ -137,3 +140,18 @@ def test_on_an_emulated_avx2_cpu_only_the_portable_file_is_right(tmp_path):
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert abs(got[str(u8)] - exact) <= 2.0  # U8U8: exact up to the output step
     assert got[str(s8)] < exact / 1.5  # U8S8 on AVX2: VPMADDUBSW saturates (32,767 per pair)
+
+
+def test_quantize_without_a_folder_leaves_no_temporary_folder_behind(data, trained, tmp_path, monkeypatch):
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ort_model, m = quantize(trained, QuantizeConfig(calibration={"batches": 1}), data)
+    assert len(list(tmp_path.glob("compress-quantize-*"))) == 1 and ort_model(data.example_input(2)).shape[0] == 2
+    del ort_model, m
+    gc.collect()
+    assert list(tmp_path.glob("compress-quantize-*")) == []
+    with pytest.raises(CompressError):  # a failed call cleans up too
+        quantize(trained, QuantizeConfig(calibration={"batches": 1}, check={"max_rel_diff": 1e-9}), data)
+    assert list(tmp_path.glob("compress-quantize-*")) == []
