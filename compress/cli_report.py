@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.cli import friendly_errors, set_opt
+from compress.cli import check_output, friendly_errors, set_opt
 
 
 @click.command()
@@ -26,6 +26,8 @@ def bench(model_file, recipe, overrides, baseline, json_out, html_out):
     from compress.report import format_table, write_html
     from compress.utils import write_json
 
+    check_output("--json", json_out)
+    check_output("--html", html_out)
     r = load_recipe(recipe, overrides)
     subject = Subject.load(model_file)
     base = Subject.load(baseline) if baseline else None
@@ -55,6 +57,7 @@ def report(run_dirs, html_out):
     """Print one table and write one HTML page for RUN_DIR(s), from their report.json only."""
     from compress.report import format_table, load_report, write_html
 
+    check_output("--html", html_out)
     reports = [load_report(d) for d in run_dirs]
     for rep, d in zip(reports, run_dirs):
         rep.setdefault("run_dir", str(d))

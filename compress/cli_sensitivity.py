@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.cli import friendly_errors, recipe_arg, set_opt
+from compress.cli import check_output, friendly_errors, recipe_arg, set_opt
 from compress.errors import RecipeError
 
 
@@ -48,6 +48,7 @@ def sensitivity(recipe, overrides, layers, ratios, method, importance, checkpoin
     from compress.registry import did_you_mean
     from compress.stages.prune import PruneConfig
 
+    check_output("--out", out, folder=True)
     p = Pipeline.from_yaml(recipe, overrides)
     first = next((s for s in p.recipe.stages if s.name == "prune"), None)
     cfg: PruneConfig = first.config if first else PruneConfig(method="channel")

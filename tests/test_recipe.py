@@ -18,7 +18,7 @@ BASE = {
 
 # (--set override, text the error line must contain)
 MALFORMED = [
-    ("seed=abc", "seed: expected an integer, got 'abc'"),
+    ("seed=abc", "seed: expected an integer in [0, 4294967295], got 'abc'"),
     ("stagez=[]", "stagez: unknown key; did you mean 'stages'?"),
     ("data.val_fraction=1.5", "data.val_fraction: expected a number in [0, 1), got 1.5"),
     ("data.batch_size=0", "data.batch_size: expected an integer >= 1, got 0"),
@@ -30,7 +30,7 @@ MALFORMED = [
     ("model.dropout=1", "model.dropout: expected a number in [0, 1), got 1"),
     ("model.checkpoint=/no/such.pt", "model.checkpoint: expected an existing checkpoint file"),
     ("model={import: 'no_such_module:factory'}", "model.import: cannot import"),
-    ("model={name: lenet5, width: -1}", "model.width: expected a number > 0, got -1"),
+    ("model={name: lenet5, width: -1}", "model.width: expected a number in (0, 256], got -1"),
     ("stages=[]", "stages: expected at least 1 item"),
     ("stages=[{trian: {}}]", "stages[0]: unknown stage 'trian'"),
     ("stages=[{train: {}, evaluate: {}}]", "stages[0]: expected one stage name"),

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from compress.config import StrictModel
+from compress.config import OutputPath, StrictModel
 from compress.errors import CompressError
 from compress.measure import evaluate_onnx, onnx_run, onnx_session, to_onnx
 from compress.recipe import register_stage
@@ -29,7 +29,7 @@ class ExportConfig(StrictModel):
     # differ by an output quantization step or two; allowed extra: this fraction of the largest |output|.
     quantized_tolerance: float = Field(0.03, ge=0, lt=1)
     dynamic_batch: bool = True
-    path: Optional[Path] = None  # default: <stage dir>/model.onnx (recipe) or ./model.onnx (Python)
+    path: Optional[OutputPath] = None  # default: <stage dir>/model.onnx (recipe) or ./model.onnx (Python)
 
 
 def check_parity(model: nn.Module, onnx_path: Path, data, cfg: ExportConfig, quantized: bool = False) -> dict:
