@@ -186,9 +186,12 @@ def describe(ann, meta) -> str:
 
 
 def _format(cls: type, err: dict, prefix: str) -> RecipeError:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-    path = join_path(prefix, loc)
     kind = err["type"]
+    # Drop pydantic's own steps ('function-after[...]', 'list[int]'); an unknown key is always the user's.
+    raw = err["loc"][:-1] if kind == "extra_forbidden" else err["loc"]
+    loc = tuple(p for p in raw if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    loc += err["loc"][-1:] if kind == "extra_forbidden" else ()
+    path = join_path(prefix, loc)
     got = err.get("input")
     if kind == "extra_forbidden":
         parent, _ = _field_at(cls, loc[:-1])
