@@ -22,7 +22,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 INT64_MAX = 2**63 - 1
-# Sizes that allocate memory (layer widths, image sides, benchmark batches): a bound refuses 2**64 or
+# Sizes that allocate memory (layer widths, class counts, image sides): a bound refuses 2**64 or
 # a typo'd 10**9 at the door instead of as an allocation failure after the data has loaded.
 MAX_WIDTH = 1 << 16
 Width = Annotated[int, at.Interval(ge=1, le=MAX_WIDTH)]

@@ -344,7 +344,9 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             # Before anything of this epoch is logged or saved: a NaN loss or NaN weights stop here, and
             # the run directory keeps the state of the last good epoch.
-            if bool(nonfinite) or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            for p in model.parameters():
+                nonfinite = nonfinite | ~torch.isfinite(p.detach()).all().to(nonfinite.device)
+            if bool(nonfinite):  # one sync per epoch
                 self._diverged(epoch, opt)
             row: dict[str, Any] = {"stage": self.name, "epoch": epoch + 1}
             row.update({f"train_{k}": v for k, v in acc.compute().items()})
@@ -394,7 +396,7 @@ class Trainer:
         lr = opt.param_groups[0]["lr"]
         raise CompressError(f"{self.where}: training diverged in epoch {epoch + 1}/{self.cfg.epochs} (the loss or the weights "
                             f"became inf/nan) and was stopped. Lower the learning rate (now {lr:.3g}) or set grad_clip, and check the "
-                            "data for extreme values; the run directory keeps the last finished epoch")
+                            "data for extreme values; finished stages and epochs are kept in the run directory")
 
     def _save_state(self, opt, sched, best_value, best_state, bad_epochs, best_hooks=None) -> None:
         st = {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
