@@ -27,6 +27,16 @@ def friendly_errors(fn):
     return wrapper
 
 
+def check_output(option: str, path: Path | None, folder: bool = False) -> None:
+    """An output option under a regular file is one line before any work, not a FileExistsError after it."""
+    from compress.config import writable_path
+
+    try:
+        writable_path(path, folder)
+    except ValueError as exc:
+        raise CompressError(f"{option}: {exc}") from None
+
+
 recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 allow_import_opt = click.option(
     "--allow-import", is_flag=True, default=None,
@@ -53,6 +63,7 @@ def cli():
 @friendly_errors
 def run(recipe, overrides, out, resume, force, threads, allow_import):
     """Run every stage of RECIPE and print the report table."""
+    check_output("--out", out, folder=True)
     if threads:
         import torch
 

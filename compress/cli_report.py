@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.cli import allow_import_opt, friendly_errors, set_opt
+from compress.cli import allow_import_opt, check_output, friendly_errors, set_opt
 
 
 @click.command()
@@ -28,6 +28,8 @@ def bench(model_file, recipe, overrides, baseline, json_out, html_out, allow_imp
     from compress.safety import allowing_imports
     from compress.utils import write_json
 
+    check_output("--json", json_out)
+    check_output("--html", html_out)
     r = load_recipe(recipe, overrides)
     with allowing_imports(allow_import):  # the checkpoints' specs: only the recipe's data is used here
         subject = Subject.load(model_file)
@@ -58,6 +60,7 @@ def report(run_dirs, html_out):
     """Print one table and write one HTML page for RUN_DIR(s), from their report.json only."""
     from compress.report import format_table, load_report, write_html
 
+    check_output("--html", html_out)
     reports = [load_report(d) for d in run_dirs]
     for rep, d in zip(reports, run_dirs):
         rep.setdefault("run_dir", str(d))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.cli import allow_import_opt, friendly_errors, recipe_arg, set_opt
+from compress.cli import allow_import_opt, check_output, friendly_errors, recipe_arg, set_opt
 from compress.errors import RecipeError
 
 
@@ -50,6 +50,7 @@ def sensitivity(recipe, overrides, layers, ratios, method, importance, checkpoin
     from compress.safety import allowing_imports
     from compress.stages.prune import PruneConfig
 
+    check_output("--out", out, folder=True)
     p = Pipeline.from_yaml(recipe, overrides)
     p.require_imports(allow_import)  # the analysis builds the recipe's models and may run its stages
     first = next((s for s in p.recipe.stages if s.name == "prune"), None)

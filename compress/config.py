@@ -5,12 +5,15 @@ act on (``stages[2].prune.sparsity: expected a number in [0, 1), got 'high'``).
 """
 from __future__ import annotations
 
+import functools
+import math
 import types
 import typing
-from typing import Any, Literal, TypeVar, Union
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import annotated_types as at
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from compress.errors import RecipeError, RecipeErrors
 from compress.registry import did_you_mean
@@ -18,10 +21,78 @@ from compress.registry import did_you_mean
 M = TypeVar("M", bound=BaseModel)
 
 
-class StrictModel(BaseModel):
-    """Base of every config: unknown keys are errors, values are re-validated on assignment."""
+INT64_MAX = 2**63 - 1
+# Sizes that allocate memory (layer widths, class counts, image sides): a bound refuses 2**64 or
+# a typo'd 10**9 at the door instead of as an allocation failure after the data has loaded.
+MAX_WIDTH = 1 << 16
+Width = Annotated[int, at.Interval(ge=1, le=MAX_WIDTH)]
+# numpy takes 32-bit seeds, and stage/epoch seeds derived from the recipe's (x 1000, x 100003) must fit int64.
+Seed = Annotated[int, at.Interval(ge=0, le=2**32 - 1)]
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, protected_namespaces=())
+
+def _unbounded(value: Any, where: str = "") -> str | None:
+    """The first non-finite float or int beyond int64 inside ``value`` (lists and mappings too), described."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {value!r}{where}"
+    if isinstance(value, int) and abs(value) > INT64_MAX:
+        return f"expected an integer of at most 2**63-1, got {value}{where}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        problem = _unbounded(v, f"{where or ' at '}{f'[{k}]' if isinstance(k, int) else f'.{k}'}")
+        if problem:
+            return problem
+    return None
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, values are re-validated on assignment.
+
+    No field takes inf/nan (pydantic refuses them per field, with the exact path) or an integer beyond
+    int64 (checked below, lists and free-form mappings such as ``kwargs`` included): either would
+    validate today and fail later as NaN weights or a torch overflow.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name in _reparsed_fields(cls):
+            return value
+        problem = _unbounded(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+@functools.cache
+def _reparsed_fields(cls: type) -> frozenset:
+    """Fields typed ``Any`` (recipe sections, model specs in stage options): parsed again into a
+    StrictModel later, which names the exact key path; checking them here would preempt that."""
+    out = set()
+    for name, info in cls.model_fields.items():
+        ann, _ = _unwrap(info.annotation)
+        if ann is Any or (typing.get_origin(ann) is list and typing.get_args(ann) in ((Any,), ())):
+            out.add(name)
+    return frozenset(out)
+
+
+def writable_path(p: Path | None, folder: bool = False) -> Path | None:
+    """An output path whose existing ancestors are folders (and, for a folder, not itself a file):
+    otherwise a FileExistsError after the training. ValueError naming the file in the way."""
+    if p is None:
+        return p
+    for parent in [*reversed(p.parents), *([p] if folder else [])]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"'{parent}' is a file, so '{p}' cannot be written{' as a folder' if parent == p else ' under it'}")
+    return p
+
+
+OutputPath = Annotated[Path, AfterValidator(writable_path)]
+OutputDir = Annotated[Path, AfterValidator(functools.partial(writable_path, folder=True))]
 
 
 def join_path(prefix: str, loc: tuple) -> str:
@@ -115,9 +186,12 @@ def describe(ann, meta) -> str:
 
 
 def _format(cls: type, err: dict, prefix: str) -> RecipeError:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-    path = join_path(prefix, loc)
     kind = err["type"]
+    # Drop pydantic's own steps ('function-after[...]', 'list[int]'); an unknown key is always the user's.
+    raw = err["loc"][:-1] if kind == "extra_forbidden" else err["loc"]
+    loc = tuple(p for p in raw if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    loc += err["loc"][-1:] if kind == "extra_forbidden" else ()
+    path = join_path(prefix, loc)
     got = err.get("input")
     if kind == "extra_forbidden":
         parent, _ = _field_at(cls, loc[:-1])
@@ -138,9 +212,13 @@ def _format(cls: type, err: dict, prefix: str) -> RecipeError:
     if kind == "too_long":
         return RecipeError(path, f"expected at most {ctx.get('max_length')} item(s), got {got!r}")
     ann, meta = _field_at(cls, loc)
+    if kind == "finite_number" and ann is None:
+        return RecipeError(path, f"expected a finite number, got {got!r}")
     if ann is None:
         return RecipeError(path, f"{err.get('msg', 'invalid value')}, got {got!r}")
     desc = describe(ann, meta)
+    if kind == "finite_number":
+        desc = desc.replace("a number", "a finite number", 1)
     hint = ""
     if typing.get_origin(ann) is Literal and isinstance(got, str):
         hint = did_you_mean(got, [str(a) for a in typing.get_args(ann)])

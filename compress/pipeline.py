@@ -62,6 +62,7 @@ class PipelineState:
             "log_path": self.run_dir / "metrics.jsonl" if self.run_dir else None,
             "state_path": d / "trainer_state.pt" if d else None,
             "epoch_dir": d,
+            "where": self.stage.path if self.stage else None,  # key path in one-line training errors
         }
 
 

@@ -17,7 +17,8 @@ from typing import Annotated, Any, Optional
 import yaml
 from pydantic import Field, field_validator
 
-from compress.config import StrictModel, validate
+from compress import yamlsafe
+from compress.config import OutputDir, Seed, StrictModel, validate
 from compress.data.bundle import DataSpec, parse_data_spec
 from compress.errors import RecipeError, RecipeErrors
 from compress.models.registry import ImportSpec, ModelSpec, parse_model_spec
@@ -72,12 +73,12 @@ def check_chain(stages: list["StageSpec"]) -> None:
 
 
 class OutputConfig(StrictModel):
-    dir: Optional[Path] = None  # default: runs/<recipe name>
+    dir: Optional[OutputDir] = None  # default: runs/<recipe name>
 
 
 class _RecipeTop(StrictModel):
     name: str
-    seed: int = 0
+    seed: Seed = 0
     data: Any
     model: Any
     teacher: Any = None
@@ -152,7 +153,7 @@ def interpolate(node: Any, env: dict | None = None, path: str = "", used: dict |
         value = _VAR.sub(sub, node)
         if _VAR.fullmatch(node):  # a whole-value variable takes the type YAML gives its text
             try:
-                return yaml.safe_load(value) if value.strip() else value
+                return yamlsafe.loads(value) if value.strip() else value
             except yaml.YAMLError:
                 return value
         return value
@@ -165,7 +166,9 @@ def apply_override(doc: dict, assignment: str) -> None:
         raise RecipeError("--set", f"expected KEY.PATH=VALUE, got '{assignment}'")
     key, _, text = assignment.partition("=")
     try:
-        value = yaml.safe_load(text)
+        value = yamlsafe.loads(text)
+    except yamlsafe.Refused as exc:
+        raise RecipeError(f"--set {key}", exc.problem) from None
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")
@@ -194,17 +197,7 @@ def apply_override(doc: dict, assignment: str) -> None:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError("", f"{path}: no such recipe file")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError("", f"{path}: not valid YAML{where}: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError("", f"{path}: not valid YAML: {exc}") from None
+    doc = yamlsafe.load_file(path)  # bounded: duplicate keys, alias bombs, deep nesting, odd tags refused
     if not isinstance(doc, dict):
         raise RecipeError("", f"{path}: expected a mapping of recipe keys at the top level, got {type(doc).__name__}")
     return doc

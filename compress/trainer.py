@@ -16,14 +16,16 @@ from typing import Any, Iterable, Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from compress.config import StrictModel
 from compress.errors import CompressError
 from compress.data import DataBundle
 from compress.metrics import LOSSES, MetricAccumulator, default_loss, primary_metric
-from compress.utils import append_jsonl, atomic_path, resolve_device
+from compress.utils import append_jsonl, atomic_path, check_device, resolve_device
+
+NONFINITE_CHECK_EVERY = 16  # steps between checks of the loss for inf/nan (each check is one device sync)
 
 
 class OptimizerConfig(StrictModel):
@@ -77,6 +79,11 @@ class TrainConfig(StrictModel):
     head: str = "auto"
     device: str = "auto"
     progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
 
 
 @dataclass
@@ -165,8 +172,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, data: DataBundle, hooks: Iterable[Hook] = (),
                  *, name: str = "train", seed: int = 0, log_path: Path | None = None,
-                 state_path: Path | None = None, epoch_dir: Path | None = None):
+                 state_path: Path | None = None, epoch_dir: Path | None = None, where: str | None = None):
         self.model, self.cfg, self.data = model, cfg, data
+        self.where = where or name  # the recipe key path of the stage, for error messages
         # A model can bring its own loss terms (KernelNet's kernel regularizer): ``model.training_hooks()``.
         self.hooks = list(hooks) + list(getattr(model, "training_hooks", lambda: [])())
         self.name, self.seed = name, seed
@@ -267,16 +275,21 @@ class Trainer:
         best_hooks = None  # the hooks' state at the best epoch (FitNets adapters): kept with the weights
         has_val = self.data.has("val") and len(self.data.dataset("val")) > 0
         if self.state_path is not None and self.state_path.is_file():
-            st = torch.load(self.state_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            if sched is not None and st.get("scheduler"):
-                sched.load_state_dict(st["scheduler"])
-            for h, hs in zip(self.hooks, st.get("hooks", [])):
-                h.load_state_dict(hs)
-            self.epoch, self.step, self.history = st["epoch"], st["step"], st["history"]
-            best_value, best_state, bad_epochs = st["best_value"], st["best_state"], st["bad_epochs"]
-            best_hooks = st.get("best_hooks")
+            try:
+                st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+                model.load_state_dict(st["model"])
+                opt.load_state_dict(st["optimizer"])
+                if sched is not None and st.get("scheduler"):
+                    sched.load_state_dict(st["scheduler"])
+                for h, hs in zip(self.hooks, st.get("hooks", [])):
+                    h.load_state_dict(hs)
+                self.epoch, self.step, self.history = st["epoch"], st["step"], st["history"]
+                best_value, best_state, bad_epochs = st["best_value"], st["best_state"], st["bad_epochs"]
+                best_hooks = st.get("best_hooks")
+            except Exception as exc:  # torch raises many types for empty, truncated or foreign files
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty or truncated file"
+                raise CompressError(f"{self.where}: cannot resume from {self.state_path} ({type(exc).__name__}: "
+                                    f"{detail}); delete that file to restart this stage from its first epoch") from None
         for h in self.hooks:
             h.on_fit_start(self)
         show = cfg.progress and is_main_process()
@@ -291,6 +304,7 @@ class Trainer:
             if cfg.freeze_backbone_epochs:
                 self._freeze_backbone(epoch < cfg.freeze_backbone_epochs)
             acc = MetricAccumulator(self.data.task)
+            nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
             t0, seen = time.perf_counter(), 0
             for raw in tqdm(loader, desc=f"{self.name} {epoch + 1}/{cfg.epochs}", leave=False,
                             disable=None if show else True):  # None: no bar when not a terminal (CI logs)
@@ -308,7 +322,7 @@ class Trainer:
                     loss.backward()
                     if cfg.grad_clip:  # everything the optimizer updates, hook parameters (adapters) included
                         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-                    last.update(out=out, base=base)
+                    last.update(out=out, base=base, loss=loss.detach())
                     return loss
 
                 if isinstance(opt, torch.optim.LBFGS):
@@ -317,6 +331,9 @@ class Trainer:
                     closure()
                     opt.step()
                 out, base = last["out"], last["base"]
+                nonfinite = nonfinite | ~torch.isfinite(last["loss"])
+                if (self.step + 1) % NONFINITE_CHECK_EVERY == 0 and bool(nonfinite):
+                    self._diverged(epoch, opt)
                 if sched is not None:
                     sched.step()
                 for h in self.hooks:
@@ -325,6 +342,12 @@ class Trainer:
                 seen += b.inputs.shape[0]
                 self.step += 1
             elapsed = time.perf_counter() - t0
+            # Before anything of this epoch is logged or saved: a NaN loss or NaN weights stop here, and
+            # the run directory keeps the state of the last good epoch.
+            for p in model.parameters():
+                nonfinite = nonfinite | ~torch.isfinite(p.detach()).all().to(nonfinite.device)
+            if bool(nonfinite):  # one sync per epoch
+                self._diverged(epoch, opt)
             row: dict[str, Any] = {"stage": self.name, "epoch": epoch + 1}
             row.update({f"train_{k}": v for k, v in acc.compute().items()})
             if has_val:
@@ -368,6 +391,12 @@ class Trainer:
         for h in self.hooks:
             h.on_fit_end(self)
         return self.history[-1] if self.history else {}
+
+    def _diverged(self, epoch: int, opt) -> None:
+        lr = opt.param_groups[0]["lr"]
+        raise CompressError(f"{self.where}: training diverged in epoch {epoch + 1}/{self.cfg.epochs} (the loss or the weights "
+                            f"became inf/nan) and was stopped. Lower the learning rate (now {lr:.3g}) or set grad_clip, and check the "
+                            "data for extreme values; finished stages and epochs are kept in the run directory")
 
     def _save_state(self, opt, sched, best_value, best_state, bad_epochs, best_hooks=None) -> None:
         st = {"model": self.model.state_dict(), "optimizer": opt.state_dict(),

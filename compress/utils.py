@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from compress.errors import CompressError
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -64,7 +66,32 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def check_device(name: str) -> str:
+    """``name`` if this machine has that device ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'); ValueError saying what it has."""
+    if name == "auto":
+        return name
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name!r} needs a CUDA GPU and this machine has none; use 'auto' or 'cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name!r}: Apple's MPS is not available on this machine; use 'auto' or 'cpu'")
+    return name
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check_device(name)
+    except ValueError as exc:
+        raise CompressError(f"device: {exc}") from None
     return torch.device(name)

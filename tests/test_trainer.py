@@ -1,4 +1,5 @@
 """The shared training loop: optimizers, schedules, early stopping, hooks, metrics."""
+import json
 import math
 
 import pytest
@@ -191,3 +192,61 @@ def test_lbfgs_full_batch_and_model_provided_hooks(data):
     assert trainer.step == 2  # one full-batch step per epoch
     assert model.calls > 2  # L-BFGS evaluated the closure (with the model's hook) several times per step
     assert evaluate(model, data, "test")["accuracy"] > 0.8
+
+
+class _NanFrom(Hook):
+    """Makes the loss NaN from a given epoch on (a run that diverges)."""
+
+    def __init__(self, epoch: int):
+        self.from_epoch, self.epoch = epoch, 0
+
+    def on_epoch_start(self, trainer, epoch):
+        self.epoch = epoch
+
+    def loss(self, trainer, batch, outputs, loss):
+        return loss * float("nan") if self.epoch >= self.from_epoch else loss
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_epoch(data, tmp_path):
+    from compress.errors import CompressError
+
+    state, log = tmp_path / "trainer_state.pt", tmp_path / "metrics.jsonl"
+    cfg = TrainConfig(epochs=3, progress=False)
+    trainer = Trainer(_model(data), cfg, data, [_NanFrom(1)], state_path=state, log_path=log, where="stages[1].train")
+    with pytest.raises(CompressError) as exc:
+        trainer.fit()
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert msg.startswith("stages[1].train: training diverged in epoch 2/3") and "learning rate" in msg
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1]  # no row for the bad epoch
+    # Resuming picks up the good epoch (and, with the cause fixed, finishes).
+    resumed = Trainer(_model(data), cfg, data, state_path=state)
+    resumed.fit()
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file", b"PK\x03\x04truncated"])
+def test_unreadable_trainer_state_is_one_line(data, tmp_path, content):
+    from compress.errors import CompressError
+
+    state = tmp_path / "trainer_state.pt"
+    state.write_bytes(content)
+    with pytest.raises(CompressError, match=r"^train: cannot resume from .*trainer_state.pt \(.*\); delete that file"):
+        Trainer(_model(data), TrainConfig(epochs=1, progress=False), data, state_path=state).fit()
+    assert state.read_bytes() == content  # nothing deleted behind the user's back
+
+
+def test_device_must_exist_on_this_machine(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    for bad, why in (("cuda:2", "this machine has 2 CUDA GPU"), ("banana", "expected 'auto', 'cpu'"), ("xla", "expected")):
+        with pytest.raises(ValidationError, match=why):
+            TrainConfig(device=bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValidationError, match="this machine has none"):
+        TrainConfig(device="cuda")

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import gzip
+import io
+import math
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from compress.config import MAX_WIDTH, Seed, Width
 from compress.data.bundle import DataBundle, DataSpec, register_dataset, tensor_splits
 from compress.errors import RecipeError
 
@@ -32,13 +35,24 @@ def digits(spec: DataSpec) -> DataBundle:
     return _bundle(spec, x, torch.tensor(d.target, dtype=torch.long), classes=[str(c) for c in range(10)])
 
 
+MAX_SYNTHETIC_VALUES = 1 << 28  # 1 GiB of float32
+
+
 class SyntheticSpec(DataSpec):
-    num_samples: int = Field(512, ge=8)
-    num_classes: int = Field(4, ge=2)
-    shape: list[int] = [1, 8, 8]
+    num_samples: int = Field(512, ge=8, le=1 << 24)
+    num_classes: int = Field(4, ge=2, le=MAX_WIDTH)
+    shape: list[Width] = Field(default_factory=lambda: [1, 8, 8], min_length=1)
     task: Literal["classification", "regression"] = "classification"
     noise: float = Field(0.5, ge=0)
-    seed: int = 0
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SyntheticSpec":
+        values = self.num_samples * int(np.prod(self.shape))
+        if values > MAX_SYNTHETIC_VALUES:
+            raise ValueError(f"num_samples x shape is {values} values; at most {MAX_SYNTHETIC_VALUES} "
+                             "(it is held in memory)")
+        return self
 
 
 @register_dataset("synthetic", config=SyntheticSpec,
@@ -76,13 +90,24 @@ class NpzSpec(FileSpec):
 
 @register_dataset("npz", config=NpzSpec, description="your own arrays: an .npz file with inputs and targets")
 def npz(spec: NpzSpec) -> DataBundle:
-    with np.load(spec.path, allow_pickle=False) as f:
-        for k in (spec.x_key, spec.y_key):
-            if k not in f:
-                raise RecipeError("data.x_key" if k == spec.x_key else "data.y_key",
-                                  f"'{spec.path}' has no array '{k}'; it has {', '.join(f.files)}")
-        x, y = f[spec.x_key], f[spec.y_key]
-    return _arrays(spec, x, y)
+    import zipfile
+
+    try:
+        f = np.load(spec.path, allow_pickle=False)
+        if not hasattr(f, "files"):  # a plain .npy array
+            raise RecipeError("data.path", f"'{spec.path}' holds one array; expected an .npz archive (numpy.savez) "
+                                           f"with arrays '{spec.x_key}' and '{spec.y_key}'")
+        with f:
+            for k in (spec.x_key, spec.y_key):
+                if k not in f:
+                    raise RecipeError("data.x_key" if k == spec.x_key else "data.y_key",
+                                      f"'{spec.path}' has no array '{k}'; it has {', '.join(f.files)}")
+            x, y = f[spec.x_key], f[spec.y_key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # not an archive, pickled objects, corrupt
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise RecipeError("data.path", f"'{spec.path}': not a readable .npz archive of numeric arrays ({first})") from None
+    names = {"x": f"array '{spec.x_key}'", "y": f"array '{spec.y_key}'"}
+    return _arrays(spec, x, y, lambda which, i=None: f"'{spec.path}', {names[which]}" + (f", row {i}" if i is not None else ""))
 
 
 class CsvSpec(FileSpec):
@@ -93,26 +118,82 @@ class CsvSpec(FileSpec):
 def csv(spec: CsvSpec) -> DataBundle:
     import csv as _csv
 
-    with open(spec.path, newline="") as f:
-        rows = list(_csv.reader(f))
-    if not rows or spec.target not in rows[0]:
-        raise RecipeError("data.target", f"'{spec.path}' has no column '{spec.target}'; header is {rows[0] if rows else []}")
-    header, body = rows[0], rows[1:]
-    t = header.index(spec.target)
+    data = spec.path.read_bytes()
     try:
-        x = np.array([[float(v) for i, v in enumerate(r) if i != t] for r in body], dtype=np.float32)
-        y = np.array([float(r[t]) for r in body])
-    except ValueError as exc:
-        raise RecipeError("data.path", f"'{spec.path}': every column must be numeric ({exc})") from None
-    return _arrays(spec, x, y)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RecipeError("data.path", f"'{spec.path}', line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                                       "save the table as UTF-8") from None
+    xs, ys, lines = [], [], []
+    reader = _csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        if spec.target not in header:
+            raise RecipeError("data.target", f"'{spec.path}' has no column '{spec.target}'; header is {header}")
+        t = header.index(spec.target)
+        for row in reader:
+            if not row:
+                continue  # a blank line
+            where = f"'{spec.path}', line {reader.line_num}"
+            if len(row) != len(header):
+                raise RecipeError("data.path", f"{where}: expected {len(header)} columns as in the header, got {len(row)}")
+            values = []
+            for i, v in enumerate(row):
+                try:
+                    number = float(v)
+                except ValueError:
+                    number = None
+                if number is None or not math.isfinite(number):
+                    raise RecipeError("data.path", f"{where}, column {i + 1} ('{header[i]}'): expected a finite number, "
+                                                   f"got {v!r}")
+                values.append(number)
+            ys.append(values.pop(t))
+            xs.append(values)
+            lines.append(reader.line_num)
+    except _csv.Error as exc:  # an unterminated quote, a field too large
+        raise RecipeError("data.path", f"'{spec.path}', line {reader.line_num}: not a valid CSV row ({exc})") from None
+    if not xs:
+        raise RecipeError("data.path", f"'{spec.path}' has a header but no data rows")
+    return _arrays(spec, np.array(xs), np.array(ys), lambda which, i=None: f"'{spec.path}'" + (f", line {lines[i]}" if i is not None else ""))
 
 
-def _arrays(spec: FileSpec, x: np.ndarray, y: np.ndarray) -> DataBundle:
+MAX_CLASSES = MAX_WIDTH
+
+
+def _arrays(spec: FileSpec, x: np.ndarray, y: np.ndarray, where) -> DataBundle:
+    """Check user arrays before anything trains on them: numbers, finite, one row per target, class ids.
+
+    ``where(which, i)`` names row ``i`` of the inputs (``'x'``) or targets (``'y'``) in the user's file
+    (``where(which)``: the file or array itself).
+    """
+    for which, a in (("x", x), ("y", y)):
+        if a.dtype.kind not in "biuf":
+            raise RecipeError("data.path", f"{where(which)}: expected numbers, got dtype {a.dtype}")
+        if a.ndim == 0 or len(a) == 0:
+            raise RecipeError("data.path", f"{where(which)}: expected one row per sample, "
+                                           f"got shape {a.shape}")
     if len(x) != len(y):
         raise RecipeError("data.path", f"inputs have {len(x)} rows but targets have {len(y)}")
-    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are reported below
+        xf, yf = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32)
+    for which, a, conv in (("x", x, xf), ("y", y, yf)):
+        bad = ~np.isfinite(conv)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise RecipeError("data.path", f"{where(which, idx[0])}: expected finite numbers, got {a[idx].item()!r}"
+                                           f"{' (beyond float32)' if np.isfinite(a[idx]) else ''}")
+    xt = torch.as_tensor(xf)
     if spec.task == "classification":
-        yt = torch.as_tensor(np.asarray(y)).long()
+        if y.ndim != 1:
+            raise RecipeError("data.task", f"classification needs one class id per row, but the targets have shape "
+                                           f"{y.shape}; use task: regression for several targets")
+        bad = (y < 0) | (y != np.floor(y)) | (y >= MAX_CLASSES)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise RecipeError("data.path", f"{where('y', i)}: expected a class id in [0, {MAX_CLASSES}), got {y[i].item()!r} "
+                                           "(use task: regression for real-valued targets)")
+        yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
     else:
         yt = torch.as_tensor(np.asarray(y, dtype=np.float32))
         yt = yt.unsqueeze(1) if yt.ndim == 1 else yt

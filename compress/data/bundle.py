@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from compress.config import StrictModel, validate
+from compress.config import Seed, StrictModel, validate
 from compress.errors import RecipeError
 from compress.registry import Registry
 
@@ -22,10 +22,10 @@ class DataSpec(StrictModel):
     name: str
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=1024)  # each one is a process
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
 
 
 @dataclass

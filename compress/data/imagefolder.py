@@ -15,7 +15,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from compress.data.bundle import DataBundle, DataSpec, register_dataset
-from compress.errors import RecipeError
+from compress.errors import CompressError, RecipeError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -25,8 +25,8 @@ LAYOUT = ("expected a folder holding train/ and val/, each with one folder of im
 
 class ImageFolderSpec(DataSpec):
     root: Path
-    image_size: int = Field(224, ge=8)  # the square crop the model sees: input_shape = (3, size, size)
-    resize: Optional[int] = Field(None, ge=8)  # shorter side before the centre crop; default size / 0.875
+    image_size: int = Field(224, ge=8, le=8192)  # the square crop the model sees: input_shape = (3, size, size)
+    resize: Optional[int] = Field(None, ge=8, le=8192)  # shorter side before the centre crop; default size / 0.875
     random_resized_crop: bool = True  # train only; off: the val transform (resize + centre crop)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area range of RandomResizedCrop
     hflip: bool = True  # train only
@@ -73,6 +73,29 @@ def transforms(spec: ImageFolderSpec, train: bool):
     return T.Compose(steps)
 
 
+class UnreadableImage(CompressError):
+    """An image file PIL cannot decode (truncated, not an image), named with its path."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker's exception comes back as this class built from the worker's whole traceback
+        # text (torch's ExceptionWrapper.reraise); its last line ends with the one-line message we raised.
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def load_image(path: str):
+    """torchvision's PIL loader (open, convert to RGB), with decoding errors named by file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnreadableImage(f"data.root: '{path}' is not a readable image ({detail}); remove or replace it") from None
+
+
 def _folder(root: Path, split: str, max_per_class: Optional[int]):
     """One split as a torchvision ImageFolder, with folder problems turned into ``data.root`` errors."""
     from torchvision.datasets import ImageFolder
@@ -82,7 +105,7 @@ def _folder(root: Path, split: str, max_per_class: Optional[int]):
     if not any(p.is_dir() for p in d.iterdir()):
         raise RecipeError("data.root", f"'{d}' has no class folders; {LAYOUT}")
     try:
-        ds = ImageFolder(str(d))
+        ds = ImageFolder(str(d), loader=load_image)
     except FileNotFoundError as exc:  # torchvision: "Found no valid file for the classes a, b. Supported ..."
         empty = str(exc).split("classes ", 1)[-1].split(". ", 1)[0]
         raise RecipeError("data.root", f"'{d}': class folder(s) {empty} hold no images "

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, ValidationInfo, field_validator
 
+from compress.config import Width
 from compress.models.registry import MODELS, ModelSpec, register_model
 from compress.registry import Entry, did_you_mean
 
@@ -17,7 +18,7 @@ Activation = Literal["relu", "gelu", "tanh", "sigmoid"]
 
 
 class MLPSpec(ModelSpec):
-    hidden: list[int] = Field(default_factory=lambda: [128])
+    hidden: list[Width] = Field(default_factory=lambda: [128])
     activation: Activation = "relu"
     dropout: float = Field(0.0, ge=0, lt=1)
     input_dropout: float = Field(0.0, ge=0, lt=1)
@@ -44,7 +45,7 @@ def _flat_size(features: nn.Module, input_shape) -> int:
 
 
 class LeNet5Spec(ModelSpec):
-    width: float = Field(1.0, gt=0)  # channel/unit multiplier: 4 gives the "4x wide" LeNet-5
+    width: float = Field(1.0, gt=0, le=256)  # channel/unit multiplier: 4 gives the "4x wide" LeNet-5
     activation: Activation = "relu"
 
 
@@ -83,7 +84,7 @@ def lenet5(spec: LeNet5Spec, input_shape, num_outputs) -> nn.Module:
 
 
 class SmallCNNSpec(ModelSpec):
-    widths: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    widths: list[Width] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from compress.checkpoint import TRANSFORMS, record_transform
+from compress.config import Width
 from compress.models.builtin import ACTIVATIONS, Activation
 from compress.models.registry import ModelSpec, register_model
 from compress.trainer import Hook, Trainer
@@ -204,21 +205,14 @@ def _replay_bake(model: nn.Module, params: dict, state_dict: dict) -> nn.Module:
 
 
 class KernelNetSpec(ModelSpec):
-    hidden: list[int] = Field(default_factory=lambda: [500, 500], min_length=1)
+    hidden: list[Width] = Field(default_factory=lambda: [500, 500], min_length=1)
     kernel: Kernel = "finite"
-    dim: int = Field(5, ge=1)  # location vector size
+    dim: int = Field(5, ge=1, le=1024)  # location vector size
     activation: Activation = "sigmoid"
     lambda_2: float = Field(20.0, ge=0)  # GLocal-K's ML-100K values; KernelNet used 60 / 0.013 on ML-1M
     lambda_s: float = Field(0.006, ge=0)
     clip: Optional[tuple[float, float]] = (1.0, 5.0)  # rating range applied at evaluation; null for none
     output_kernel: bool = True
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(h < 1 for h in v):
-            raise ValueError(f"expected positive layer widths, got {v}")
-        return v
 
     @field_validator("clip")
     @classmethod

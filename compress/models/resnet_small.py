@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch.nn as nn
 from pydantic import Field
 
+from compress.config import Width
 from compress.models.builtin import _image_shape
 from compress.models.registry import ModelSpec, register_model
 
 
 class SmallResNetSpec(ModelSpec):
-    widths: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)  # channels per stage
-    blocks: int = Field(1, ge=1)  # basic blocks per stage
+    widths: list[Width] = Field(default_factory=lambda: [16, 32, 64], min_length=1)  # channels per stage
+    blocks: int = Field(1, ge=1, le=1024)  # basic blocks per stage
     stem_stride: int = Field(2, ge=1, le=2)  # 2: a 28x28 digit runs at 14x14 (4x fewer MACs)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from compress.config import StrictModel
+from compress.config import OutputPath, StrictModel
 from compress.errors import CompressError
 from compress.measure import evaluate_onnx, onnx_run, onnx_session, to_onnx
 from compress.recipe import register_stage
@@ -32,7 +32,7 @@ class ExportConfig(StrictModel):
     # Models with 8-bit quantizers: the CPU the int8 file must be right on (compress/quant/int8.py). any:
     # weights that could saturate the U8S8 kernels of CPUs without VNNI are stored as uint8 (exact, U8U8).
     target_cpu: Literal["any", "vnni", "native"] = "any"
-    path: Optional[Path] = None  # default: <stage dir>/model.onnx (recipe) or ./model.onnx (Python)
+    path: Optional[OutputPath] = None  # default: <stage dir>/model.onnx (recipe) or ./model.onnx (Python)
 
 
 def check_parity(model: nn.Module, onnx_path: Path, data, cfg: ExportConfig, quantized: bool = False) -> dict:

@@ -81,3 +81,47 @@ def test_genuine_mnist_t10k(shared_data):
     assert [len(d.dataset(s)) for s in ("train", "val", "test")] == [7200, 800, 2000]
     xb, _ = next(iter(d.loader("test")))
     assert abs(float(xb.mean())) < 0.2  # normalised with MNIST statistics
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: _npz(p, x=np.array([[1.0, np.inf]] * 4), y=np.arange(4) % 2), r"d.npz', array 'x', row 0: expected finite numbers, got inf"),
+    (lambda p: _npz(p, x=np.ones((4, 2)) * 1e39, y=np.arange(4) % 2), r"row 0: expected finite numbers, got 1e\+39 \(beyond float32\)"),
+    (lambda p: _npz(p, x=np.ones((4, 2)), y=np.array([0, 1, -1, 0])), r"array 'y', row 2: expected a class id in \[0, 65536\), got -1"),
+    (lambda p: _npz(p, x=np.ones((4, 2)), y=np.array([0, 1, 0.5, 0])), r"array 'y', row 2: expected a class id .* got 0.5"),
+    (lambda p: _npz(p, x=np.array([["a", "b"]] * 4), y=np.arange(4)), r"array 'x': expected numbers, got dtype <U1"),
+    (lambda p: _npz(p, x=np.ones((4, 2)), y=np.arange(3)), r"inputs have 4 rows but targets have 3"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"), r"d.npz': not a readable .npz archive"),
+    (lambda p: np.save(open(p, "wb"), np.ones(3)), r"d.npz' holds one array; expected an .npz archive"),
+])
+def test_npz_problems_name_the_file_and_row(tmp_path, make, match):
+    make(tmp_path / "d.npz")
+    with pytest.raises(RecipeError, match=r"^data\.\w+: .*" + match):
+        create_data({"name": "npz", "path": str(tmp_path / "d.npz")})
+
+
+@pytest.mark.parametrize("text,match", [
+    ("a,b,target\n1,2,0\n3,nan,1\n", r"d.csv', line 3, column 2 \('b'\): expected a finite number, got 'nan'"),
+    ("a,b,target\n1,2,0\n\n3,,1\n", r"d.csv', line 4, column 2 \('b'\): expected a finite number, got ''"),
+    ("a,b,target\n1,2,0\n3,1e999,1\n", r"line 3, column 2 \('b'\): expected a finite number, got '1e999'"),
+    ("a,b,target\n1,2,0\n3,4\n", r"d.csv', line 3: expected 3 columns as in the header, got 2"),
+    ("a,b,target\n", r"d.csv' has a header but no data rows"),
+    ("a,b,target\n1,2,0\n1,2,-3\n", r"d.csv', line 3: expected a class id in \[0, 65536\), got -3"),
+    ("a,b,target\n1,2,0\n\"1,2,0\n", r"d.csv', line \d+: .*"),
+    ("a,b,target\n1,2,0\nbad,é,1\n".encode("latin-1"), r"d.csv', line 3: not UTF-8 text \(byte 0xe9\)"),
+])
+def test_csv_problems_name_the_file_line_and_column(tmp_path, text, match):
+    path = tmp_path / "d.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(RecipeError, match=r"^data\.path: .*" + match):
+        create_data({"name": "csv", "path": str(path)})
+
+
+def test_synthetic_sizes_are_bounded_before_allocating():
+    with pytest.raises(RecipeErrors, match=r"data: num_samples x shape is .* values; at most"):
+        create_data({"name": "synthetic", "num_samples": 1 << 24, "shape": [3, 256, 256]})
+    with pytest.raises(RecipeErrors, match=r"data.shape\[1\]: expected an integer in \[1, 65536\], got 0"):
+        create_data({"name": "synthetic", "shape": [1, 0]})

@@ -140,3 +140,18 @@ def test_missing_root_and_bad_options_are_recipe_errors(tmp_path):
     lines = str(exc.value).splitlines()
     assert any(line.startswith("data.crop_scale: expected [min, max]") for line in lines)
     assert any(line.startswith("data.validation: expected one of 'carve', 'val'") for line in lines)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_is_named_in_one_line(tmp_path, workers):
+    """Truncated or non-image files fail when read, naming the file, also from DataLoader worker processes."""
+    from compress.data.imagefolder import UnreadableImage
+
+    root = folder(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1})
+    bad = root / "train" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    d = data(root, val_fraction=0, num_workers=workers, batch_size=6)
+    with pytest.raises(UnreadableImage) as exc:
+        next(iter(d.loader("train", shuffle=False)))
+    msg = str(exc.value)
+    assert msg.startswith(f"data.root: '{bad}' is not a readable image (") and "\n" not in msg
