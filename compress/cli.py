@@ -1,50 +1,11 @@
 """The ``compress`` command line: run, validate, list (more commands register themselves here)."""
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 
 import click
 
-from compress.errors import CompressError
-
-EXIT_USAGE = 2
-
-
-def friendly_errors(fn):
-    """User mistakes become one 'error:' line per problem on stderr and exit status 2, no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CompressError as exc:
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                click.echo(f"error: {line}", err=True)
-            sys.exit(EXIT_USAGE)
-
-    return wrapper
-
-
-def check_output(option: str, path: Path | None, folder: bool = False) -> None:
-    """An output option under a regular file is one line before any work, not a FileExistsError after it."""
-    from compress.config import writable_path
-
-    try:
-        writable_path(path, folder)
-    except ValueError as exc:
-        raise CompressError(f"{option}: {exc}") from None
-
-
-recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-allow_import_opt = click.option(
-    "--allow-import", is_flag=True, default=None,
-    help="Let model specs with 'import: pkg.module:factory' (in the recipe or a checkpoint) import and call "
-         "that code. Only for files you trust. Same as COMPRESS_ALLOW_IMPORT=1.")
-set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                       help="Override a recipe key, e.g. --set stages.0.train.epochs=1 (repeatable).")
-
+from compress.cli_options import allow_import_opt, check_output, friendly_errors, recipe_arg, set_opt  # noqa: F401
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="compress")
@@ -104,7 +65,7 @@ def list_(what):
     import compress.stages  # noqa: F401
     from compress.data import DATASETS
     from compress.models import MODELS
-    from compress.recipe import STAGES
+    from compress.stages.base import STAGES
 
     for title, reg in (("stages", STAGES), ("models", MODELS), ("datasets", DATASETS)):
         if what and what != title:
@@ -116,7 +77,7 @@ def list_(what):
             click.echo(f"  {'<torchvision>':<14} any torchvision.models classifier by name (resnet50, mobilenet_v3_small, ...)")
 
 
-from compress import cli_report  # noqa: E402  (its commands import friendly_errors from here)
+from compress import cli_report  # noqa: E402  (commands live beside; shared options in cli_options)
 cli.add_command(cli_report.bench)
 cli.add_command(cli_report.report)
 from compress.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.cli import allow_import_opt, check_output, friendly_errors, set_opt
+from compress.cli_options import allow_import_opt, check_output, friendly_errors, set_opt
 
 
 @click.command()

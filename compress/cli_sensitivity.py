@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from compress.cli import allow_import_opt, check_output, friendly_errors, recipe_arg, set_opt
+from compress.cli_options import allow_import_opt, check_output, friendly_errors, recipe_arg, set_opt
 from compress.errors import RecipeError
 
 
@@ -72,13 +72,10 @@ def sensitivity(recipe, overrides, layers, ratios, method, importance, checkpoin
             raise RecipeError("--layers", f"no prunable layer named '{n}'; the model has {', '.join(known)}{did_you_mean(n, known)}")
     out = out or Path("runs") / f"{p.recipe.name}-sensitivity"
     if checkpoint is None:
-        before = p.recipe.stages[:first.index] if first else p.recipe.stages
-        from compress.recipe import STAGES
-
-        for spec in before:  # e.g. train: the analysis needs a trained model; nothing is written
+        until = first.index if first else len(p.recipe.stages)
+        for spec in p.recipe.stages[:until]:  # e.g. train: the analysis needs a trained model; nothing is written
             click.echo(f"[sensitivity] running stage {spec.index}: {spec.name} first (give --checkpoint to skip)")
-            state.stage = spec
-            state = STAGES.get(spec.name).obj(state, spec.config) or state
+        state = p.advance(state, until)  # the same per-stage seeds as a run
         model = state.model
     metric, _ = primary_metric(state.data.task)
     base, rows = analyse(model, state.data, names, ratio_list, method, importance, split, ignored)

@@ -74,3 +74,13 @@ class MetricAccumulator:
 def primary_metric(task: str) -> tuple[str, str]:
     """The metric a task is judged by and whether higher is better."""
     return ("accuracy", "max") if task == "classification" else ("rmse", "min")
+
+
+# Keys of a stage's metrics that are task metrics (the rest are facts about the stage for the report).
+TASK_METRICS = ("accuracy", "top5", "loss", "rmse", "mae")
+
+
+def split_metrics(metrics: dict) -> tuple[dict, dict]:
+    """(task metrics, everything else) of a stage's metrics."""
+    return ({k: v for k, v in metrics.items() if k in TASK_METRICS},
+            {k: v for k, v in metrics.items() if k not in TASK_METRICS})

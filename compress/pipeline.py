@@ -3,67 +3,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import torch.nn as nn
 import yaml
 
 from compress.checkpoint import load_model, save_model
-from compress.data import DataBundle, create_data
+from compress.data import create_data
 from compress.errors import CompressError, RecipeError
 from compress.measure import machine_info
 from compress.models import create_model
 from compress.models.registry import ImportSpec
 from compress.report import write_html
-from compress.recipe import STAGES, Recipe, StageSpec, load_recipe, parse_recipe
+from compress.recipe import Recipe, StageSpec, load_recipe, parse_recipe
+from compress.stages.base import STAGES, PipelineState, StageResult, check_outputs
 from compress.rundir import check_output_file, latest_run, open_run_dir
 from compress.safety import allowing_imports, import_allowed, import_refused, redacting
 from compress.utils import append_jsonl, seed_everything, write_json, write_text
-
-
-@dataclass
-class PipelineState:
-    """What flows from stage to stage. A stage takes it and returns it (changed)."""
-
-    model: nn.Module
-    data: DataBundle
-    teacher: Optional[nn.Module] = None
-    recipe: Optional[Recipe] = None
-    run_dir: Optional[Path] = None
-    results: list[dict] = field(default_factory=list)  # one report row per finished stage
-    stage: Optional[StageSpec] = None
-    # Set by a stage whose deployable output is not the PyTorch model (an ONNX file, say):
-    artifact: Optional[Path] = None
-    stage_metrics: Optional[dict] = None  # metrics the stage measured itself (e.g. in ONNX Runtime)
-    extra: dict = field(default_factory=dict)  # per-stage facts for the report (sparsity, bits, ...)
-    subject: Optional[nn.Module] = None  # the model this stage's row describes, when not ``model``
-
-    @property
-    def stage_dir(self) -> Optional[Path]:
-        if self.run_dir is None or self.stage is None:
-            return None
-        d = self.run_dir / "stages" / f"{self.stage.index:02d}_{self.stage.name}"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    @property
-    def seed(self) -> int:
-        base = self.recipe.seed if self.recipe else 0
-        return base * 1000 + (self.stage.index if self.stage else 0)
-
-    def trainer_kwargs(self, name: str | None = None) -> dict:
-        """Where a stage's trainer logs and keeps its resumable state."""
-        d = self.stage_dir
-        return {
-            "name": name or (self.stage.name if self.stage else "train"),
-            "seed": self.seed,
-            "log_path": self.run_dir / "metrics.jsonl" if self.run_dir else None,
-            "state_path": d / "trainer_state.pt" if d else None,
-            "epoch_dir": d,
-            "where": self.stage.path if self.stage else None,  # key path in one-line training errors
-        }
 
 
 def build_state(recipe: Recipe, build_imports: bool = True) -> PipelineState:
@@ -88,34 +44,30 @@ def build_state(recipe: Recipe, build_imports: bool = True) -> PipelineState:
     return PipelineState(model=model, data=data, teacher=teacher, recipe=recipe)
 
 
-def check_outputs(model: nn.Module, data: DataBundle, path: str) -> None:
-    """Run one real batch: the model must accept the data and give one output per class/target."""
-    x = data.example_input(2)
-    was = model.training
-    model.eval()
-    try:
-        import torch
-
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
-        raise RecipeError(path, f"the model does not accept the data's inputs of shape {tuple(x.shape[1:])}: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    finally:
-        model.train(was)
-    want = data.num_outputs
-    if out.ndim != 2 or out.shape[1] != want:
-        raise RecipeError(path, f"expected outputs of shape (batch, {want}) for the data's "
-                                f"{want} {'classes' if data.task == 'classification' else 'targets'}, got {tuple(out.shape)}")
+def run_stage(state: PipelineState, spec: StageSpec) -> StageResult:
+    """Run one stage on ``state`` with its own seed; the state is not changed (``apply`` does that)."""
+    state.stage = spec
+    seed_everything(state.seed)
+    result = STAGES.get(spec.name).obj(state, spec.config)
+    if not isinstance(result, StageResult):
+        raise TypeError(f"stage {spec.name!r} returned {type(result).__name__}, expected a StageResult")
+    return result
 
 
-def measure_stage(state: PipelineState, model_path: Optional[Path]) -> dict:
+def apply(state: PipelineState, result: StageResult) -> None:
+    """Hand a stage's models on to the next one."""
+    state.model = result.model
+    if result.teacher is not None:
+        state.teacher = result.teacher
+
+
+def measure_stage(state: PipelineState, result: StageResult, model_path: Optional[Path]) -> dict:
     """One report row for the stage that just finished; latency interleaved with the first stage's model."""
     from compress.measure import BenchmarkConfig, Subject, measure
 
     cfg = state.recipe.benchmark if state.recipe and state.recipe.benchmark else BenchmarkConfig()
-    model = state.subject if state.subject is not None else state.model
-    artifact = Path(state.artifact) if state.artifact else model_path
+    model = result.subject if result.subject is not None else result.model
+    artifact = Path(result.artifact) if result.artifact else model_path
     onnx = artifact if artifact is not None and artifact.suffix == ".onnx" else None
     baseline = Subject.from_row(state.results[0]) if state.results and cfg.latency else None
     name = state.stage.name if state.stage else "model"
@@ -125,9 +77,9 @@ def measure_stage(state: PipelineState, model_path: Optional[Path]) -> dict:
         "artifact": str(artifact) if artifact else None,
         "model_file": str(model_path) if model_path else None,
     }
-    row.update(measure(Subject(model, onnx, artifact), state.data, cfg, metrics=state.stage_metrics,
+    row.update(measure(Subject(model, onnx, artifact), state.data, cfg, metrics=result.metrics,
                        baseline=baseline, desc=name))
-    row.update(state.extra)
+    row.update(result.facts)
     return row
 
 
@@ -164,9 +116,17 @@ class Pipeline:
     def default_dir(self) -> Path:
         return self.recipe.output.dir or Path("runs") / self.recipe.name
 
+    def advance(self, state: PipelineState, until: int) -> PipelineState:
+        """Run stages ``0 .. until-1`` in memory (no run directory, nothing written), each with its own
+        seed as in ``run``: what sensitivity analysis and searches need before the stage they vary."""
+        for spec in self.recipe.stages[:until]:
+            apply(state, run_stage(state, spec))
+        return state
+
     def run(self, out: str | Path | None = None, *, resume: bool = False, force: bool = False,
-            allow_import: bool | None = None) -> dict:
-        """Run every stage; return the report (also written to ``<run dir>/report.json``).
+            allow_import: bool | None = None, until: Optional[int] = None) -> dict:
+        """Run every stage (``until``: only those before that index); return the report (also written
+        to ``<run dir>/report.json``).
 
         ``allow_import``: the recipe's ``import:`` model specs (and checkpoints naming user code) may be
         imported and called (default: the COMPRESS_ALLOW_IMPORT=1 environment variable).
@@ -184,17 +144,17 @@ class Pipeline:
             try:
                 if resume:
                     self._check_resumable(run_dir)
-                return self._run_stages(state, run_dir, resume)
+                return self._run_stages(state, run_dir, resume, until)
             finally:
                 lock.release()
 
-    def _run_stages(self, state: PipelineState, run_dir: Path, resume: bool) -> dict:
+    def _run_stages(self, state: PipelineState, run_dir: Path, resume: bool, until: Optional[int] = None) -> dict:
         state.run_dir = run_dir
         write_text(run_dir / "recipe.yaml", self.recipe.to_yaml())
         started = time.time()
         saved_teacher = None
         restoring, last_done = resume, None
-        for spec in self.recipe.stages:
+        for spec in self.recipe.stages[:until]:
             state.stage = spec
             done = state.stage_dir / "done.json"
             if restoring and done.is_file():
@@ -204,26 +164,24 @@ class Pipeline:
             if restoring:  # the first stage that runs: what a killed run left of it goes
                 restoring = False
                 trim_metrics(run_dir / "metrics.jsonl", last_done, state.stage_dir)
-            state.artifact, state.stage_metrics, state.extra, state.subject = None, None, {}, None
-            seed_everything(state.seed)
-            entry = STAGES.get(spec.name)
             t0 = time.time()
-            state = entry.obj(state, spec.config) or state
+            result = run_stage(state, spec)
+            apply(state, result)
             model_path = save_model(state.model, state.stage_dir / "model.pt", meta={"stage": spec.name})
             # The teacher is written only when it changed (trained here, or a new one), not after every stage.
-            if state.teacher is not None and (state.subject is state.teacher or id(state.teacher) != saved_teacher):
+            if state.teacher is not None and (result.subject is state.teacher or id(state.teacher) != saved_teacher):
                 teacher_path = save_model(state.teacher, state.stage_dir / "teacher.pt", meta={"stage": spec.name})
                 saved_teacher = id(state.teacher)
-                if state.subject is state.teacher:
+                if result.subject is state.teacher:
                     model_path = teacher_path
-            row = measure_stage(state, model_path)
+            row = measure_stage(state, result, model_path)
             row["seconds"] = round(time.time() - t0, 2)
             state.results.append(row)
             append_jsonl(run_dir / "metrics.jsonl", {"stage": spec.name, "event": "stage_done", **row})
             write_json(done, row)
             (state.stage_dir / "trainer_state.pt").unlink(missing_ok=True)  # only needed mid-stage
-            self._write_report(state, started)
-        return self._write_report(state, started)
+            self._write_report(state, started, until)
+        return self._write_report(state, started, until)
 
     def _check_resumable(self, out: Path) -> None:
         """Same recipe as the run being resumed; no half-written files left by a killed one."""
@@ -253,7 +211,7 @@ class Pipeline:
         except (CompressError, ValueError, OSError) as exc:
             print(f"[{spec.name}] cannot resume from {d}: {str(exc).splitlines()[0]}; running this stage again")
             for later in self.recipe.stages[spec.index:]:  # their inputs come from this stage: none is finished
-                ld = state.run_dir / "stages" / f"{later.index:02d}_{later.name}"
+                ld = state.stage_dir_of(later)
                 for f in [ld / "done.json", *ld.glob("trainer_state*.pt")]:
                     f.unlink(missing_ok=True)
             return False
@@ -265,11 +223,11 @@ class Pipeline:
         print(f"[{spec.name}] already finished; resumed from {d}")
         return True
 
-    def _write_report(self, state: PipelineState, started: float) -> dict:
+    def _write_report(self, state: PipelineState, started: float, until: Optional[int] = None) -> dict:
         report = {"recipe": self.recipe.name, "seed": self.recipe.seed, "run_dir": str(state.run_dir),
                   "seconds": round(time.time() - started, 2), "stages": state.results, "machine": machine_info()}
         write_json(state.run_dir / "report.json", report)
-        if len(state.results) == len(self.recipe.stages):  # plots once, when every stage has its row
+        if len(state.results) == len(self.recipe.stages[:until]):  # plots once, when every stage has its row
             write_html(report, state.run_dir / "report.html")
         return report
 

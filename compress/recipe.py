@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
 import yaml
 from pydantic import Field, field_validator
@@ -22,55 +22,9 @@ from compress.config import OutputDir, Seed, StrictModel, validate
 from compress.data.bundle import DataSpec, parse_data_spec
 from compress.errors import RecipeError, RecipeErrors
 from compress.models.registry import ImportSpec, ModelSpec, parse_model_spec
-from compress.registry import Registry, did_you_mean
 from compress.rundir import check_run_name
+from compress.stages.base import MODEL_SPEC, STAGES, check_chain
 from compress.safety import MIN_SECRET_LEN, checking_only, redacting
-
-# Mark a stage option as a model spec: ``student: ModelField = None``. The mapping given in the recipe is
-# parsed by the model registry (with the full key path in errors) right after the stage's own options.
-MODEL_SPEC = "compress:model_spec"
-ModelField = Annotated[Optional[Any], MODEL_SPEC]
-
-# name -> run(state, config) -> state; each entry's config is its options' pydantic class.
-STAGES: Registry = Registry("stage")
-
-
-# What a stage's output model is, for stage-to-stage contracts checked before anything runs:
-#   "torch": a trainable float PyTorch model (train, distill, prune take and give this);
-#   "fakequant": a PyTorch model with quantizers in it (QAT): trainable, exportable with Q/DQ nodes;
-#   "packed": a PyTorch model whose weights are stored packed (weight-only k-bit, binary): runs, not trainable;
-#   "onnx": a deployment file (int8 ONNX): only measured or exported from here on.
-MODEL_KINDS = ("torch", "fakequant", "packed", "onnx")
-KIND_WORDS = {"torch": "a float PyTorch model", "fakequant": "a QAT (fake-quantized) PyTorch model",
-              "packed": "a packed low-bit PyTorch model", "onnx": "an ONNX deployment file"}
-
-
-def register_stage(name: str, config: type[StrictModel], description: str = "", check=None,
-                   accepts: tuple[str, ...] = ("torch", "fakequant"), produces=None):
-    """Register a stage.
-
-    ``check(recipe, index, config)`` runs at validation time for cross-key rules. ``accepts`` lists the
-    model kinds the stage can take; ``produces(config, kind_in) -> kind`` (or a fixed kind; default:
-    unchanged) says what it hands on.
-    """
-    return STAGES.register(name, config=config, description=description, check=check,
-                           accepts=tuple(accepts), produces=produces)
-
-
-def check_chain(stages: list["StageSpec"]) -> None:
-    """Refuse stage orders that cannot work (pruning after an int8 export, say), before any training."""
-    kind, made_by = "torch", None
-    for s in stages:
-        entry = STAGES.get(s.name)
-        accepts, produces = entry.extra.get("accepts", ("torch",)), entry.extra.get("produces")
-        if kind not in accepts:
-            source = f" made by {made_by}" if made_by else ""
-            raise RecipeError(s.path, f"needs {' or '.join(KIND_WORDS[k] for k in accepts)}, but gets {KIND_WORDS[kind]}"
-                                      f"{source}; move this stage before it")
-        new = produces(s.config, kind) if callable(produces) else (produces or kind)
-        if new != kind:
-            kind, made_by = new, s.path
-
 
 class OutputConfig(StrictModel):
     dir: Optional[OutputDir] = None  # default: runs/<recipe name>

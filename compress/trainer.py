@@ -23,6 +23,7 @@ from compress.config import StrictModel
 from compress.errors import CompressError
 from compress.data import DataBundle
 from compress.metrics import LOSSES, MetricAccumulator, default_loss, primary_metric
+from compress.hooks import Hook  # noqa: F401  (stages and models import Hook from here too)
 from compress.utils import append_jsonl, atomic_path, check_device, resolve_device
 
 NONFINITE_CHECK_EVERY = 16  # steps between checks of the loss for inf/nan (each check is one device sync)
@@ -91,29 +92,6 @@ class Batch:
     inputs: torch.Tensor
     targets: torch.Tensor
     index: Optional[torch.Tensor] = None  # dataset indices when the loader yields them (teacher cache)
-
-
-class Hook:
-    """Extension points of the loop. Override what you need; every method is optional."""
-
-    def parameters(self) -> Iterable[nn.Parameter]:
-        """Extra trainable parameters (for example a hint adapter), optimized with the model."""
-        return ()
-
-    def on_fit_start(self, trainer: "Trainer") -> None: ...
-    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None: ...
-
-    def loss(self, trainer: "Trainer", batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        return loss
-
-    def after_step(self, trainer: "Trainer") -> None: ...
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict) -> None: ...
-    def on_fit_end(self, trainer: "Trainer") -> None: ...
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 def is_main_process() -> bool:

@@ -9,7 +9,7 @@ from compress.checkpoint import load_model
 from compress.cli import cli
 from compress.errors import CompressError
 from compress.pipeline import Pipeline
-from compress.recipe import STAGES
+from compress.stages.base import STAGES
 from compress.trainer import Hook, Trainer
 
 
@@ -139,3 +139,17 @@ def test_help_names_every_command():
     assert result.exit_code == 0
     for cmd in ("run", "validate", "list"):
         assert cmd in result.output
+
+
+def test_run_until_and_advance_run_the_first_stages_with_the_same_seeds(tmp_path, tiny_recipe):
+    tiny_recipe["stages"] = [{"train": {"epochs": 1, "progress": False}},
+                             {"train": {"epochs": 1, "progress": False, "optimizer": {"lr": 0.01}}}]
+    full = Pipeline.from_dict(tiny_recipe).run(tmp_path / "full")
+    part = Pipeline.from_dict(tiny_recipe).run(tmp_path / "part", until=1)
+    assert len(part["stages"]) == 1 and _metrics(part) == _metrics(full)[:1]
+    assert not (tmp_path / "part/stages/01_train").exists()
+    p = Pipeline.from_dict(tiny_recipe)
+    state = p.advance(p.validate(), 1)  # in memory: nothing written
+    from compress import evaluate
+
+    assert evaluate(state.model, state.data, "test") == pytest.approx(full["stages"][0]["metrics"])

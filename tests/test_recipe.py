@@ -3,7 +3,6 @@ import contextlib
 import copy
 import signal
 import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest

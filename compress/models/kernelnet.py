@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from compress.checkpoint import TRANSFORMS, record_transform
+from compress.checkpoint_io import TRANSFORMS, record_transform
 from compress.config import Width
 from compress.models.builtin import ACTIVATIONS, Activation
 from compress.models.registry import ModelSpec, register_model
-from compress.trainer import Hook, Trainer
+from compress.hooks import Hook
 
 Kernel = Literal["finite", "gaussian", "none"]
 
@@ -162,7 +162,7 @@ class KernelRegularizer(Hook):
     trainer is active, so passing it explicitly and getting it from the model does not count it twice.
     """
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: "Trainer") -> None:
         first = next(h for h in trainer.hooks if isinstance(h, KernelRegularizer))
         self.active = first is self and hasattr(trainer.model, "regularization")
         self.scale = 1.0 / max(count_observed(trainer.data), 1)

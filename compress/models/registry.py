@@ -81,7 +81,7 @@ def create_model(spec: ModelSpec | dict | str, input_shape: tuple = (), num_outp
     if not isinstance(model, nn.Module):
         raise RecipeError("model", f"the factory for '{spec.name}' returned {type(model).__name__}, expected an nn.Module")
     if spec.checkpoint is not None:
-        from compress.checkpoint import load_weights_into
+        from compress.checkpoint_io import load_weights_into
 
         load_weights_into(model, spec.checkpoint)
     model.compress_spec = spec.model_dump(mode="json", by_alias=True)

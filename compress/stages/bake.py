@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from compress.api import Result
 from compress.config import StrictModel
-from compress.recipe import register_stage
+from compress.stages.base import StageResult, register_stage
 
 
 class BakeConfig(StrictModel):
@@ -31,7 +31,6 @@ def bake(model: nn.Module, config: BakeConfig | None = None, data=None) -> Resul
 
 
 @register_stage("bake_kernels", BakeConfig, "turn KernelNet kernel layers into plain Linear layers (before prune/quantize)")
-def run_bake(state, cfg: BakeConfig):
-    state.model, metrics = bake(state.model, cfg)
-    state.extra.update(metrics)
-    return state
+def run_bake(state, cfg: BakeConfig) -> StageResult:
+    model, metrics = bake(state.model, cfg)
+    return StageResult(model, facts=dict(metrics))

@@ -23,7 +23,7 @@ from compress.data import DataBundle
 from compress.distill_losses import KDLoss, combine, hint_loss, kd_term, teacher_target
 from compress.errors import RecipeError
 from compress.models.registry import ModelSpec
-from compress.recipe import ModelField, register_stage
+from compress.stages.base import ModelField, StageResult, check_outputs, register_stage
 from compress.registry import did_you_mean
 from compress.trainer import Batch, Hook, TrainConfig, Trainer, evaluate
 from compress.utils import resolve_device
@@ -469,7 +469,7 @@ def _resolve_teacher(state, item, ipath: str, cfg: DistillConfig) -> nn.Module:
         return state.model
     if cfg.teacher_epoch is not None:
         src = _teacher_stage(state.recipe, state.stage.index)
-        ckpt = state.run_dir / "stages" / f"{src.index:02d}_{src.name}" / f"epoch{cfg.teacher_epoch:03d}.pt"
+        ckpt = state.stage_dir_of(src, create=False) / f"epoch{cfg.teacher_epoch:03d}.pt"
         if not ckpt.is_file():
             raise RecipeError(f"{state.stage.path}.teacher_epoch", f"no checkpoint {ckpt} (did {src.path} stop early?)")
         return load_model(ckpt)
@@ -480,20 +480,18 @@ def _resolve_teacher(state, item, ipath: str, cfg: DistillConfig) -> nn.Module:
 
 @register_stage("distill", DistillConfig, "knowledge distillation from a frozen teacher (or ensemble) through the shared trainer",
                 check=_check_distill)
-def run_distill(state, cfg: DistillConfig):
+def run_distill(state, cfg: DistillConfig) -> StageResult:
     path = state.stage.path
     items = _teacher_items(cfg, path)
     teachers = [_resolve_teacher(state, item, ipath, cfg) for item, ipath in items]
+    student = state.model
     if cfg.student is not None:
         from compress.models import create_model
-        from compress.pipeline import check_outputs
 
-        fresh = create_model(cfg.student, state.data.input_shape, state.data.num_outputs)
-        check_outputs(fresh, state.data, f"{path}.student")
-        state.model = fresh
-    if any(t is state.model for t in teachers):
+        student = create_model(cfg.student, state.data.input_shape, state.data.num_outputs)
+        check_outputs(student, state.data, f"{path}.student")
+    if any(t is student for t in teachers):
         raise RecipeError(f"{path}.teacher", "the teacher is the model being trained; give a new student: spec")
-    info = _fit(state.model, teachers, cfg, state.data, path=path, teacher_paths=[p for _, p in items],
+    info = _fit(student, teachers, cfg, state.data, path=path, teacher_paths=[p for _, p in items],
                 **state.trainer_kwargs())
-    state.extra.update(info)
-    return state
+    return StageResult(student, facts=dict(info))

@@ -15,8 +15,9 @@ from pydantic import Field
 
 from compress.config import OutputPath, StrictModel
 from compress.errors import CompressError
+from compress.metrics import split_metrics
 from compress.measure import evaluate_onnx, onnx_run, onnx_session, to_onnx
-from compress.recipe import register_stage
+from compress.stages.base import StageResult, register_stage
 
 
 class ExportConfig(StrictModel):
@@ -132,10 +133,9 @@ def export(model: nn.Module, config: ExportConfig | None = None, data=None, *, p
 
 @register_stage("export", ExportConfig, "write the model as ONNX; ONNX Runtime must match PyTorch on real batches",
                 accepts=("torch", "fakequant", "packed"))
-def run_export(state, cfg: ExportConfig):
+def run_export(state, cfg: ExportConfig) -> StageResult:
     path = cfg.path or state.stage_dir / "model.onnx"
     _, m = export(state.model, cfg, state.data, path=path, where=state.stage.path)
-    state.artifact = Path(m["path"])
-    state.stage_metrics = {k: m[k] for k in ("accuracy", "top5", "rmse", "mae", "loss") if k in m}
-    state.extra.update(format="onnx", opset=cfg.opset, max_abs_diff=m["max_abs_diff"])
-    return state
+    task, _ = split_metrics(m)
+    return StageResult(state.model, artifact=Path(m["path"]), metrics=task,
+                       facts={"format": "onnx", "opset": cfg.opset, "max_abs_diff": m["max_abs_diff"]})

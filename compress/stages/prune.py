@@ -22,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from compress.api import Result, as_data
 from compress.checkpoint import record_transform
 from compress.config import StrictModel
+from compress.metrics import split_metrics
 from compress.errors import RecipeError
 from compress.measure import count_macs, count_params
 from compress.metrics import primary_metric
@@ -30,7 +31,7 @@ from compress.pruning.masks import (MaskHook, apply_masks, classifier_name, magn
                                     storage_report, weight_sparsity)
 from compress.pruning.regularizers import NormPenalty, RegularizerConfig
 from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner, pruned_shapes
-from compress.recipe import register_stage
+from compress.stages.base import StageResult, register_stage
 from compress.registry import did_you_mean
 from compress.stages.distill import KDOptions, kd_hook
 from compress.trainer import TrainConfig, Trainer, evaluate
@@ -313,15 +314,13 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
 
 @register_stage("prune", PruneConfig, "iterative magnitude (unstructured) or channel (torch-pruning) pruning with fine-tuning",
                 check=_check_prune, accepts=("torch",))
-def run_prune(state, cfg: PruneConfig):
+def run_prune(state, cfg: PruneConfig) -> StageResult:
     from compress.utils import write_json
 
     result = prune(state.model, cfg, state.data, teacher=state.teacher,
                    trainer_kwargs=state.trainer_kwargs("prune"), path=state.stage.path if state.stage else "prune")
-    state.model = result.model
-    summary = {k: v for k, v in result.metrics.items() if k not in ("loss", "accuracy", "top5", "rmse", "mae")}
+    _, summary = split_metrics(result.metrics)
     if state.stage_dir is not None:
         write_json(state.stage_dir / "prune_steps.json", summary["steps"])
     summary.pop("steps")
-    state.extra.update({k: v for k, v in summary.items() if v is not None})
-    return state
+    return StageResult(result.model, facts={k: v for k, v in summary.items() if v is not None})

@@ -19,11 +19,12 @@ from compress.api import Result, as_data
 from compress.checkpoint import record_transform
 from compress.config import StrictModel
 from compress.errors import CompressError, RecipeError
+from compress.metrics import split_metrics
 from compress.measure import OrtModel, onnx_run, onnx_session
 from compress.quant import int8, ptq_onnx
 from compress.quant.qat import (ClipLatentWeights, calibrate, export_qdq, fold_batchnorm, pack_model,
                                 quant_layers, quantizable_names, wrap)
-from compress.recipe import register_stage
+from compress.stages.base import StageResult, register_stage
 from compress.stages.distill import KDOptions, kd_hook
 from compress.trainer import OptimizerConfig, TrainConfig, Trainer, evaluate
 
@@ -315,15 +316,13 @@ def _produces(cfg: QuantizeConfig, kind: str) -> str:
 
 @register_stage("quantize", QuantizeConfig, "int8 PTQ in ONNX Runtime, weight-only k-bit, QAT (8/4/2 bits), binary nets",
                 check=_check, accepts=("torch",), produces=_produces)
-def run_quantize(state, cfg: QuantizeConfig):
+def run_quantize(state, cfg: QuantizeConfig) -> StageResult:
     split = state.recipe.benchmark.split if state.recipe and state.recipe.benchmark else "test"
     split = split if state.data.has(split) else "val"
     kw = state.trainer_kwargs("quantize")
-    _, metrics = quantize(state.model, cfg, state.data, state.teacher, out_dir=state.stage_dir, split=split,
-                          trainer_kwargs=kw, path=state.stage.path)
-    task_keys = {"accuracy", "top5", "loss", "rmse", "mae"}
-    state.stage_metrics = {k: v for k, v in metrics.items() if k in task_keys}
-    state.extra = {k: v for k, v in metrics.items() if k not in task_keys}
-    if cfg.method in ("ptq_static", "ptq_dynamic"):
-        state.artifact = Path(metrics["artifact"])
-    return state
+    model, metrics = quantize(state.model, cfg, state.data, state.teacher, out_dir=state.stage_dir, split=split,
+                              trainer_kwargs=kw, path=state.stage.path)
+    task, facts = split_metrics(metrics)
+    if cfg.method in ("ptq_static", "ptq_dynamic"):  # the ONNX file ships; the PyTorch model is handed on unchanged
+        return StageResult(state.model, artifact=Path(metrics["artifact"]), metrics=task, facts=facts)
+    return StageResult(model, metrics=task, facts=facts)

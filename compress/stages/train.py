@@ -5,7 +5,7 @@ from typing import Literal
 
 from compress.config import StrictModel
 from compress.errors import RecipeError
-from compress.recipe import ModelField, register_stage
+from compress.stages.base import ModelField, StageResult, check_outputs, register_stage
 from compress.trainer import TrainConfig, Trainer, evaluate
 
 
@@ -20,24 +20,23 @@ def _check_train(recipe, index: int, cfg: TrainStageConfig) -> None:
 
 
 @register_stage("train", TrainStageConfig, "supervised training or fine-tuning through the shared trainer", check=_check_train)
-def run_train(state, cfg: TrainStageConfig):
+def run_train(state, cfg: TrainStageConfig) -> StageResult:
+    model, teacher = state.model, state.teacher
     if cfg.model is not None:
         from compress.models import create_model
-        from compress.pipeline import check_outputs
 
         fresh = create_model(cfg.model, state.data.input_shape, state.data.num_outputs)
         check_outputs(fresh, state.data, f"{state.stage.path}.model")
         if cfg.target == "teacher":
-            state.teacher = fresh
+            teacher = fresh
         else:
-            state.model = fresh
-    model = state.teacher if cfg.target == "teacher" else state.model
+            model = fresh
+    trained = teacher if cfg.target == "teacher" else model
     trainer_cfg = TrainConfig(**cfg.model_dump(exclude={"target", "model"}))
-    Trainer(model, trainer_cfg, state.data, **state.trainer_kwargs(f"train:{cfg.target}")).fit()
-    if cfg.target == "teacher":
-        state.subject = model  # the row measures what was trained; the student is untouched
-        state.extra["role"] = "teacher"
-    return state
+    Trainer(trained, trainer_cfg, state.data, **state.trainer_kwargs(f"train:{cfg.target}")).fit()
+    if cfg.target == "teacher":  # the row measures what was trained; the student is untouched
+        return StageResult(model, teacher=teacher, subject=teacher, facts={"role": "teacher"})
+    return StageResult(model)
 
 
 class EvaluateConfig(StrictModel):
@@ -47,10 +46,8 @@ class EvaluateConfig(StrictModel):
 
 @register_stage("evaluate", EvaluateConfig, "measure the current model (or teacher) on a split",
                 accepts=("torch", "fakequant", "packed"))
-def run_evaluate(state, cfg: EvaluateConfig):
+def run_evaluate(state, cfg: EvaluateConfig) -> StageResult:
     model = state.teacher if cfg.target == "teacher" else state.model
     if model is None:
         raise RecipeError(f"{state.stage.path}.target", "is 'teacher' but there is no teacher")
-    state.subject = model
-    state.stage_metrics = evaluate(model, state.data, cfg.split)
-    return state
+    return StageResult(state.model, subject=model, metrics=evaluate(model, state.data, cfg.split))

@@ -4,7 +4,6 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 
 from compress.data import create_data, split_indices
 from compress.data.builtin import read_idx

@@ -1,0 +1,92 @@
+"""The checkpoint file format: save, read (``weights_only=True``), replay transforms, load weights.
+
+Kept apart from ``compress.checkpoint.load_model`` (which rebuilds the architecture through the model
+registry) so that models, which record and replay transforms, need not import the registry's user.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from compress.errors import CompressError
+from compress.registry import Registry
+from compress.utils import atomic_path
+
+FORMAT = "compress.checkpoint/1"
+# kind -> fn(model, params: dict, state_dict) -> nn.Module, replayed in order on load.
+TRANSFORMS: Registry[Callable[..., nn.Module]] = Registry("model transform")
+
+
+def record_transform(model: nn.Module, kind: str, **params: Any) -> None:
+    """Note on ``model`` that it was changed by ``kind`` so that a reload can rebuild it."""
+    TRANSFORMS.get(kind)
+    model.compress_transforms = [*getattr(model, "compress_transforms", []), {"kind": kind, "params": params}]
+
+
+def model_state(model: nn.Module, meta: dict | None = None) -> dict:
+    spec = getattr(model, "compress_spec", None)
+    return {
+        "format": FORMAT,
+        "spec": spec,
+        "io": getattr(model, "compress_io", None),
+        "transforms": copy.deepcopy(getattr(model, "compress_transforms", [])),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+
+
+def save_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
+    """Write atomically; a model built outside the registry is saved as a plain state_dict."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(model_state(model, meta), tmp)
+    return path
+
+
+def _load(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files (EOFError('') when empty)
+        detail = (str(exc).splitlines() or [""])[0]
+        empty = " (the file is empty)" if path.stat().st_size == 0 else ""
+        raise CompressError(f"{path}: not a loadable checkpoint{empty} ({type(exc).__name__}"
+                            f"{': ' + detail if detail else ''})") from None
+
+
+def restore(model: nn.Module, ckpt: dict, where: str = "checkpoint") -> nn.Module:
+    """Replay recorded transforms on a freshly built model and load its weights."""
+    for t in ckpt.get("transforms", []):
+        fn = TRANSFORMS.get(t["kind"]).obj
+        model = fn(model, t.get("params", {}), ckpt["state_dict"]) or model
+    model.compress_transforms = copy.deepcopy(ckpt.get("transforms", []))
+    _load_state(model, ckpt["state_dict"], where)
+    return model
+
+
+def _load_state(model: nn.Module, sd: dict, where: str) -> None:
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        raise CompressError(f"{where}: weights do not fit the model: {' '.join(lines[1:3]) or lines[0]}") from None
+
+
+def load_weights_into(model: nn.Module, path: str | Path) -> None:
+    """Load a compress checkpoint or a plain state_dict into an already built model."""
+    ckpt = _load(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        # Transforms change the model in place; one that built a new module could not be handed back here.
+        if restore(model, ckpt, str(path)) is not model:
+            raise CompressError(f"{path}: this checkpoint changes the architecture; load it with compress.load_model")
+        return
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise CompressError(f"{path}: expected a state_dict, got {type(ckpt).__name__}")
+    _load_state(model, sd, str(path))

@@ -1,0 +1,50 @@
+"""What every ``compress`` command shares: one-line errors, the recipe argument and common options.
+
+Apart from ``compress.cli`` so that command modules (``cli_report``, ``cli_sensitivity``) do not import the
+group that imports them.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from compress.errors import CompressError
+
+EXIT_USAGE = 2
+
+
+def friendly_errors(fn):
+    """User mistakes become one 'error:' line per problem on stderr and exit status 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CompressError as exc:
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                click.echo(f"error: {line}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+def check_output(option: str, path: Path | None, folder: bool = False) -> None:
+    """An output option under a regular file is one line before any work, not a FileExistsError after it."""
+    from compress.config import writable_path
+
+    try:
+        writable_path(path, folder)
+    except ValueError as exc:
+        raise CompressError(f"{option}: {exc}") from None
+
+
+recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+allow_import_opt = click.option(
+    "--allow-import", is_flag=True, default=None,
+    help="Let model specs with 'import: pkg.module:factory' (in the recipe or a checkpoint) import and call "
+         "that code. Only for files you trust. Same as COMPRESS_ALLOW_IMPORT=1.")
+set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                       help="Override a recipe key, e.g. --set stages.0.train.epochs=1 (repeatable).")

@@ -1,0 +1,140 @@
+"""The contract between the pipeline and its stages: the stage registry, model kinds, the state a stage
+reads and the typed ``StageResult`` it returns.
+
+Stages import this module, never ``compress.recipe`` or ``compress.pipeline``: the pipeline owns the run
+directory's layout (``PipelineState.stage_dir_of``) and applies a stage's result; a stage only reports it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import torch
+import torch.nn as nn
+
+from compress.config import StrictModel
+from compress.errors import RecipeError
+from compress.registry import Registry
+
+if TYPE_CHECKING:  # annotations only
+    from compress.data import DataBundle
+    from compress.recipe import Recipe, StageSpec
+
+# Mark a stage option as a model spec: ``student: ModelField = None``. The mapping given in the recipe is
+# parsed by the model registry (with the full key path in errors) right after the stage's own options.
+MODEL_SPEC = "compress:model_spec"
+ModelField = Annotated[Optional[Any], MODEL_SPEC]
+
+# name -> run(state, config) -> StageResult; each entry's config is its options' pydantic class.
+STAGES: Registry = Registry("stage")
+
+# What a stage's output model is, for stage-to-stage contracts checked before anything runs:
+#   "torch": a trainable float PyTorch model (train, distill, prune take and give this);
+#   "fakequant": a PyTorch model with quantizers in it (QAT): trainable, exportable with Q/DQ nodes;
+#   "packed": a PyTorch model whose weights are stored packed (weight-only k-bit, binary): runs, not trainable;
+#   "onnx": a deployment file (int8 ONNX): only measured or exported from here on.
+MODEL_KINDS = ("torch", "fakequant", "packed", "onnx")
+KIND_WORDS = {"torch": "a float PyTorch model", "fakequant": "a QAT (fake-quantized) PyTorch model",
+              "packed": "a packed low-bit PyTorch model", "onnx": "an ONNX deployment file"}
+
+
+def register_stage(name: str, config: type[StrictModel], description: str = "", check=None,
+                   accepts: tuple[str, ...] = ("torch", "fakequant"), produces=None):
+    """Register a stage: ``run(state, config) -> StageResult``.
+
+    ``check(recipe, index, config)`` runs at validation time for cross-key rules. ``accepts`` lists the
+    model kinds the stage can take; ``produces(config, kind_in) -> kind`` (or a fixed kind; default:
+    unchanged) says what it hands on.
+    """
+    return STAGES.register(name, config=config, description=description, check=check,
+                           accepts=tuple(accepts), produces=produces)
+
+
+def check_chain(stages: list["StageSpec"]) -> None:
+    """Refuse stage orders that cannot work (pruning after an int8 export, say), before any training."""
+    kind, made_by = "torch", None
+    for s in stages:
+        entry = STAGES.get(s.name)
+        accepts, produces = entry.extra.get("accepts", ("torch",)), entry.extra.get("produces")
+        if kind not in accepts:
+            source = f" made by {made_by}" if made_by else ""
+            raise RecipeError(s.path, f"needs {' or '.join(KIND_WORDS[k] for k in accepts)}, but gets {KIND_WORDS[kind]}"
+                                      f"{source}; move this stage before it")
+        new = produces(s.config, kind) if callable(produces) else (produces or kind)
+        if new != kind:
+            kind, made_by = new, s.path
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back; the pipeline applies it to the state and writes the stage's report row."""
+
+    model: nn.Module  # the model handed to the next stage
+    teacher: Optional[nn.Module] = None  # a new or retrained teacher handed on (None: the teacher is unchanged)
+    subject: Optional[nn.Module] = None  # the model this row describes, when not ``model`` (a trained teacher)
+    artifact: Optional[Path] = None  # the deployable file, when it is not the PyTorch model (an ONNX file)
+    metrics: Optional[dict] = None  # task metrics the stage measured itself (e.g. in ONNX Runtime)
+    facts: dict = field(default_factory=dict)  # per-stage facts for the report row (sparsity, bits, ...)
+
+
+@dataclass
+class PipelineState:
+    """What a stage reads: the current models, the data, the recipe, and where its files go."""
+
+    model: nn.Module
+    data: "DataBundle"
+    teacher: Optional[nn.Module] = None
+    recipe: Optional["Recipe"] = None
+    run_dir: Optional[Path] = None
+    results: list[dict] = field(default_factory=list)  # one report row per finished stage
+    stage: Optional["StageSpec"] = None
+
+    def stage_dir_of(self, spec: "StageSpec", create: bool = True) -> Optional[Path]:
+        """The run directory's folder of one stage (the one place that knows the layout)."""
+        if self.run_dir is None:
+            return None
+        d = self.run_dir / "stages" / f"{spec.index:02d}_{spec.name}"
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def stage_dir(self) -> Optional[Path]:
+        return self.stage_dir_of(self.stage) if self.stage is not None else None
+
+    @property
+    def seed(self) -> int:
+        base = self.recipe.seed if self.recipe else 0
+        return base * 1000 + (self.stage.index if self.stage else 0)
+
+    def trainer_kwargs(self, name: str | None = None) -> dict:
+        """Where a stage's trainer logs and keeps its resumable state."""
+        d = self.stage_dir
+        return {
+            "name": name or (self.stage.name if self.stage else "train"),
+            "seed": self.seed,
+            "log_path": self.run_dir / "metrics.jsonl" if self.run_dir else None,
+            "state_path": d / "trainer_state.pt" if d else None,
+            "epoch_dir": d,
+            "where": self.stage.path if self.stage else None,  # key path in one-line training errors
+        }
+
+
+def check_outputs(model: nn.Module, data: "DataBundle", path: str) -> None:
+    """Run one real batch: the model must accept the data and give one output per class/target."""
+    x = data.example_input(2)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise RecipeError(path, f"the model does not accept the data's inputs of shape {tuple(x.shape[1:])}: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    finally:
+        model.train(was)
+    want = data.num_outputs
+    if out.ndim != 2 or out.shape[1] != want:
+        raise RecipeError(path, f"expected outputs of shape (batch, {want}) for the data's "
+                                f"{want} {'classes' if data.task == 'classification' else 'targets'}, got {tuple(out.shape)}")
