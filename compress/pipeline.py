@@ -13,7 +13,7 @@ import yaml
 from compress.checkpoint import load_model, save_model
 from compress.data import DataBundle, create_data
 from compress.errors import CompressError, RecipeError
-from compress.measure import machine_info
+from compress.measure.machine import machine_info
 from compress.models import create_model
 from compress.models.registry import ImportSpec
 from compress.report import write_html
@@ -111,7 +111,9 @@ def check_outputs(model: nn.Module, data: DataBundle, path: str) -> None:
 
 def measure_stage(state: PipelineState, model_path: Optional[Path]) -> dict:
     """One report row for the stage that just finished; latency interleaved with the first stage's model."""
-    from compress.measure import BenchmarkConfig, Subject, measure
+    from compress.measure.config import BenchmarkConfig
+    from compress.measure.row import measure
+    from compress.measure.subject import Subject
 
     cfg = state.recipe.benchmark if state.recipe and state.recipe.benchmark else BenchmarkConfig()
     model = state.subject if state.subject is not None else state.model
