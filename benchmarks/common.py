@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -19,34 +18,14 @@ def data_dir() -> Path:
     return d.resolve()
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict:
+    """compress's report machine (compress.measure.machine) plus what the benchmark scripts also print."""
     import numpy
-    import onnxruntime
     import torch
 
-    from compress.quant.int8 import cpu_features
+    from compress.measure.machine import machine_info as report_machine
 
-    info = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        **{k: v for k, v in cpu_features().items() if k in ("int8_flags", "vnni")},
-        "numpy": numpy.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    info = {**report_machine(), "torch_threads": torch.get_num_threads(), "numpy": numpy.__version__}
     try:
         import torch_pruning
 

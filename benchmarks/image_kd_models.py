@@ -19,7 +19,9 @@ import torch
 from benchmarks.common import ROOT, machine_line, markdown_table
 from compress.data import create_data
 from compress.data.imagefolder import write_shapes_folder
-from compress.measure import BenchmarkConfig, Subject, measure
+from compress.measure.config import BenchmarkConfig
+from compress.measure.row import measure
+from compress.measure.subject import Subject
 from compress.models import create_model
 from compress.recipe import load_recipe
 

@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.common import ROOT, data_dir, machine_info, machine_line, markdown_table
 from compress import TrainConfig, create_data, create_model, evaluate, train
-from compress.measure import interleaved_latency
+from compress.measure.latency import interleaved_latency
 from compress.quant.int8 import saturation_risk
 from compress.stages.quantize import QuantizeConfig, quantize
 
@@ -53,7 +53,7 @@ def _score(files: list[Path], inputs: Path, emulate: bool) -> dict[str, float]:
 
 
 def _sim_score(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    from compress.measure import onnx_session
+    from compress.runtime.onnx import onnx_session
 
     s = onnx_session(path, 1, optimize=False)
     pred = np.concatenate([s.run(None, {"input": x[i:i + 250]})[0].argmax(1) for i in range(0, len(x), 250)])

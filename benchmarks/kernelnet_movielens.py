@@ -29,7 +29,7 @@ import torch
 from benchmarks.common import ROOT, data_dir, machine_info, machine_line, markdown_table
 from compress.checkpoint import load_model, save_model
 from compress.data import create_data
-from compress.measure import count_params
+from compress.measure.size import count_params
 from compress.pipeline import Pipeline
 from compress.recipe import read_yaml
 from compress.models import create_model

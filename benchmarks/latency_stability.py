@@ -1,7 +1,7 @@
 """Latency stability: the same model measured twice in one process must agree within 10%.
 
 Two separately built copies of one model (same weights) are timed exactly as ``compress run``
-times a stage against its baseline (``compress.measure.measure_latency``, default ``benchmark:``
+times a stage against its baseline (``compress.measure.latency.measure_latency``, default ``benchmark:``
 settings), for each backend and batch size, in several rounds. Also shown: the same with the wall
 clock, to show why the default clock on one thread is the thread's CPU time. ``--sequential`` times
 A and then A' (as two report rows are timed, minutes apart): absolute medians on a loaded machine
@@ -20,7 +20,9 @@ import torch
 
 from benchmarks.common import ROOT, machine_line, markdown_table
 from compress.data import create_data
-from compress.measure import BenchmarkConfig, Subject, measure_latency
+from compress.measure.config import BenchmarkConfig
+from compress.measure.latency import measure_latency
+from compress.measure.subject import Subject
 from compress.models import create_model
 
 MODELS = {

@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import ROOT, data_dir, machine_line, markdown_table
 from compress import (PruneConfig, TrainConfig, create_data, create_model, evaluate, load_model, prune, save_model,
                       train)
-from compress.measure import count_macs
+from compress.measure.size import count_macs
 from compress.utils import seed_everything
 
 MODELS = {
@@ -42,7 +42,9 @@ def train_cfg(epochs: int, lr: float) -> TrainConfig:
 def ort_latency(models: dict, x: torch.Tensor, runs: int, warmup: int, threads: int = 1) -> dict[str, dict]:
     """ONNX Runtime ms per batch-32 call, all models interleaved (compress.measure): median of the
     calling thread's CPU time (1 intra-op thread computes on the caller), wall-clock median beside it."""
-    from compress.measure import onnx_session, onnx_timer, time_interleaved, to_onnx
+    from compress.runtime.backends import onnx_timer
+    from compress.runtime.onnx import onnx_session, to_onnx
+    from compress.runtime.timing import time_interleaved
 
     with tempfile.TemporaryDirectory() as d:
         timers = {n: onnx_timer(onnx_session(to_onnx(copy.deepcopy(m), x, Path(d) / f"{n}.onnx"), threads), x)

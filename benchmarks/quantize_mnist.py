@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.common import ROOT, data_dir, machine_info, machine_line, markdown_table
 from compress import TrainConfig, create_data, create_model, evaluate, load_model, save_model, train
-from compress.measure import interleaved_latency
+from compress.measure.latency import interleaved_latency
 from compress.quant.ptq_onnx import op_counts
 from compress.stages.quantize import QuantizeConfig, quantize
 

@@ -13,7 +13,8 @@ from compress.api import Result
 from compress.checkpoint import load_model, save_model
 from compress.data import DataBundle, create_data
 from compress.errors import CompressError, RecipeError
-from compress.measure import BenchmarkConfig, benchmark
+from compress.measure.config import BenchmarkConfig
+from compress.measure.row import benchmark
 from compress.models import create_model
 from compress.pipeline import Pipeline
 from compress.stages.bake import BakeConfig, bake

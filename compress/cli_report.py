@@ -22,7 +22,10 @@ from compress.cli_options import allow_import_opt, check_output, friendly_errors
 def bench(model_file, recipe, overrides, baseline, json_out, html_out, allow_import):
     """Measure MODEL_FILE (a compress .pt checkpoint or an .onnx file) on RECIPE's data."""
     from compress.data import create_data
-    from compress.measure import BenchmarkConfig, Subject, machine_info, measure
+    from compress.measure.config import BenchmarkConfig
+    from compress.measure.machine import machine_info
+    from compress.measure.row import measure
+    from compress.measure.subject import Subject
     from compress.recipe import load_recipe
     from compress.report import format_table, write_html
     from compress.safety import allowing_imports

@@ -11,7 +11,7 @@ import yaml
 from compress.checkpoint import load_model, save_model
 from compress.data import create_data
 from compress.errors import CompressError, RecipeError
-from compress.measure import machine_info
+from compress.measure.machine import machine_info
 from compress.models import create_model
 from compress.models.registry import ImportSpec
 from compress.report import write_html
@@ -63,7 +63,9 @@ def apply(state: PipelineState, result: StageResult) -> None:
 
 def measure_stage(state: PipelineState, result: StageResult, model_path: Optional[Path]) -> dict:
     """One report row for the stage that just finished; latency interleaved with the first stage's model."""
-    from compress.measure import BenchmarkConfig, Subject, measure
+    from compress.measure.config import BenchmarkConfig
+    from compress.measure.row import measure
+    from compress.measure.subject import Subject
 
     cfg = state.recipe.benchmark if state.recipe and state.recipe.benchmark else BenchmarkConfig()
     model = result.subject if result.subject is not None else result.model

@@ -172,7 +172,7 @@ def parse_recipe(doc: dict, overrides: tuple[str, ...] | list[str] = (), env: di
 
 def _parse_resolved(doc: dict, raw: dict) -> Recipe:
     import compress.stages  # noqa: F401  (registers every stage)
-    from compress.measure import BenchmarkConfig
+    from compress.measure.config import BenchmarkConfig
 
     top = validate(_RecipeTop, doc)
     errors: list[RecipeError] = []

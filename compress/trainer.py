@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from compress.config import StrictModel
 from compress.errors import CompressError
 from compress.data import DataBundle
+from compress.evaluation import evaluate  # the trainer validates with it; compress.trainer.evaluate stays public
 from compress.metrics import LOSSES, MetricAccumulator, default_loss, primary_metric
 from compress.hooks import Hook  # noqa: F401  (stages and models import Hook from here too)
 from compress.utils import append_jsonl, atomic_path, check_device, resolve_device
@@ -122,23 +123,6 @@ def unpack(raw, device) -> Batch:
     x, y, *rest = raw
     idx = rest[0] if rest else None
     return Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: DataBundle, split: str = "test", device: str | torch.device = "auto",
-             loss: str = "auto") -> dict[str, float]:
-    """Metrics of ``model`` on one split: accuracy/top5/loss or rmse/mae/loss."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    loss_fn = LOSSES[default_loss(data.task) if loss == "auto" else loss]
-    was_training = model.training
-    model.eval().to(device)
-    acc = MetricAccumulator(data.task)
-    for raw in data.loader(split, shuffle=False):
-        b = unpack(raw, device)
-        out = model(b.inputs)
-        acc.update(out, b.targets, loss_fn(out, b.targets))
-    model.train(was_training)
-    return acc.compute()
 
 
 class Trainer:

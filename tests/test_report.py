@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from compress.checkpoint import save_model
 from compress.cli import cli
 from compress.data import create_data
-from compress.measure import to_onnx
+from compress.runtime.onnx import to_onnx
 from compress.models import create_model
 from compress.report import format_table, load_report, pareto_front, render_html, write_html
 

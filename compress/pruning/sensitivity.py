@@ -15,7 +15,7 @@ import yaml
 
 from compress.metrics import primary_metric
 from compress.pruning.masks import apply_masks, magnitude_masks, prunable_layers
-from compress.measure import count_macs
+from compress.measure.size import count_macs
 from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner
 from compress.trainer import evaluate
 

@@ -15,9 +15,7 @@ problem; simulation != reference is quantization error. Hand-written because ORT
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -25,28 +23,10 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
+from compress.runtime.cpu import cpu_features
 
 TargetCpu = Literal["any", "vnni", "native"]
-# The /proc/cpuinfo flags that decide which int8 kernels ONNX Runtime runs.
-INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 SAFE_WEIGHT_ABS = 64  # |int8 weight - zero point| up to this cannot saturate VPMADDUBSW (2 x 255 x 64 < 2^15)
-
-
-@lru_cache(maxsize=1)
-def cpu_features() -> dict:
-    """The CPU's int8-relevant features, and whether ORT's U8S8 kernels saturate on it."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    return {"arch": platform.machine(), "int8_flags": [f for f in INT8_FLAGS if f in flags],
-            "vnni": vnni, "u8s8_saturates": x86 and "avx2" in flags and not vnni}
 
 
 def cpu_words(features: Optional[dict] = None) -> str:
@@ -258,7 +238,7 @@ def check_int8(int8_path: Path, reference: Callable[[torch.Tensor], np.ndarray],
                batches: int = 4, classification: Optional[bool] = None) -> Int8Check:
     """Run ``int8_path`` in ORT's int8 kernels and in its float simulation against ``reference`` on
     ``batches`` batches of ``split``."""
-    from compress.measure import onnx_run, onnx_session
+    from compress.runtime.onnx import onnx_run, onnx_session
 
     classification = data.task == "classification" if classification is None else classification
     kernels = onnx_session(int8_path, None)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.measure import to_onnx
+from compress.runtime.onnx import to_onnx
 from compress.quant.int8 import Int8Format
 
 CALIBRATION = ("minmax", "entropy", "percentile")

@@ -98,6 +98,10 @@ class QuantLayer(nn.Module):
             y = self.inner._conv_forward(x, w, self.inner.bias)
         return self.out_q(y) if self.out_q is not None else y
 
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Weights kept outside the parameters (packed codes): ``compress.measure`` counts them as parameters."""
+        return [self.weight_packed] if self.packed else []
+
     # -- packing -------------------------------------------------------------------------------
     @torch.no_grad()
     def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +275,7 @@ def export_qdq(model: nn.Module, example: torch.Tensor, path, opset: int = 17, w
                dynamic_batch: bool = True):
     """A QAT model as ONNX with QuantizeLinear/DequantizeLinear (ORT fuses them to int8 kernels), weights
     stored as int8 codes; ``weight_type="uint8"`` stores them as uint8 (U8U8 kernels, the same numbers)."""
-    from compress.measure import to_onnx
+    from compress.runtime.onnx import to_onnx
     from compress.quant.int8 import fold_weights, to_uint8_weights
 
     with exporting(model), torch.no_grad():

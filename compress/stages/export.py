@@ -16,7 +16,7 @@ from pydantic import Field
 from compress.config import OutputPath, StrictModel
 from compress.errors import CompressError
 from compress.metrics import split_metrics
-from compress.measure import evaluate_onnx, onnx_run, onnx_session, to_onnx
+from compress.runtime.onnx import evaluate_onnx, onnx_run, onnx_session, to_onnx
 from compress.stages.base import StageResult, register_stage
 
 
@@ -76,7 +76,8 @@ def check_parity(model: nn.Module, onnx_path: Path, data, cfg: ExportConfig, qua
 
 def _int8_cause(model: nn.Module, onnx_path: Path, data, split: str) -> str:
     """Graph or kernel? ORT's float simulation of the same file tells (compress.quant.int8)."""
-    from compress.quant.int8 import check_int8, cpu_features
+    from compress.quant.int8 import check_int8
+    from compress.runtime.cpu import cpu_features
 
     def reference(x):
         with torch.no_grad():
@@ -92,7 +93,8 @@ def _int8_cause(model: nn.Module, onnx_path: Path, data, split: str) -> str:
 
 def _portable(path: Path, target_cpu: str) -> Path:
     """Store int8 weights that could saturate U8S8 kernels as uint8 when the file must run on any CPU."""
-    from compress.quant.int8 import cpu_features, saturation_risk, to_uint8_weights
+    from compress.quant.int8 import saturation_risk, to_uint8_weights
+    from compress.runtime.cpu import cpu_features
 
     needs = target_cpu == "any" or (target_cpu == "native" and cpu_features()["u8s8_saturates"])
     return to_uint8_weights(path) if needs and saturation_risk(path) else path

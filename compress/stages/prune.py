@@ -10,8 +10,6 @@ below the unpruned model (that step is undone) or once a params/MACs/latency ``b
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from typing import Annotated, Literal, Optional
 
 import annotated_types as at
@@ -24,7 +22,7 @@ from compress.checkpoint import record_transform
 from compress.config import StrictModel
 from compress.metrics import split_metrics
 from compress.errors import RecipeError
-from compress.measure import count_macs, count_params
+from compress.measure.size import count_macs, count_params
 from compress.metrics import primary_metric
 from compress.pruning import schedules
 from compress.pruning.masks import (MaskHook, apply_masks, classifier_name, magnitude_masks, prunable_layers,
@@ -33,6 +31,7 @@ from compress.pruning.regularizers import NormPenalty, RegularizerConfig
 from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner, pruned_shapes
 from compress.stages.base import StageResult, register_stage
 from compress.registry import did_you_mean
+from compress.runtime.timing import Timer, time_interleaved
 from compress.stages.distill import KDOptions, kd_hook
 from compress.trainer import TrainConfig, Trainer, evaluate
 from compress.utils import resolve_device
@@ -147,18 +146,13 @@ def _check_prune(recipe, index: int, cfg: PruneConfig) -> None:
 
 @torch.no_grad()
 def torch_latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5) -> float:
-    """Median PyTorch CPU forward time in ms (for the latency budget; benchmarks use ONNX Runtime)."""
+    """Median PyTorch CPU forward time in ms (for the latency budget; benchmarks use ONNX Runtime):
+    ``warmup`` calls, then ``runs`` single calls on the wall clock."""
     was = model.training
     model.eval()
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
+    res = time_interleaved({"model": Timer(lambda: model(x))}, runs, warmup, clock="wall", reps=1)
     model.train(was)
-    return 1000 * statistics.median(times)
+    return res["model"]["median_ms"]
 
 
 def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: torch.Tensor, method: str) -> float:

@@ -20,7 +20,7 @@ from compress.checkpoint import record_transform
 from compress.config import StrictModel
 from compress.errors import CompressError, RecipeError
 from compress.metrics import split_metrics
-from compress.measure import OrtModel, onnx_run, onnx_session
+from compress.runtime.onnx import OrtModel, onnx_run, onnx_session
 from compress.quant import int8, ptq_onnx
 from compress.quant.qat import (ClipLatentWeights, calibrate, export_qdq, fold_batchnorm, pack_model,
                                 quant_layers, quantizable_names, wrap)

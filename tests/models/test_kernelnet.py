@@ -8,7 +8,7 @@ from torch.utils.data import TensorDataset
 from compress.checkpoint import load_model, save_model
 from compress.data import DataBundle
 from compress.errors import CompressError
-from compress.measure import count_params
+from compress.measure.size import count_params
 from compress.metrics import masked_mse
 from compress.models import create_model
 from compress.models.kernelnet import (KernelLinear, KernelNetAutoencoder, KernelRegularizer, bake_kernels,

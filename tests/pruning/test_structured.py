@@ -9,7 +9,7 @@ from compress import PruneConfig, TrainConfig, create_data, create_model, prune,
 from compress.errors import RecipeError
 from compress.pruning.regularizers import NormPenalty
 from compress.pruning.masks import prunable_layers
-from compress.measure import count_macs
+from compress.measure.size import count_macs
 
 NO_TRAIN = TrainConfig(epochs=0, progress=False)
 

@@ -15,7 +15,7 @@ import torch
 
 from compress import QuantizeConfig, TrainConfig, create_data, create_model, quantize, train
 from compress.errors import CompressError, RecipeError
-from compress.measure import onnx_run, onnx_session
+from compress.runtime.onnx import onnx_run, onnx_session
 from compress.quant import int8
 
 
@@ -89,12 +89,6 @@ def test_verdict_blames_the_kernel_when_the_float_simulation_is_right():
     # a kernel off by more than requantization rounding fails even when the classes still agree
     subtle = int8.Int8Check("val", 64, 0.1, 0.08, 1.0, 0.01, 0.08, 1.0, True, "x")
     assert "int8 kernels of this CPU" in int8.verdict(subtle, max_rel_diff=0.25, min_top1_agreement=0.97)
-
-
-def test_cpu_features_name_the_int8_flags():
-    f = int8.cpu_features()
-    assert set(f) >= {"arch", "int8_flags", "vnni", "u8s8_saturates"}
-    assert not (f["vnni"] and f["u8s8_saturates"])
 
 
 # A QDQ MatMul whose int8 kernel saturates without VNNI: activations 255 x weights 127, K = 64.

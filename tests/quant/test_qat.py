@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from compress import create_data, create_model, load_model, save_model
 from compress.checkpoint import record_transform
-from compress.measure import OrtModel, onnx_run, onnx_session
+from compress.runtime.onnx import OrtModel, onnx_run, onnx_session
 from compress.quant.int8 import saturation_risk
 from compress.quant.ptq_onnx import op_counts
 from compress.quant.qat import (QuantLayer, calibrate, fold_batchnorm, pack_model, quant_layers, quantizable_names,

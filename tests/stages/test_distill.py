@@ -10,7 +10,7 @@ from compress import DistillConfig, create_data, create_model, distill
 from compress.checkpoint import load_model
 from compress.distill_losses import combine, kd_term, teacher_target
 from compress.errors import RecipeError, RecipeErrors
-from compress.measure import BenchmarkConfig
+from compress.measure.config import BenchmarkConfig
 from compress.pipeline import Pipeline
 from compress.recipe import parse_recipe
 from compress.stages.distill import DistillHook, IndexedDataset, frozen

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from compress.data import create_data
 from compress.errors import CompressError, RecipeErrors
-from compress.measure import file_size
+from compress.measure.size import file_size
 from compress.models import create_model
 from compress.pipeline import Pipeline
 from compress.recipe import parse_recipe

@@ -189,3 +189,23 @@ def test_kd_loss_that_does_not_fit_the_task_names_the_key():
     model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[8])
     with pytest.raises(RecipeError, match=r"^stages\[1\]\.prune\.distill\.loss: 'kl' needs class logits"):
         prune(model, PruneConfig(finetune=NO_TRAIN, distill={"loss": "kl"}), data, path="stages[1].prune")
+
+
+def test_latency_budget_times_warmup_then_single_calls_in_eval_mode():
+    import torch.nn as nn
+
+    from compress.stages.prune import torch_latency_ms
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.calls = nn.Linear(2, 2), []
+
+        def forward(self, x):
+            self.calls.append((self.training, torch.is_grad_enabled()))
+            return self.fc(x)
+
+    m = Counting().train()
+    ms = torch_latency_ms(m, torch.zeros(1, 2), runs=7, warmup=3)
+    assert ms > 0 and m.training  # training mode restored
+    assert m.calls == [(False, False)] * 10  # 3 warm-up + 7 timed calls, eval mode, no autograd

@@ -1,0 +1,27 @@
+"""Task metrics of a model on one split: below the trainer and the measures, so both use the same code
+(``compress.measure`` does not import the trainer)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from compress.data import DataBundle
+from compress.metrics import LOSSES, MetricAccumulator, default_loss
+from compress.utils import resolve_device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataBundle, split: str = "test", device: str | torch.device = "auto",
+             loss: str = "auto") -> dict[str, float]:
+    """Metrics of ``model`` on one split: accuracy/top5/loss or rmse/mae/loss."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    loss_fn = LOSSES[default_loss(data.task) if loss == "auto" else loss]
+    was_training = model.training
+    model.eval().to(device)
+    acc = MetricAccumulator(data.task)
+    for raw in data.loader(split, shuffle=False):
+        x, y = raw[0].to(device, non_blocking=True), raw[1].to(device, non_blocking=True)
+        out = model(x)
+        acc.update(out, y, loss_fn(out, y))
+    model.train(was_training)
+    return acc.compute()

@@ -1,0 +1,66 @@
+"""One report row: every measure of one model (``measure``), and ``compress.benchmark(...)``."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch.nn as nn
+
+from compress.api import Result, as_data
+from compress.errors import CompressError
+from compress.evaluation import evaluate
+from compress.measure.config import BenchmarkConfig
+from compress.measure.latency import measure_latency
+from compress.measure.size import (bits_per_weight, count_macs, count_params, file_size, layer_stats, onnx_params,
+                                   saved_size, saved_zipped_size, zipped_size)
+from compress.measure.subject import Subject, batch_of
+from compress.runtime.onnx import evaluate_onnx
+
+
+def measure(subject: Subject, data, cfg: BenchmarkConfig | None = None, *, metrics: dict | None = None,
+            baseline: Optional[Subject] = None, desc: str = "measure") -> dict:
+    """Every measure of one model for a report row (keys as in ``report.json``).
+
+    ``metrics``: the task metrics when the caller has them; else the model (or ONNX file) is evaluated.
+    """
+    cfg = cfg or BenchmarkConfig()
+    split = cfg.split if data.has(cfg.split) else "val"
+    model = subject.model
+    if metrics is None:
+        if model is not None:
+            metrics = evaluate(model, data, split)
+        elif subject.onnx is not None:
+            metrics = evaluate_onnx(subject.onnx, data, split)
+        else:
+            raise CompressError("nothing to measure: no model and no ONNX file")
+    f = subject.file
+    size = file_size(f) if f else saved_size(model)
+    params, nonzero = count_params(model) if model is not None else onnx_params(subject.onnx)
+    row: dict[str, Any] = {"metrics": metrics, "split": split, "size_bytes": size}
+    if cfg.zipped:
+        row["zipped_bytes"] = zipped_size(f) if f else saved_zipped_size(model)
+    row.update(params=params, nonzero_params=nonzero, bits_per_weight=bits_per_weight(size, params))
+    if cfg.zipped:
+        row["zipped_bits_per_weight"] = bits_per_weight(row["zipped_bytes"], params)
+    if cfg.macs and model is not None:
+        row["macs"] = count_macs(model, batch_of(data, 1))[0]
+    if model is not None:
+        row["layers"] = layer_stats(model)
+    if cfg.latency:
+        row["latency"] = measure_latency(subject, data, cfg, baseline, f"latency {desc}")
+    return row
+
+
+def benchmark(model, config: BenchmarkConfig | None = None, data=None, *, baseline=None):
+    """Measure one model (an ``nn.Module``, a ``.pt`` checkpoint or a ``.onnx`` file) on ``data``.
+
+    Returns ``Result(model, row)``; with ``baseline`` (same kinds), latency is interleaved with it
+    and ``row["latency"][backend][batch]["speedup"]`` is the ratio.
+    """
+    data = as_data(data)
+
+    def subject(m):
+        return m if isinstance(m, Subject) else Subject(m) if isinstance(m, nn.Module) else Subject.load(m)
+
+    s = subject(model)
+    row = measure(s, data, config, baseline=subject(baseline) if baseline is not None else None)
+    return Result(s.model if s.model is not None else model, row)

@@ -1,0 +1,89 @@
+"""ONNX files: export (``to_onnx``), ONNX Runtime sessions, and metrics of a file run in ORT.
+
+``onnx_session`` is the one place compress sets ORT session options.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from compress.errors import CompressError
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17, dynamic_batch: bool = True) -> Path:
+    """Write ``model`` as ONNX with the TorchScript exporter (fast, no onnxscript rewrite)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was = model.training
+    model.eval()
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example.cpu(),), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"], dynamic_axes=axes)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CompressError(f"cannot export {type(model).__name__} to ONNX (opset {opset}): {type(exc).__name__}: {first}") from None
+    finally:
+        model.train(was)
+    return path
+
+
+def onnx_session(path: str | Path, threads: Optional[int] = 1, optimize: bool = True):
+    """A CPU session with ``threads`` intra-op threads (None: ONNX Runtime's default, one per core).
+
+    The one place compress opens ONNX Runtime sessions: int8 files need no session option to be right
+    (``compress.quant.int8``), so a user's plain ``InferenceSession`` computes what we measured.
+    ``optimize=False`` runs the graph as written: a QDQ file then runs as float ops (ORT's float simulation).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CompressError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+
+
+def onnx_run(session, x: torch.Tensor) -> np.ndarray:
+    inp = session.get_inputs()[0]
+    return session.run(None, {inp.name: x.detach().cpu().numpy()})[0]
+
+
+class OrtModel(nn.Module):
+    """An ONNX file behind the nn.Module call interface, so ``evaluate`` measures it unchanged."""
+
+    def __init__(self, path: str | Path, threads: Optional[int] = None):
+        super().__init__()
+        self.path = Path(path)
+        self.sess = onnx_session(path, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(onnx_run(self.sess, x.float()))
+
+
+def evaluate_onnx(path: str | Path, data, split: str = "test", threads: int | None = None) -> dict[str, float]:
+    """Task metrics of an ONNX file in ONNX Runtime, the same way ``evaluate`` computes them."""
+    from compress.metrics import LOSSES, MetricAccumulator, default_loss
+
+    sess = onnx_session(path, threads or max(1, torch.get_num_threads()))
+    loss_fn = LOSSES[default_loss(data.task)]
+    acc = MetricAccumulator(data.task)
+    for raw in data.loader(split, shuffle=False):
+        x, y = raw[0], raw[1]
+        out = torch.from_numpy(onnx_run(sess, x))
+        acc.update(out, y, loss_fn(out, y))
+    return acc.compute()

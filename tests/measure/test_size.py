@@ -1,0 +1,85 @@
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compress.measure.size import (bits_per_weight, count_macs, count_params, file_size, onnx_params, saved_size,
+                                   zipped_size)
+from compress.runtime.onnx import to_onnx
+
+
+def test_params_nonzeros_and_sizes_on_a_known_model(tmp_path):
+    m = nn.Sequential(nn.Linear(10, 5), nn.Linear(5, 2))  # 55 + 12 parameters
+    with torch.no_grad():
+        m[0].weight[:, :4] = 0  # 20 zeros
+    assert count_params(m) == (67, 47)
+    f = tmp_path / "w.pt"
+    torch.save(m.state_dict(), f)
+    assert file_size(f) == os.path.getsize(f)
+    assert saved_size(m) > 67 * 4  # float32 weights plus the checkpoint's metadata
+    assert bits_per_weight(1000, 250) == 32.0
+    assert bits_per_weight(10, 0) is None
+
+
+def test_stored_tensors_count_as_parameters_once():
+    class Packed(nn.Module):  # weights kept as a buffer, like a packed low-bit layer
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("codes", torch.tensor([0, 3, 0, 7], dtype=torch.uint8))
+            self.register_buffer("scale", torch.ones(2))  # not stored weights: not counted
+
+        def stored_tensors(self):
+            return [self.codes]
+
+    p = Packed()
+    m = nn.Sequential(nn.Linear(2, 1), p, p)  # shared: counted once
+    assert count_params(m) == (3 + 4, 3 + 2)
+
+
+def test_packed_quant_layer_counts_its_codes(tmp_path):
+    from compress.quant.qat import QuantLayer
+
+    layer = QuantLayer(nn.Linear(16, 4, bias=False), {"kind": "int", "bits": 4})
+    assert count_params(layer) == (64, int(torch.count_nonzero(layer.inner.weight)))
+    layer.pack()
+    assert count_params(layer)[0] == 64 * 4 // 8  # the packed bytes, as stored
+
+
+def test_zipped_size_sees_redundancy(tmp_path):
+    zeros, noise = tmp_path / "zeros.bin", tmp_path / "noise.bin"
+    zeros.write_bytes(bytes(100_000))
+    noise.write_bytes(os.urandom(100_000))
+    assert zipped_size(zeros) < 1_000
+    assert 100_000 <= zipped_size(noise) < 101_000  # incompressible: raw plus the zip headers
+
+
+def test_macs_of_a_known_conv_linear_stack():
+    # conv 1->4, 3x3 on 8x8: 4*9*6*6 = 1296 MACs; ReLU: 144 elementwise ops; linear 144->10: 1440 MACs
+    # plus 10 bias adds (torch-pruning's convention counts elementwise ops and bias too).
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    assert count_macs(m, torch.zeros(3, 1, 8, 8)) == (1296 + 144 + 1440 + 10, 36 + 1450)  # (MACs, parameters)
+    assert m.training  # mode restored
+
+
+def test_macs_of_an_untraceable_model_warn_or_raise_when_strict():
+    class Odd(nn.Module):  # a forward the counter cannot run
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            raise RuntimeError("no tracing here")
+
+    with pytest.warns(UserWarning, match="MACs not counted: RuntimeError: no tracing here"):
+        assert count_macs(Odd(), torch.zeros(1, 4)) == (None, 10)
+    with pytest.raises(RuntimeError, match="no tracing here"):
+        count_macs(Odd(), torch.zeros(1, 4), strict=True)
+
+
+def test_onnx_params_count_initializers(tmp_path):
+    m = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+    with torch.no_grad():
+        m[1].weight[0] = 0
+    p = to_onnx(m, torch.zeros(2, 1, 4, 4), tmp_path / "m.onnx")
+    assert onnx_params(p) == (85, 85 - 16)

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from compress.data import create_data
+from compress.evaluation import evaluate
+from compress.models import create_model
+from compress.runtime.onnx import OrtModel, evaluate_onnx, onnx_run, onnx_session, to_onnx
+
+
+@pytest.fixture(scope="module")
+def data():
+    return create_data({"name": "synthetic", "num_samples": 64, "num_classes": 3, "shape": [1, 4, 4]})
+
+
+def test_an_exported_file_computes_what_the_model_computes(data, tmp_path):
+    model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[8]).eval()
+    p = to_onnx(model, data.example_input(2), tmp_path / "m.onnx")
+    x = data.example_input(5)  # dynamic batch
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert onnx_run(onnx_session(p), x) == pytest.approx(want, abs=1e-5)
+    assert onnx_run(onnx_session(p, None, optimize=False), x) == pytest.approx(want, abs=1e-5)
+    assert OrtModel(p)(x).numpy() == pytest.approx(want, abs=1e-5)
+    assert evaluate_onnx(p, data)["accuracy"] == pytest.approx(evaluate(model, data)["accuracy"])
+
+
+def test_unloadable_file_is_one_line(tmp_path):
+    from compress.errors import CompressError
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(CompressError, match="ONNX Runtime cannot load it"):
+        onnx_session(bad)
