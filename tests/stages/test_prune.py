@@ -206,3 +206,14 @@ def test_the_old_distill_key_still_works_and_warns_with_its_path():
     with pytest.warns(DeprecationWarning):
         assert _errors(_recipe({**opts, "distill": {"alpha": 2}})) == [
             "stages[1].prune.kd.alpha: expected a number in [0, 1], got 2"]
+
+
+def test_the_cli_says_the_old_key_once_in_one_line(tmp_path):
+    from compress.cli import cli
+
+    doc = _recipe({"sparsity": 0.5, "distill": {"alpha": 0.7}})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    r = CliRunner().invoke(cli, ["validate", str(tmp_path / "r.yaml")])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == ["warning: stages[1].prune.distill: renamed to 'kd' (same options); "
+                                     "the old key will go away"]
