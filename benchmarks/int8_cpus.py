@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import ROOT, data_dir, machine_info, machine_line, markdown_table
-from compress import TrainConfig, create_data, create_model, evaluate, train
+from compress import TrainConfig, create_data, create_model, train
 from compress.measure.latency import interleaved_latency
 from compress.quant.int8 import saturation_risk
 from compress.stages.quantize import QuantizeConfig, quantize

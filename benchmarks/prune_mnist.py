@@ -73,9 +73,9 @@ def run_model(key: str, data, args) -> dict:
 
     configs = {
         "magnitude": PruneConfig(method="magnitude", sparsity=args.sparsity, scope="global", steps=steps["magnitude"],
-                                 schedule="agp", finetune=ft, final_finetune=final, distill=kd),
+                                 schedule="agp", finetune=ft, final_finetune=final, kd=kd),
         "channel": PruneConfig(method="channel", sparsity=ratio, scope="layer", importance="l2", round_to=args.round_to,
-                               steps=steps["channel"], schedule="agp", finetune=ft, final_finetune=final, distill=kd),
+                               steps=steps["channel"], schedule="agp", finetune=ft, final_finetune=final, kd=kd),
     }
     pruned = {}
     for method, cfg in configs.items():

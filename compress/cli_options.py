@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
-from compress.errors import CompressError
+from compress.errors import CompressError, RenamedKeyWarning
 
 EXIT_USAGE = 2
 
@@ -22,13 +23,29 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                _renamed_keys_as_lines()
+                return fn(*args, **kwargs)
         except CompressError as exc:
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 click.echo(f"error: {line}", err=True)
             sys.exit(EXIT_USAGE)
 
     return wrapper
+
+
+def _renamed_keys_as_lines() -> None:
+    """Old recipe keys still work: one 'warning:' line each (Python hides DeprecationWarnings by default)."""
+    warnings.filterwarnings("default", category=RenamedKeyWarning)
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RenamedKeyWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
 
 
 def check_output(option: str, path: Path | None, folder: bool = False) -> None:

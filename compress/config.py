@@ -9,13 +9,14 @@ import functools
 import math
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import annotated_types as at
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from compress.errors import RecipeError, RecipeErrors
+from compress.errors import RecipeError, RecipeErrors, RenamedKeyWarning
 from compress.registry import did_you_mean
 
 M = TypeVar("M", bound=BaseModel)
@@ -78,6 +79,23 @@ def _reparsed_fields(cls: type) -> frozenset:
         if ann is Any or (typing.get_origin(ann) is list and typing.get_args(ann) in ((Any,), ())):
             out.add(name)
     return frozenset(out)
+
+
+def rename_keys(data: Any, renames: dict[str, str], info: ValidationInfo, where: str = "") -> Any:
+    """For a ``model_validator(mode="before")``: move old keys to their new names, warning with the key
+    path (``validate`` passes it as context; ``where`` outside a recipe). Both names at once is an error."""
+    if not isinstance(data, dict) or not any(old in data for old in renames):
+        return data
+    prefix = (info.context or {}).get("path") or where
+    data = dict(data)
+    for old, new in renames.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"give '{new}' only; '{old}' is its old name")
+            warnings.warn(f"{join_path(prefix, (old,))}: renamed to '{new}' (same options); the old key will go away",
+                          RenamedKeyWarning, stacklevel=2)
+            data[new] = data.pop(old)
+    return data
 
 
 def writable_path(p: Path | None, folder: bool = False) -> Path | None:
@@ -232,7 +250,7 @@ def validate(cls: type[M], data: Any, prefix: str = "") -> M:
     if not isinstance(data, dict):
         raise RecipeError(prefix, f"expected a mapping, got {data!r}")
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context={"path": prefix})
     except ValidationError as exc:
         errors = [_format(cls, e, prefix) for e in exc.errors(include_url=False)]
         raise RecipeErrors(errors) from None

@@ -23,3 +23,7 @@ class RecipeErrors(CompressError):
     def __init__(self, errors: list[RecipeError]):
         self.errors = errors
         super().__init__("\n".join(str(e) for e in errors))
+
+
+class RenamedKeyWarning(DeprecationWarning):
+    """A recipe key under its old name: still read; the CLI shows it as one 'warning:' line."""

@@ -23,7 +23,7 @@ def chain(last: list[dict]) -> dict:
             {"train": {"target": "teacher", **FAST}},
             {"distill": {"teacher": "recipe", "temperature": 4, "alpha": 0.5, **FAST}},
             {"prune": {"method": "channel", "sparsity": 0.3, "steps": 2, "importance": "l2",
-                       "finetune": {"epochs": 1, "progress": False}, "distill": {"teacher": "recipe"}}},
+                       "finetune": {"epochs": 1, "progress": False}, "kd": {"teacher": "recipe"}}},
             *last,
         ],
         "benchmark": {"latency": False},

@@ -8,7 +8,7 @@ layer learns its own sparsity pattern. No library ships this layer, hence the ha
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Iterable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,9 @@ from compress.config import Width
 from compress.models.builtin import ACTIVATIONS, Activation
 from compress.models.registry import ModelSpec, register_model
 from compress.hooks import Hook
+
+if TYPE_CHECKING:  # annotations only: models do not import the trainer
+    from compress.trainer import Trainer
 
 Kernel = Literal["finite", "gaussian", "none"]
 
@@ -162,7 +165,7 @@ class KernelRegularizer(Hook):
     trainer is active, so passing it explicitly and getting it from the model does not count it twice.
     """
 
-    def on_fit_start(self, trainer: "Trainer") -> None:
+    def on_fit_start(self, trainer: Trainer) -> None:
         first = next(h for h in trainer.hooks if isinstance(h, KernelRegularizer))
         self.active = first is self and hasattr(trainer.model, "regularization")
         self.scale = 1.0 / max(count_observed(trainer.data), 1)

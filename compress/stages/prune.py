@@ -15,11 +15,11 @@ from typing import Annotated, Literal, Optional
 import annotated_types as at
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from compress.api import Result, as_data
 from compress.checkpoint import record_transform
-from compress.config import StrictModel
+from compress.config import StrictModel, rename_keys
 from compress.metrics import split_metrics
 from compress.errors import RecipeError
 from compress.measure.size import count_macs, count_params
@@ -31,15 +31,15 @@ from compress.pruning.regularizers import NormPenalty, RegularizerConfig
 from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner, pruned_shapes
 from compress.stages.base import StageResult, register_stage
 from compress.registry import did_you_mean
+from compress.kd import KDConfig, kd_hook
 from compress.runtime.timing import Timer, time_interleaved
-from compress.stages.distill import KDOptions, kd_hook
 from compress.trainer import TrainConfig, Trainer, evaluate
 from compress.utils import resolve_device
 
 Ratio = Annotated[float, at.Ge(0), at.Lt(1)]
 
 
-class PruneDistillConfig(KDOptions):
+class PruneKDConfig(KDConfig):
     teacher: Literal["unpruned", "recipe"] = "unpruned"  # the model before this stage, or the recipe's teacher
 
 
@@ -73,11 +73,16 @@ class PruneConfig(StrictModel):
     initial_sparsity: float = Field(0.0, ge=0, lt=1)  # s_i of the AGP formula
     finetune: TrainConfig = TrainConfig(epochs=1)  # after every step
     final_finetune: Optional[TrainConfig] = None  # once more after the last kept step
-    distill: Optional[PruneDistillConfig] = None  # fine-tune with a KD loss from the unpruned model
+    kd: Optional[PruneKDConfig] = None  # fine-tune with a KD loss from the unpruned model (old name: distill)
     regularize: Optional[RegularizerConfig] = None  # L1/L2/group-lasso penalty during this stage's training
     max_drop: Optional[float] = Field(None, ge=0, lt=1)  # allowed fall of val accuracy (0.003 = 0.3 points) or rise of RMSE
     budget: Optional[BudgetConfig] = None
     eval_split: Literal["val", "test"] = "val"  # what the stopping rule looks at
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data, info: ValidationInfo):
+        return rename_keys(data, {"distill": "kd"}, info, "prune")
 
     @field_validator("importance")
     @classmethod
@@ -126,8 +131,8 @@ def _check_prune(recipe, index: int, cfg: PruneConfig) -> None:
     if cfg.budget is not None and cfg.method == "magnitude" and cfg.budget.kind != "params":
         raise RecipeError(f"{path}.budget.kind", f"'{cfg.budget.kind}' needs method 'channel': unstructured zeros "
                                                  "do not make dense MACs or latency smaller; use kind 'params'")
-    if cfg.distill is not None and cfg.distill.teacher == "recipe" and recipe.teacher is None:
-        raise RecipeError(f"{path}.distill.teacher", "is 'recipe' but the recipe has no 'teacher:' section")
+    if cfg.kd is not None and cfg.kd.teacher == "recipe" and recipe.teacher is None:
+        raise RecipeError(f"{path}.kd.teacher", "is 'recipe' but the recipe has no 'teacher:' section")
     if cfg.ignored_layers or cfg.layer_ratios:
         # Layer names need the real model: build it (cheap for the models pruning targets) to check them now,
         # before anything is written. If data or model cannot be built, build_state reports that instead.
@@ -203,11 +208,11 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
 
     unpruned = copy.deepcopy(model).eval()
     hooks = []
-    if cfg.distill is not None:
-        kd_teacher = unpruned if cfg.distill.teacher == "unpruned" else teacher
+    if cfg.kd is not None:
+        kd_teacher = unpruned if cfg.kd.teacher == "unpruned" else teacher
         if kd_teacher is None:
-            raise RecipeError(f"{path}.distill.teacher", "is 'recipe' but no teacher model was given")
-        hooks.append(kd_hook(model, kd_teacher, cfg.distill, data, path=f"{path}.distill", device=cfg.finetune.device))
+            raise RecipeError(f"{path}.kd.teacher", "is 'recipe' but no teacher model was given")
+        hooks.append(kd_hook(model, kd_teacher, cfg.kd, data, path=f"{path}.kd", device=cfg.finetune.device))
     try:  # the KD hook's teacher must come back unfrozen and the student hook-free, even on an error
         layers = prunable_layers(model, cfg.ignored_layers)
         if cfg.regularize is not None:

@@ -24,8 +24,8 @@ from compress.runtime.onnx import OrtModel, onnx_run, onnx_session
 from compress.quant import int8, ptq_onnx
 from compress.quant.qat import (ClipLatentWeights, calibrate, export_qdq, fold_batchnorm, pack_model,
                                 quant_layers, quantizable_names, wrap)
+from compress.kd import KDConfig, kd_hook
 from compress.stages.base import StageResult, register_stage
-from compress.stages.distill import KDOptions, kd_hook
 from compress.trainer import OptimizerConfig, TrainConfig, Trainer, evaluate
 
 class CalibrationConfig(StrictModel):
@@ -46,7 +46,7 @@ class Int8CheckConfig(StrictModel):
     max_kernel_diff: float = Field(0.05, gt=0)
 
 
-class KDConfig(KDOptions):
+class QuantizeKDConfig(KDConfig):
     """Knowledge distillation while fine-tuning, through the distill stage's own hook."""
 
     alpha: float = Field(0.1, ge=0, le=1)  # weight of the hard-label loss, as in the distill stage
@@ -86,7 +86,7 @@ class QuantizeConfig(StrictModel):
     rounds: int = Field(1, ge=1)  # weight_only: round, then fine-tune, this many times
     calibration_batches: int = Field(8, ge=1)  # qat: batches that initialise activation ranges
     finetune: Optional[TrainConfig] = None  # default: 3 epochs (Adam 5e-4, cosine) for qat/binary, none for weight_only
-    kd: Optional[KDConfig] = None  # qat/binary: distil from the recipe's teacher while fine-tuning
+    kd: Optional[QuantizeKDConfig] = None  # qat/binary: distil from the recipe's teacher while fine-tuning
     export_onnx: bool = True  # 8-bit qat: also write a QDQ .onnx and measure it in ONNX Runtime
 
     @field_validator("bits")

@@ -83,7 +83,7 @@ def test_budget_stops_pruning_once_met(data):
 
 def test_magnitude_stage_in_a_recipe_masks_permanent(tmp_path):
     doc = _recipe({"method": "magnitude", "sparsity": 0.9, "steps": 2, "finetune": {"epochs": 1, "progress": False},
-                   "final_finetune": {"epochs": 1, "progress": False}, "distill": {"alpha": 0.5},
+                   "final_finetune": {"epochs": 1, "progress": False}, "kd": {"alpha": 0.5},
                    "regularize": {"kind": "l1", "strength": 1e-5}})
     report = Pipeline.from_dict(doc).run(tmp_path / "run")
     row = report["stages"][1]
@@ -130,7 +130,7 @@ def test_kd_teacher_is_frozen_only_during_pruning():
     teacher = create_model("mlp", data.input_shape, data.num_outputs, hidden=[32]).train()
     student = create_model("mlp", data.input_shape, data.num_outputs, hidden=[16])
     cfg = PruneConfig(method="magnitude", sparsity=0.5, finetune={"epochs": 1, "progress": False},
-                      distill={"teacher": "recipe"})
+                      kd={"teacher": "recipe"})
     prune(student, cfg, data, teacher=teacher)
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
 
@@ -150,7 +150,7 @@ def test_kd_hook_is_closed_when_a_fine_tune_fails(monkeypatch):
 
     monkeypatch.setattr(compress.trainer, "evaluate", boom)  # raises inside the fit, after the teacher froze
     cfg = PruneConfig(method="magnitude", sparsity=0.5, finetune={"epochs": 1, "progress": False},
-                      distill={"teacher": "recipe"})
+                      kd={"teacher": "recipe"})
     with pytest.raises(RuntimeError, match="fine-tune failed"):
         prune(student, cfg, data, teacher=teacher)
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
@@ -178,7 +178,7 @@ def test_kd_prunes_a_regression_autoencoder_with_the_regression_loss_and_beta(mo
     # alpha weighs hard labels in classification only: setting it on a regression task earns a warning
     expect = pytest.warns(UserWarning, match="alpha: has no effect") if "alpha" in opts else contextlib.nullcontext()
     with expect:
-        _, m = prune(model, PruneConfig(sparsity=0.5, finetune={"epochs": 1, "progress": False}, distill=opts), data)
+        _, m = prune(model, PruneConfig(sparsity=0.5, finetune={"epochs": 1, "progress": False}, kd=opts), data)
     assert "rmse" in m and m["weight_sparsity"] == pytest.approx(0.5, abs=0.05)
     (hook,) = made
     assert (hook.cfg.loss, hook.cfg.beta) == ("regression", beta)
@@ -187,8 +187,36 @@ def test_kd_prunes_a_regression_autoencoder_with_the_regression_loss_and_beta(mo
 def test_kd_loss_that_does_not_fit_the_task_names_the_key():
     data = create_data(REG_DATA)
     model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[8])
-    with pytest.raises(RecipeError, match=r"^stages\[1\]\.prune\.distill\.loss: 'kl' needs class logits"):
-        prune(model, PruneConfig(finetune=NO_TRAIN, distill={"loss": "kl"}), data, path="stages[1].prune")
+    with pytest.raises(RecipeError, match=r"^stages\[1\]\.prune\.kd\.loss: 'kl' needs class logits"):
+        prune(model, PruneConfig(finetune=NO_TRAIN, kd={"loss": "kl"}), data, path="stages[1].prune")
+
+
+def test_the_old_distill_key_still_works_and_warns_with_its_path():
+    from compress.errors import RenamedKeyWarning
+
+    opts = {"sparsity": 0.5, "finetune": {"epochs": 1}}
+    with pytest.warns(DeprecationWarning, match=r"^stages\[1\]\.prune\.distill: renamed to 'kd'") as seen:
+        old = parse_recipe(_recipe({**opts, "distill": {"teacher": "unpruned", "alpha": 0.7}}))
+    assert all(w.category is RenamedKeyWarning for w in seen)
+    new = parse_recipe(_recipe({**opts, "kd": {"teacher": "unpruned", "alpha": 0.7}}))
+    assert old.stages[1].config == new.stages[1].config and new.stages[1].config.kd.alpha == 0.7
+    with pytest.warns(DeprecationWarning, match=r"^prune\.distill: renamed"):
+        assert PruneConfig(distill={"beta": 0.5}).kd.beta == 0.5  # the Python API too
+    assert _errors(_recipe({**opts, "distill": {}, "kd": {}})) == ["stages[1].prune: give 'kd' only; 'distill' is its old name"]
+    with pytest.warns(DeprecationWarning):
+        assert _errors(_recipe({**opts, "distill": {"alpha": 2}})) == [
+            "stages[1].prune.kd.alpha: expected a number in [0, 1], got 2"]
+
+
+def test_the_cli_says_the_old_key_once_in_one_line(tmp_path):
+    from compress.cli import cli
+
+    doc = _recipe({"sparsity": 0.5, "distill": {"alpha": 0.7}})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    r = CliRunner().invoke(cli, ["validate", str(tmp_path / "r.yaml")])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == ["warning: stages[1].prune.distill: renamed to 'kd' (same options); "
+                                     "the old key will go away"]
 
 
 def test_latency_budget_times_warmup_then_single_calls_in_eval_mode():
