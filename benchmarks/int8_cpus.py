@@ -94,7 +94,8 @@ def main(epochs: int, qat_epochs: int, seed: int) -> None:
     files, torch_acc, fp32_onnx = {}, {}, None
     for name, opts in variants.items():
         d = out / f"v{len(files)}"
-        cfg = QuantizeConfig(**opts, calibration={"batches": 16}, **({"finetune": ft} if opts["method"] == "qat" else {}))
+        extra = {"finetune": ft} if opts["method"] == "qat" else {"calibration": {"batches": 16}} if opts["method"] == "ptq_static" else {}
+        cfg = QuantizeConfig(**opts, **extra)
         model, m = quantize(copy.deepcopy(fp32), cfg, data, out_dir=d)
         files[name] = Path(m.get("artifact") or m["onnx"])
         torch_acc[name] = m["accuracy"] if opts["method"] == "qat" else None

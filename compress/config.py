@@ -11,13 +11,13 @@ import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import annotated_types as at
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from compress.errors import RecipeError, RecipeErrors, RenamedKeyWarning
-from compress.registry import did_you_mean
+from compress.registry import Registry, did_you_mean
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -243,12 +243,41 @@ def _format(cls: type, err: dict, prefix: str) -> RecipeError:
     return RecipeError(path, f"expected {desc}, got {got!r}{hint}")
 
 
+class MethodConfig(StrictModel):
+    """A config whose ``method`` picks the concrete class: one config class per method, each registered
+    in the family's ``METHODS`` registry (torchao's pattern), so a new method is one new class.
+
+    ``Family(method="x", ...)`` and recipe validation both build the registered class of method "x".
+    """
+
+    METHODS: ClassVar[Registry]  # set on the family's base class: method name -> config class
+    DEFAULT: ClassVar[str]
+    method: str
+
+    def __new__(cls, *args, **data):
+        return super().__new__(cls.dispatch(data))
+
+    @classmethod
+    def dispatch(cls, data: Any, path: str = "") -> type:
+        """The concrete class for ``data`` (a concrete class is its own answer)."""
+        if "METHODS" not in cls.__dict__:
+            return cls
+        name = data.get("method", cls.DEFAULT) if isinstance(data, dict) else cls.DEFAULT
+        names = cls.METHODS.names()
+        if not isinstance(name, str) or name not in names:
+            key = f"{path}.method" if path else "method"
+            raise RecipeError(key, f"expected one of {', '.join(repr(n) for n in names)}, got {name!r}"
+                                   f"{did_you_mean(str(name), names)}")
+        return cls.METHODS.get(name).config
+
+
 def validate(cls: type[M], data: Any, prefix: str = "") -> M:
     """Validate ``data`` into ``cls``; raise RecipeErrors whose lines start with the key path."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(prefix, f"expected a mapping, got {data!r}")
+    cls = cls.dispatch(data, prefix) if isinstance(cls, type) and issubclass(cls, MethodConfig) else cls
     try:
         return cls.model_validate(data, context={"path": prefix})
     except ValidationError as exc:

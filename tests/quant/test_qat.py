@@ -12,7 +12,7 @@ from compress.quant.int8 import saturation_risk
 from compress.quant.ptq_onnx import op_counts
 from compress.quant.qat import (QuantLayer, calibrate, fold_batchnorm, pack_model, quant_layers, quantizable_names,
                                 wrap)
-from compress.stages.quantize import export_qdq
+from compress.quant.qat import export_qdq
 
 SPEC8 = {"kind": "int", "bits": 8, "act_bits": 8, "act_mode": "ema", "out_quant": True}
 

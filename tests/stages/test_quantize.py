@@ -48,7 +48,9 @@ def recipe(quantize_options, teacher=False):
     ({"method": "binary", "bits": 4}, "stages[1].quantize.bits: binary networks have 1-bit weights; expected 1, got 4"),
     ({"method": "ptq_static", "bits": 4}, "stages[1].quantize.bits: ptq_static quantizes to int8"),
     ({"method": "qat", "kd": {}}, "stages[1].quantize.kd: needs a teacher"),
-    ({"method": "int3"}, "stages[1].quantize.method: expected one of 'ptq_static'"),
+    ({"method": "int3"}, "stages[1].quantize.method: expected one of 'binary', 'ptq_dynamic', 'ptq_static', 'qat', "
+                         "'weight_only', got 'int3'"),
+    ({"method": "ptq_static", "observer": "lsq"}, "stages[1].quantize.observer: unknown"),  # a QAT-only key
 ])
 def test_bad_options_name_the_key_path(options, message):
     with pytest.raises((RecipeError, RecipeErrors)) as err:
@@ -143,7 +145,7 @@ def test_qat_kd_freezes_the_teacher_only_while_fine_tuning(data):
 
 
 def test_qat_kd_on_a_regression_autoencoder_uses_the_regression_loss_and_beta(monkeypatch):
-    import compress.stages.quantize as quantize_mod
+    import compress.quant.methods.torch_side as quantize_mod
 
     data = create_data({"name": "synthetic", "task": "regression", "num_samples": 96, "num_classes": 6, "shape": [6]})
     spec = {"name": "autoencoder", "hidden": [8], "clip": None}
@@ -154,3 +156,34 @@ def test_qat_kd_on_a_regression_autoencoder_uses_the_regression_loss_and_beta(mo
         method="qat", kd={"beta": 0.5}, export_onnx=False, finetune={"epochs": 1, **QUIET}), data, teacher=teacher)
     assert "rmse" in m and m["bits"] == 8
     assert (made[0].cfg.loss, made[0].cfg.beta, made[0].cfg.alpha) == ("regression", 0.5, 0.1)
+
+
+def test_each_method_is_its_own_config_class_and_a_new_one_is_a_registration(data, trained, tmp_path):
+    from pydantic import Field
+
+    from compress.quant.methods import QUANT_METHODS, register_method
+    from compress.quant.methods.ptq import PTQStaticConfig
+    from compress.quant.methods.qat import QATConfig
+
+    assert type(QuantizeConfig()) is PTQStaticConfig and type(QuantizeConfig(method="qat")) is QATConfig
+    assert isinstance(QuantizeConfig(method="qat"), QuantizeConfig)
+    with pytest.raises(RecipeError, match=r"^method: expected one of .*got 'fp8'"):
+        QuantizeConfig(method="fp8")
+
+    class HalfConfig(QuantizeConfig):
+        """fp16 weights (a toy method for this test)."""
+
+        method: str = "half_test"
+        scale: float = Field(1.0, gt=0)
+
+    @register_method(HalfConfig, produces="packed")
+    def half(model, cfg, ctx):
+        return model.half().float(), {"accuracy": 1.0}, {"method": cfg.method, "scale": cfg.scale}
+
+    try:
+        cfg = parse_recipe(recipe({"method": "half_test", "scale": 2})).stages[1].config
+        assert type(cfg) is HalfConfig and cfg.scale == 2
+        _, m = quantize(copy.deepcopy(trained[0]), cfg, data, out_dir=tmp_path)
+        assert m == {"accuracy": 1.0, "method": "half_test", "scale": 2.0}
+    finally:
+        QUANT_METHODS._entries.pop("half_test")
