@@ -56,7 +56,7 @@ def sensitivity(recipe, overrides, layers, ratios, method, importance, checkpoin
     first = next((s for s in p.recipe.stages if s.name == "prune"), None)
     cfg: PruneConfig = first.config if first else PruneConfig(method="channel")
     method = method or cfg.method
-    importance = importance or cfg.importance
+    importance = importance or getattr(cfg, "importance", "l1")
     if importance not in IMPORTANCES:
         raise RecipeError("--importance", f"unknown importance '{importance}'; expected one of {', '.join(IMPORTANCES.names())}"
                                           f"{did_you_mean(importance, IMPORTANCES.names())}")

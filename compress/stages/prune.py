@@ -10,88 +10,25 @@ below the unpruned model (that step is undone) or once a params/MACs/latency ``b
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Literal, Optional
 
-import annotated_types as at
 import torch
 import torch.nn as nn
-from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from compress.api import Result, as_data
-from compress.checkpoint import record_transform
-from compress.config import StrictModel, rename_keys
 from compress.metrics import split_metrics
 from compress.errors import RecipeError
 from compress.measure.size import count_macs, count_params
 from compress.metrics import primary_metric
 from compress.pruning import schedules
-from compress.pruning.masks import (MaskHook, apply_masks, classifier_name, magnitude_masks, prunable_layers,
-                                    storage_report, weight_sparsity)
-from compress.pruning.regularizers import NormPenalty, RegularizerConfig
-from compress.pruning.structured import IMPORTANCES, accumulate_grads, build_pruner, pruned_shapes
+from compress.pruning.masks import classifier_name, prunable_layers, storage_report
+from compress.pruning.methods import PRUNE_METHODS, PruneConfig  # noqa: F401  (PRUNE_METHODS: for plug-ins)
+from compress.pruning.regularizers import NormPenalty
 from compress.stages.base import StageResult, register_stage
 from compress.registry import did_you_mean
-from compress.kd import KDConfig, kd_hook
+from compress.kd import kd_hook
 from compress.runtime.timing import Timer, time_interleaved
-from compress.trainer import TrainConfig, Trainer, evaluate
+from compress.trainer import Trainer, evaluate
 from compress.utils import resolve_device
-
-Ratio = Annotated[float, at.Ge(0), at.Lt(1)]
-
-
-class PruneKDConfig(KDConfig):
-    teacher: Literal["unpruned", "recipe"] = "unpruned"  # the model before this stage, or the recipe's teacher
-
-
-class BudgetConfig(StrictModel):
-    """Stop once the pruned model fits: ``{kind: macs, reduction: 4}`` or ``{kind: params, max: 50000}``."""
-
-    kind: Literal["params", "macs", "latency"]
-    max: Optional[float] = Field(None, gt=0)  # parameters (non-zero for magnitude), MACs, or ms per batch
-    reduction: Optional[float] = Field(None, gt=1)  # or: this many times fewer/faster than the unpruned model
-    batch_size: int = Field(32, ge=1)  # latency is the median PyTorch CPU forward time at this batch size
-
-    @model_validator(mode="after")
-    def _one_target(self):
-        if (self.max is None) == (self.reduction is None):
-            raise ValueError("give exactly one of 'max' (absolute) or 'reduction' (times smaller than the unpruned model)")
-        return self
-
-
-class PruneConfig(StrictModel):
-    method: Literal["magnitude", "channel"] = "magnitude"
-    # Final fraction removed: of the weights (magnitude) or of each layer's channels (channel).
-    sparsity: float = Field(0.5, ge=0, lt=1)
-    scope: Literal["global", "layer"] = "global"  # rank all layers together, or every layer to the same fraction
-    importance: str = "l1"  # channel ranking: l1, l2, taylor, bn_scale (compress.pruning.structured.IMPORTANCES)
-    ignored_layers: Optional[list[str]] = None  # module names never pruned; default: the final classifier
-    layer_ratios: dict[str, Ratio] = {}  # per-layer fraction (e.g. from `compress sensitivity`), overrides sparsity
-    round_to: Optional[int] = Field(None, ge=1)  # keep channel counts multiples of this (channel only)
-    max_layer_ratio: float = Field(0.9, gt=0, le=1)  # no layer loses more than this fraction of its channels
-    steps: int = Field(1, ge=1)
-    schedule: Literal["agp", "linear"] = "agp"
-    initial_sparsity: float = Field(0.0, ge=0, lt=1)  # s_i of the AGP formula
-    finetune: TrainConfig = TrainConfig(epochs=1)  # after every step
-    final_finetune: Optional[TrainConfig] = None  # once more after the last kept step
-    kd: Optional[PruneKDConfig] = None  # fine-tune with a KD loss from the unpruned model (old name: distill)
-    regularize: Optional[RegularizerConfig] = None  # L1/L2/group-lasso penalty during this stage's training
-    max_drop: Optional[float] = Field(None, ge=0, lt=1)  # allowed fall of val accuracy (0.003 = 0.3 points) or rise of RMSE
-    budget: Optional[BudgetConfig] = None
-    eval_split: Literal["val", "test"] = "val"  # what the stopping rule looks at
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_keys(cls, data, info: ValidationInfo):
-        return rename_keys(data, {"distill": "kd"}, info, "prune")
-
-    @field_validator("importance")
-    @classmethod
-    def _known_importance(cls, v: str) -> str:
-        if v not in IMPORTANCES:
-            names = IMPORTANCES.names()
-            raise ValueError(f"unknown importance '{v}'; expected one of {', '.join(names)}{did_you_mean(v, names)}")
-        return v
-
 
 # -- validation against the model -----------------------------------------------------------------------
 
@@ -126,11 +63,7 @@ def _model_before(recipe, index: int):
 
 def _check_prune(recipe, index: int, cfg: PruneConfig) -> None:
     path = f"stages[{index}].prune"
-    if cfg.initial_sparsity >= cfg.sparsity and cfg.sparsity > 0:
-        raise RecipeError(f"{path}.initial_sparsity", f"must be below sparsity ({cfg.sparsity}), got {cfg.initial_sparsity}")
-    if cfg.budget is not None and cfg.method == "magnitude" and cfg.budget.kind != "params":
-        raise RecipeError(f"{path}.budget.kind", f"'{cfg.budget.kind}' needs method 'channel': unstructured zeros "
-                                                 "do not make dense MACs or latency smaller; use kind 'params'")
+    cfg.check_rules(path)
     if cfg.kd is not None and cfg.kd.teacher == "recipe" and recipe.teacher is None:
         raise RecipeError(f"{path}.kd.teacher", "is 'recipe' but the recipe has no 'teacher:' section")
     if cfg.ignored_layers or cfg.layer_ratios:
@@ -160,9 +93,9 @@ def torch_latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: 
     return res["model"]["median_ms"]
 
 
-def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: torch.Tensor, method: str) -> float:
+def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: torch.Tensor, nonzero: bool) -> float:
     if kind == "params":
-        return count_params(model)[1] if method == "magnitude" else count_params(model)[0]
+        return count_params(model)[1] if nonzero else count_params(model)[0]
     if kind == "macs":
         return count_macs(model, example, strict=True)[0]
     return torch_latency_ms(model, batch)
@@ -204,7 +137,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
     if cfg.budget is not None:
         if cfg.budget.kind == "latency":
             lat_batch = data.example_input(cfg.budget.batch_size).to(device)
-        base_budget = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.method)
+        base_budget = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.COUNTS_NONZERO)
 
     unpruned = copy.deepcopy(model).eval()
     hooks = []
@@ -222,34 +155,13 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
                 Trainer(model, reg_cfg, data, hooks, name=f"{path}:regularize", **tk).fit()
 
         targets = schedules.targets(cfg.schedule, cfg.sparsity, cfg.steps, cfg.initial_sparsity)
-        pruner = None
-        if cfg.method == "channel":
-            entry = IMPORTANCES.get(cfg.importance)
-            if entry.extra.get("needs_bn") and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-                raise RecipeError(f"{path}.importance", "'bn_scale' ranks channels by BatchNorm scales, but the model has no BatchNorm")
-            named = dict(model.named_modules())
-            pruner = build_pruner(
-                model, example, cfg.importance, cfg.sparsity, cfg.steps, schedules.tp_scheduler(cfg.schedule, cfg.initial_sparsity),
-                global_pruning=cfg.scope == "global", ignored=[named[n] for n in cfg.ignored_layers],
-                layer_ratios={named[n]: r for n, r in cfg.layer_ratios.items()}, round_to=cfg.round_to,
-                max_layer_ratio=cfg.max_layer_ratio)
+        pruner = cfg.pruner(model, layers, example, data, path, device)
 
         history: list[dict] = []
         good = copy.deepcopy(model)
-        masks: dict = {}
         stop = "schedule finished"
         for t, target in enumerate(targets, 1):
-            step_hooks = list(hooks)
-            if cfg.method == "magnitude":
-                frac = target / cfg.sparsity if cfg.sparsity else 0.0
-                masks = magnitude_masks(layers, target, cfg.scope, {n: r * frac for n, r in cfg.layer_ratios.items()})
-                apply_masks(layers, masks)
-                step_hooks.append(MaskHook(layers, masks))
-            else:
-                if IMPORTANCES.get(cfg.importance).extra.get("needs_grad"):
-                    accumulate_grads(model, data, device=device)
-                pruner.step()
-                model.zero_grad(set_to_none=True)
+            step_hooks = list(hooks) + pruner.step(t, target)
             Trainer(model, cfg.finetune, data, step_hooks, name=f"{path}:step{t}", **tk).fit()
             value = evaluate(model, data, split, device)[metric]
             macs, params = count_macs(model, example, strict=True)
@@ -257,7 +169,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
             row = {"step": t, "target": round(target, 4), f"{split}_{metric}": value, "drop": sign * (base_val - value),
                    # reported only (the stopping rule never looks at it), for accuracy-vs-sparsity tables
                    **({f"test_{metric}": evaluate(model, data, "test", device)[metric]} if split != "test" and data.has("test") else {}),
-                   "weight_sparsity": weight_sparsity(layers) if cfg.method == "magnitude" else None,
+                   "weight_sparsity": None, **pruner.step_facts(),
                    "params": params, "nonzero_params": nonzero, "macs": macs, "kept": True}
             history.append(row)
             if cfg.max_drop is not None and row["drop"] > cfg.max_drop:
@@ -267,7 +179,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
                 break
             good = copy.deepcopy(model)
             if cfg.budget is not None:
-                value_b = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.method)
+                value_b = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.COUNTS_NONZERO)
                 row["budget_value"] = value_b
                 if _budget_met(cfg.budget, value_b, base_budget):
                     stop = f"step {t}: {cfg.budget.kind} budget met"
@@ -275,20 +187,17 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
 
         kept = [r for r in history if r["kept"]]
         layers = prunable_layers(model, cfg.ignored_layers)
-        if cfg.method == "magnitude" and kept:
-            masks = {n: m.weight != 0 for n, m in layers.items()}  # the kept step's zeros, now permanent
+        fin_hooks = pruner.finish(model, layers, bool(kept))
         if cfg.final_finetune is not None and kept:
-            fin_hooks = list(hooks) + ([MaskHook(layers, masks)] if cfg.method == "magnitude" else [])
-            for h in fin_hooks:
+            for h in hooks:
                 if isinstance(h, NormPenalty):
                     h.layers = layers
-            Trainer(model, cfg.final_finetune, data, fin_hooks, name=f"{path}:final", **tk).fit()
+            Trainer(model, cfg.final_finetune, data, list(hooks) + fin_hooks, name=f"{path}:final", **tk).fit()
     finally:
         for h in hooks:
             if hasattr(h, "close"):
                 h.close()
-    if cfg.method == "channel" and kept:  # each prune stage records its shapes; replayed in order, the last wins
-        record_transform(model, "channel_prune", shapes=pruned_shapes(model))
+    pruner.record(model, bool(kept))
     model.zero_grad(set_to_none=True)
 
     macs, params = count_macs(model, example, strict=True)
@@ -297,8 +206,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
         "method": cfg.method,
         "steps_done": len(kept),
         "stop_reason": stop,
-        "weight_sparsity": round(weight_sparsity(layers), 4) if cfg.method == "magnitude" else None,
-        "channel_ratio": kept[-1]["target"] if (cfg.method == "channel" and kept) else None,
+        "weight_sparsity": None, "channel_ratio": None, **pruner.summary(kept),
         "unpruned_params": base_params, "unpruned_nonzero": base_nonzero, "params": total, "nonzero": nonzero,
         "unpruned_macs": base_macs, "macs": macs, "macs_reduction": round(base_macs / max(macs, 1), 2),
         f"unpruned_{split}_{metric}": base_val,

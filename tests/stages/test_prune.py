@@ -32,8 +32,12 @@ def _errors(doc: dict) -> list[str]:
 def test_bad_options_name_the_key_path():
     assert _errors(_recipe({"sparsity": 1.0})) == ["stages[1].prune.sparsity: expected a number in [0, 1), got 1.0"]
     assert _errors(_recipe({"sparsity": "high"})) == ["stages[1].prune.sparsity: expected a number in [0, 1), got 'high'"]
-    assert _errors(_recipe({"importance": "l3norm"}))[0].startswith(
+    assert _errors(_recipe({"method": "channel", "importance": "l3norm"}))[0].startswith(
         "stages[1].prune.importance: unknown importance 'l3norm'; expected one of bn_scale, l1, l2, taylor")
+    # channel-only options are not magnitude's: each method is its own config class
+    assert _errors(_recipe({"method": "magnitude", "importance": "l2"}))[0].startswith("stages[1].prune.importance: unknown key")
+    assert _errors(_recipe({"method": "blocks"}))[0].startswith(
+        "stages[1].prune.method: expected one of 'channel', 'magnitude', got 'blocks'")
     assert _errors(_recipe({"ignored_layers": ["classifier.9"]})) == [
         "stages[1].prune.ignored_layers[0]: no layer named 'classifier.9' in the model; prunable layers are "
         "features.0, features.3, classifier.1, classifier.3, classifier.5; did you mean 'classifier.5'?"]
@@ -237,3 +241,30 @@ def test_latency_budget_times_warmup_then_single_calls_in_eval_mode():
     ms = torch_latency_ms(m, torch.zeros(1, 2), runs=7, warmup=3)
     assert ms > 0 and m.training  # training mode restored
     assert m.calls == [(False, False)] * 10  # 3 warm-up + 7 timed calls, eval mode, no autograd
+
+
+def test_a_new_pruning_method_is_a_config_class_and_a_pruner(data):
+    from compress.pruning.methods import PRUNE_METHODS, Pruner, PruneConfig as Base, register_prune_method
+
+    class FirstHalfConfig(Base):
+        """Zero the first half of every prunable layer's weights (a toy method for this test)."""
+
+        method: str = "first_half_test"
+
+        def pruner(self, model, layers, example, data, path, device):
+            class Half(Pruner):
+                def step(self, t, target):
+                    for m in layers.values():
+                        m.weight.data.view(-1)[: m.weight.numel() // 2] = 0
+                    return []
+            return Half()
+
+    register_prune_method(FirstHalfConfig)
+    try:
+        cfg = PruneConfig(method="first_half_test", finetune=NO_TRAIN)
+        assert type(cfg) is FirstHalfConfig
+        model = create_model("lenet5", data.input_shape, data.num_outputs)
+        model, m = prune(model, cfg, data)
+        assert m["method"] == "first_half_test" and m["nonzero"] < m["unpruned_nonzero"]
+    finally:
+        PRUNE_METHODS._entries.pop("first_half_test")
