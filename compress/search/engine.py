@@ -359,7 +359,11 @@ def _finish(s: Search, study, started: float, stopped: str) -> SearchResult:
 
     chosen = min(feasible, key=key) if feasible else None
     closest = [] if chosen else sorted(full, key=lambda r: (_shortfall(r["misses"], cfg), key(r)))[:3]
-    picked = [chosen] if chosen else closest
+    picked = [dict(r) for r in ([chosen] if chosen else closest)]  # copies: the trial rows stay as measured
+    if chosen:
+        chosen = picked[0]
+    else:
+        closest = picked
     # The test split, once, at the end, for the chosen model (or the closest ones).
     from compress.data import create_data
     from compress.recipe import parse_recipe
