@@ -77,3 +77,14 @@ def test_missing_optuna_is_one_line(search_doc, tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["search", str(recipe), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert res.output.strip().count("\n") == 0 and "pip install compress[search]" in res.output
+
+
+def test_mnist_search_recipe_is_valid(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from compress.recipe import read_yaml
+
+    monkeypatch.setenv("COMPRESS_DATA_DIR", str(tmp_path))
+    (tmp_path / "mnist-t10k").mkdir()
+    cfg = parse_search(read_yaml(Path(__file__).resolve().parents[2] / "recipes" / "mnist_search.yaml"))
+    assert cfg.trials == 40 and cfg.constraints.speedup == 10 and cfg.constraints.max_drop == 0.005
