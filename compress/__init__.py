@@ -17,6 +17,7 @@ from compress.measure.config import BenchmarkConfig
 from compress.measure.row import benchmark
 from compress.models import create_model
 from compress.pipeline import Pipeline
+from compress.search import SearchConfig, SearchResult, search  # Optuna itself is imported only when a search runs
 from compress.stages.bake import BakeConfig, bake
 from compress.stages.distill import DistillConfig, distill
 from compress.stages.export import ExportConfig, export
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BakeConfig", "BenchmarkConfig", "CompressError", "DataBundle", "DistillConfig", "ExportConfig", "Hook",
-    "Pipeline", "PruneConfig", "QuantizeConfig", "RecipeError", "Result", "TrainConfig", "Trainer", "bake",
+    "Pipeline", "PruneConfig", "QuantizeConfig", "RecipeError", "Result", "SearchConfig", "SearchResult", "TrainConfig", "Trainer", "bake",
     "benchmark", "create_data", "create_model", "distill", "evaluate", "export", "load_model", "prune",
-    "quantize", "save_model", "train",
+    "quantize", "save_model", "search", "train",
 ]

@@ -82,6 +82,8 @@ cli.add_command(cli_report.bench)
 cli.add_command(cli_report.report)
 from compress.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
 cli.add_command(_sensitivity)
+from compress.cli_search import search as _search  # noqa: E402
+cli.add_command(_search)
 
 
 def main():

@@ -39,6 +39,7 @@ class _RecipeTop(StrictModel):
     stages: list[Any] = Field(min_length=1)
     benchmark: Any = None
     output: OutputConfig = OutputConfig()
+    search: Any = None  # read by `compress search` (compress.search.config); a run ignores it
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,420 @@
+"""The joint search: Optuna proposes recipe values, each trial runs the recipe (cached prefixes reused),
+is measured on the validation split, and the Pareto front and the constrained choice come out.
+
+Multi-fidelity (why not an Optuna pruner): Optuna's pruners only work for single-objective studies, and
+a scalarized objective would hide the front. So every trial first trains its varied stages at
+``fidelity.low`` x their epochs; it gets the full budget only when its optimistic point (low-fidelity
+accuracy + the largest low->full gain seen so far) is not dominated by the full-budget front. The others
+are told to Optuna as PRUNED, so the sampler learns from full-budget values only.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from compress.errors import CompressError, RecipeError
+from compress.search.cache import StageCache, run_cached
+from compress.search.config import SearchConfig, parse_search, range_spec, stage_of, strip_search, trial_doc
+from compress.utils import write_json, write_text
+
+INSTALL = "pip install compress[search]"
+
+
+def require_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise CompressError(f"compress search needs Optuna, which is not installed: {INSTALL}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+@dataclass
+class SearchResult:
+    out: Path
+    rows: list[dict]  # every trial's measured rows (low and full fidelity), as in trials.jsonl
+    front: list[dict]  # full-budget Pareto front
+    chosen: Optional[dict]  # the best row meeting the constraints (None: none met them)
+    closest: list[dict]  # when none met them: the nearest rows, with their misses
+    test: Optional[dict]  # the chosen (or closest) model on the test split, measured once at the end
+    compare: Optional[dict] = None
+    baseline: dict = field(default_factory=dict)
+    reuse: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    message: str = ""
+
+
+# -- objectives and constraints ------------------------------------------------------------------------
+def dominates(a: dict, b: dict, directions: dict) -> bool:
+    better = False
+    for k, d in directions.items():
+        x, y = a[k], b[k]
+        if (x < y if d == "max" else x > y):
+            return False
+        better = better or x != y
+    return better
+
+
+def pareto(rows: list[dict], directions: dict) -> list[dict]:
+    return [r for r in rows if not any(dominates(o, r, directions) for o in rows if o is not r)]
+
+
+def misses(row: dict, base: dict, cfg: SearchConfig) -> dict:
+    """How far a row is from each constraint (positive: missed by that much; empty: all met)."""
+    c, out = cfg.constraints, {}
+    sign = 1 if base["higher_better"] else -1
+    if c.max_drop is not None:
+        drop = sign * (base["accuracy"] - row["accuracy"])
+        if drop > c.max_drop + 1e-12:
+            out["max_drop"] = round(drop - c.max_drop, 5)
+    if c.speedup is not None and row.get("speedup") is not None and row["speedup"] < c.speedup:
+        out["speedup"] = round(c.speedup - row["speedup"], 3)
+    if c.max_size is not None and row["size"] > c.max_size:
+        out["max_size"] = row["size"] - c.max_size
+    if c.max_latency_ms is not None and row.get("latency") is not None and row["latency"] > c.max_latency_ms:
+        out["max_latency_ms"] = round(row["latency"] - c.max_latency_ms, 4)
+    return out
+
+
+def _shortfall(m: dict, cfg: SearchConfig) -> float:
+    """Misses relative to their limits, summed: how 'close' an infeasible trial is."""
+    c = cfg.constraints
+    scale = {"max_drop": max(c.max_drop or 0, 0.01), "speedup": c.speedup or 1, "max_size": c.max_size or 1,
+             "max_latency_ms": c.max_latency_ms or 1}
+    return sum(v / scale[k] for k, v in m.items())
+
+
+# -- one trial ------------------------------------------------------------------------------------------
+def scale_epochs(doc: dict, first: int, factor: float) -> dict:
+    """Low fidelity: every ``epochs`` inside stages ``first..`` times ``factor`` (at least 1)."""
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (max(1, round(v * factor)) if k == "epochs" and isinstance(v, int) else walk(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    doc = dict(doc)
+    doc["stages"] = doc["stages"][:first] + [walk(s) for s in doc["stages"][first:]]
+    return doc
+
+
+def bench_config(cfg: SearchConfig):
+    from compress.measure.config import BenchmarkConfig
+
+    need_latency = "latency" in cfg.objectives or cfg.constraints.speedup or cfg.constraints.max_latency_ms
+    b = cfg.backend
+    return BenchmarkConfig(split="val", latency=bool(need_latency), backends=[b.name], batch_sizes=[b.batch_size],
+                           runs=b.runs, warmup=5, threads=b.threads, max_seconds=b.max_seconds, gpu=False,
+                           macs="macs" in cfg.objectives, zipped=False, progress=False)
+
+
+def deployable(state, result, run_dir: Path):
+    """The trial's model as a Subject: the ONNX file a stage wrote, else the PyTorch model saved to disk."""
+    from compress.checkpoint import save_model
+    from compress.measure.subject import Subject
+
+    art = Path(result.artifact) if result is not None and result.artifact else None
+    if art is not None and art.suffix == ".onnx":
+        return Subject(None, art, art)
+    return Subject(state.model, None, save_model(state.model, Path(run_dir) / "model.pt"))
+
+
+def evaluate_subject(subject, data, split: str) -> dict:
+    from compress.evaluation import evaluate
+    from compress.runtime.onnx import evaluate_onnx
+
+    return evaluate_onnx(subject.onnx, data, split) if subject.onnx is not None else evaluate(subject.model, data, split)
+
+
+def measure_subject(subject, data, cfg: SearchConfig, baseline, metric: str, split: str = "val") -> dict:
+    from compress.measure.row import measure
+
+    metrics = evaluate_subject(subject, data, split)
+    row = measure(subject, data, bench_config(cfg), metrics=metrics, baseline=baseline, desc="trial")
+    out = {"accuracy": metrics[metric], "size": row["size_bytes"], "n_params": row["params"], "macs": row.get("macs"),
+           "file": str(subject.file)}
+    lat = row.get("latency", {}).get(cfg.backend.name, {}).get(cfg.backend.batch_size)
+    if lat is None:  # JSON-loaded rows key batch sizes as strings
+        lat = row.get("latency", {}).get(cfg.backend.name, {}).get(str(cfg.backend.batch_size))
+    if lat:
+        out.update(latency=lat["median_ms"], speedup=lat.get("speedup"), baseline_latency=lat.get("baseline_median_ms"))
+    return out
+
+
+# -- the search -----------------------------------------------------------------------------------------
+class Search:
+    def __init__(self, doc: dict, cfg: SearchConfig, out: Path, compare: Optional[dict] = None, log=print):
+        self.doc, self.cfg, self.out, self.compare_doc, self.log = doc, cfg, Path(out), compare, log
+        self.base_doc = strip_search(doc)
+        self.base_doc.setdefault("benchmark", {})
+        self.base_doc["benchmark"] = {**(self.base_doc["benchmark"] or {}), "split": "val", "progress": False}
+        self.first_varied = min((stage_of(k) for k in cfg.space if stage_of(k) is not None), default=0)
+        self.cache = StageCache(self.out / "cache")
+        self.seed = cfg.seed if cfg.seed is not None else int(doc.get("seed", 0) or 0)
+
+    # baseline: the first stage's model (the teacher), measured once
+    def baseline(self):
+        from compress.checkpoint import save_model
+        from compress.measure.subject import Subject
+        from compress.metrics import primary_metric
+
+        doc = dict(self.base_doc, stages=self.base_doc["stages"][:1])
+        state, _ = run_cached(doc, self.out / "baseline", self.cache)
+        first = next(iter(doc["stages"][0].values())) or {}
+        model = state.teacher if isinstance(first, dict) and first.get("target") == "teacher" else state.model
+        path = save_model(model, self.out / "baseline" / "model.pt")
+        self.metric, direction = primary_metric(state.data.task)
+        self.subject = Subject(model, None, path)
+        m = evaluate_subject(self.subject, state.data, "val")
+        self.base = {"accuracy": m[self.metric], "metric": self.metric, "higher_better": direction == "max",
+                     "size": path.stat().st_size, "file": str(path)}
+        return self.base
+
+    def run_one(self, params: dict, fidelity: str, number: int) -> dict:
+        doc = trial_doc(self.base_doc, params)
+        if fidelity == "low":
+            doc = scale_epochs(doc, self.first_varied, self.cfg.fidelity.low)
+        d = self.out / "trials" / f"{number:04d}" / fidelity
+        shutil.rmtree(d, ignore_errors=True)  # what a killed attempt of this trial left
+        t0 = time.time()
+        state, result = run_cached(doc, d, self.cache)
+        subject = deployable(state, result, d)
+        row = {"trial": number, "fidelity": fidelity, "params": params,
+               **measure_subject(subject, state.data, self.cfg, self.subject, self.metric)}
+        row["seconds"] = round(time.time() - t0, 2)
+        row["dir"] = str(d)
+        row["misses"] = misses(row, self.base, self.cfg)
+        row["feasible"] = not row["misses"]
+        write_text(d / "recipe.yaml", yaml.safe_dump(doc, sort_keys=False))
+        return row
+
+    def promote(self, low: dict, full_rows: list[dict], gains: list[float]) -> bool:
+        """Full budget only for a trial whose optimistic point the full-budget front does not dominate."""
+        if not self.cfg.fidelity.enabled or self.cfg.fidelity.low >= 1:
+            return True
+        gain = max(gains) if gains else self.cfg.fidelity.optimism
+        sign = 1 if self.base["higher_better"] else -1
+        hopeful = dict(low, accuracy=low["accuracy"] + sign * max(gain, 0.0))
+        dirs = self.cfg.objectives
+        if any(dominates(f, hopeful, dirs) for f in pareto(full_rows, dirs)):
+            return False
+        # The speedup does not depend on the epochs: once some trial is feasible, a clear miss stays one.
+        if any(r["feasible"] for r in full_rows) and "speedup" in low["misses"] \
+                and low["speedup"] is not None and low["speedup"] < 0.9 * self.cfg.constraints.speedup:
+            return False
+        return True
+
+
+def _sampler(optuna, name: str, seed: int, constraints):
+    if hasattr(optuna.trial.Trial, "set_constraint"):  # Optuna 5: constraints travel with the trial
+        constraints = None
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8, constraints_func=constraints)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, constraints_func=constraints)
+
+
+def _suggest(trial, space: dict) -> dict:
+    params = {}
+    for key, spec in space.items():
+        r = range_spec(spec)
+        if r is None:  # categorical: Optuna stores primitives, so each choice goes in as its JSON text
+            params[key] = json.loads(trial.suggest_categorical(key, [json.dumps(c) for c in spec]))
+        elif r.int:
+            params[key] = trial.suggest_int(key, int(r.low), int(r.high), step=int(r.step or 1), log=r.log)
+        else:
+            params[key] = trial.suggest_float(key, r.low, r.high, step=r.step, log=r.log)
+    return params
+
+
+def _rows(study) -> list[dict]:
+    return [r for t in study.trials for r in t.user_attrs.get("rows", [])]
+
+
+def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Optional[str | Path] = None,
+           resume: bool = False, trials: Optional[int] = None, time_limit: Optional[float] = None,
+           compare: Any = None, log=print) -> SearchResult:
+    """Search the recipe's ``search.space`` for the best model meeting ``search.constraints``.
+
+    ``recipe_or_doc``: a recipe path or document with a ``search:`` section (``config`` replaces that
+    section). Writes ``trials.jsonl``, ``front.json``, ``result.json``, ``chosen/`` and ``search.html`` to ``out``.
+    """
+    optuna = require_optuna()
+    from compress.recipe import read_yaml
+
+    doc = read_yaml(recipe_or_doc) if isinstance(recipe_or_doc, (str, Path)) else dict(recipe_or_doc)
+    if config is not None:
+        doc["search"] = config.model_dump(exclude_none=True)
+    cfg = parse_search(doc)
+    if trials is not None:
+        cfg.trials = trials
+    limit = time_limit if time_limit is not None else cfg.time_limit
+    cmp_doc = None
+    if compare is not None:
+        cmp_doc = read_yaml(compare) if isinstance(compare, (str, Path)) else dict(compare)
+        trial_doc(strip_search(cmp_doc), {}, where="--compare")
+    out = Path(out or Path("runs") / f"{doc.get('name', 'search')}-search")
+    db = out / "study.db"
+    if db.exists() and not resume:
+        raise CompressError(f"{out} already holds a search; give --resume to continue it, or another --out")
+    if resume and not db.exists():
+        raise CompressError(f"{out}: no search to resume (no study.db)")
+    if resume:
+        saved = yaml.safe_load((out / "search.yaml").read_text())
+        if saved != doc:
+            raise RecipeError("search", f"the recipe differs from the one of the search being resumed in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "search.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+    started = time.time()
+    s = Search(doc, cfg, out, cmp_doc, log)
+    base = s.baseline()
+    log(f"[search] baseline (stage 0's model): val {base['metric']} {base['accuracy']:.4f}, {base['size']} bytes")
+
+    def constraints(t):  # Optuna's feasibility-aware sampling: <= 0 means met
+        return t.user_attrs.get("violation", [0.0])
+
+    directions = ["maximize" if d == "max" else "minimize" for d in cfg.objectives.values()]
+    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="search", directions=directions,
+                                load_if_exists=True)
+    TS = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=(TS.RUNNING, TS.WAITING)):  # killed mid-trial
+        study.tell(t.number, state=TS.FAIL)
+        log(f"[search] trial {t.number} was cut short by a kill; it runs again")
+    gains: list[float] = []
+
+    def finished():
+        return study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED))
+
+    for t in finished():
+        rows = t.user_attrs.get("rows", [])
+        if len(rows) == 2:
+            gains.append(rows[1]["accuracy"] - rows[0]["accuracy"])
+    stopped = ""
+    while len(finished()) < cfg.trials:
+        if limit and time.time() - started > limit:
+            stopped = f"time limit reached after {len(finished())} trials"
+            break
+        # A fresh sampler seeded by the number of finished trials: a resumed search samples what an
+        # uninterrupted one would have (the sampler's random state is not in the storage).
+        study.sampler = _sampler(optuna, cfg.sampler, s.seed * 100003 + len(finished()), constraints)
+        trial = study.ask()
+        params = _suggest(trial, cfg.space)
+        full_rows = [r for r in _rows(study) if r["fidelity"] == "full"]
+        rows = []
+        low_fi = cfg.fidelity.enabled and cfg.fidelity.low < 1
+        if low_fi:
+            rows.append(s.run_one(params, "low", trial.number))
+        if not low_fi or s.promote(rows[0], full_rows, gains):
+            rows.append(s.run_one(params, "full", trial.number))
+            if low_fi:
+                gains.append(rows[1]["accuracy"] - rows[0]["accuracy"])
+        last = rows[-1]
+        trial.set_user_attr("rows", rows)
+        violation = _shortfall(last["misses"], cfg) if last["misses"] else -1.0
+        trial.set_user_attr("violation", [violation])
+        if hasattr(trial, "set_constraint"):
+            trial.set_constraint("constraints", violation)
+        if last["fidelity"] == "full":
+            study.tell(trial, [last[k] for k in cfg.objectives])
+        else:
+            study.tell(trial, state=TS.PRUNED)
+        _write_rows(out, _rows(study))
+        log(f"[search] trial {trial.number} ({last['fidelity']}): {_describe(last, cfg)} {json.dumps(params)}")
+    return _finish(s, study, started, stopped)
+
+
+def _describe(r: dict, cfg: SearchConfig) -> str:
+    bits = [f"acc {r['accuracy']:.4f}", f"{r['size']} B"]
+    if r.get("latency") is not None:
+        bits.append(f"{r['latency']:.3f} ms ({r.get('speedup') or 0:.1f}x)")
+    bits.append("meets constraints" if r["feasible"] else "misses " + ", ".join(f"{k} by {v}" for k, v in r["misses"].items()))
+    return ", ".join(bits)
+
+
+def _write_rows(out: Path, rows: list[dict]) -> None:
+    write_text(out / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _finish(s: Search, study, started: float, stopped: str) -> SearchResult:
+    from compress.measure.subject import Subject
+
+    cfg, out = s.cfg, s.out
+    rows = _rows(study)
+    full = [r for r in rows if r["fidelity"] == "full"]
+    front = pareto(full, cfg.objectives)
+    feasible = [r for r in full if r["feasible"]]
+    order = list(cfg.objectives.items())
+
+    def key(r):  # the first objective decides, the next ones break ties
+        return tuple(-r[k] if d == "max" else r[k] for k, d in order)
+
+    chosen = min(feasible, key=key) if feasible else None
+    closest = [] if chosen else sorted(full, key=lambda r: (_shortfall(r["misses"], cfg), key(r)))[:3]
+    picked = [dict(r) for r in ([chosen] if chosen else closest)]  # copies: the trial rows stay as measured
+    if chosen:
+        chosen = picked[0]
+    else:
+        closest = picked
+    # The test split, once, at the end, for the chosen model (or the closest ones).
+    from compress.data import create_data
+    from compress.recipe import parse_recipe
+
+    data = create_data(parse_recipe(s.base_doc).data)
+    split = "test" if data.has("test") else "val"
+    test, cmp_row = None, None
+    chosen_dir = out / "chosen"
+    shutil.rmtree(chosen_dir, ignore_errors=True)
+    for i, r in enumerate(picked):
+        src = Path(r["file"])
+        dest = chosen_dir if chosen else chosen_dir / f"closest_{i}"
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / src.name)
+        shutil.copy2(Path(r["dir"]) / "recipe.yaml", dest / "recipe.yaml")
+        r["chosen_file"] = str(dest / src.name)
+    if picked:
+        subj = Subject.load(picked[0]["chosen_file"])
+        test = {"split": split, **measure_subject(subj, data, cfg, s.subject, s.metric, split)}
+        test["baseline_accuracy"] = evaluate_subject(s.subject, data, split)[s.metric]
+        if s.compare_doc is not None:
+            cmp_row = _compare(s, subj, data, split)
+    if chosen:
+        message = (f"chosen: trial {chosen['trial']} ({_describe(chosen, cfg)}); "
+                   f"test {s.metric} {test['accuracy']:.4f}")
+    else:
+        message = ("no trial meets the constraints; the closest: " +
+                   "; ".join(f"trial {r['trial']} misses " + ", ".join(f"{k} by {v}" for k, v in r["misses"].items())
+                             for r in closest)) if closest else "no trial finished at the full budget"
+    if stopped:
+        message += f" ({stopped})"
+    reuse = s.cache.stats()
+    res = SearchResult(out, rows, front, chosen, closest, test, cmp_row, s.base, reuse, round(time.time() - started, 1), message)
+    write_json(out / "front.json", front)
+    write_json(out / "result.json", {k: (str(v) if isinstance(v, Path) else v) for k, v in res.__dict__.items() if k != "rows"})
+    from compress.search.page import write_page
+
+    write_page(res, cfg, out / "search.html")
+    return res
+
+
+def _compare(s: Search, chosen, data, split: str) -> dict:
+    """The hand-written recipe, run here (cached prefixes reused) and measured side by side with the choice."""
+    doc = strip_search(s.compare_doc)
+    doc["benchmark"] = {**(doc.get("benchmark") or {}), "split": "val", "progress": False}
+    d = s.out / "compare"
+    shutil.rmtree(d, ignore_errors=True)
+    state, result = run_cached(doc, d, s.cache)
+    subj = deployable(state, result, d)
+    val = measure_subject(subj, state.data, s.cfg, s.subject, s.metric, "val")
+    test = measure_subject(subj, data, s.cfg, s.subject, s.metric, split)
+    # chosen vs hand-written in one interleaved timing: speedup > 1 means the chosen model is faster
+    head = measure_subject(chosen, data, s.cfg, subj, s.metric, split)
+    return {"val": val, "test": test, "chosen_vs_compare_speedup": head.get("speedup"), "file": str(subj.file)}
