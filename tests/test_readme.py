@@ -29,3 +29,31 @@ def test_example_recipe_is_valid(tmp_path, monkeypatch):
     with pytest.raises(Exception, match=r"stages\[4\].prune: needs a float PyTorch model"):
         parse_recipe(yaml.safe_load(text), ["stages=" + repr([{"train": {}}, {"distill": {}}, {"export": {}},
                                                               {"quantize": {}}, {"prune": {}}])])
+
+
+def test_extension_examples_register_and_run():
+    """The 'Layout and development' snippets are real: each registers, and the quantization method runs."""
+    import torch
+
+    from compress import QuantizeConfig, create_data, create_model, quantize
+    from compress.kd.losses import KD_LOSSES
+    from compress.pruning.structured import IMPORTANCES
+    from compress.quant.methods import QUANT_METHODS
+    from compress.runtime.backends import BACKENDS
+
+    section = README[README.index("## Layout and development"):]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 4
+    added = [(QUANT_METHODS, "fp16"), (IMPORTANCES, "l1_mean"), (KD_LOSSES, "cosine_logits"), (BACKENDS, "openvino")]
+    try:
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), {})
+        assert all(name in reg.names() for reg, name in added)
+        data = create_data({"name": "synthetic", "num_samples": 64, "num_classes": 3, "shape": [4], "batch_size": 16})
+        model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[8])
+        out, m = quantize(model, QuantizeConfig(method="fp16"), data)
+        assert m["method"] == "fp16" and 0 <= m["accuracy"] <= 1
+        assert KD_LOSSES.get("cosine_logits").obj(torch.ones(2, 3), torch.ones(2, 3), 1.0).item() == pytest.approx(0, abs=1e-6)
+    finally:
+        for reg, name in added:
+            reg._entries.pop(name, None)
