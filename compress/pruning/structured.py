@@ -53,6 +53,7 @@ def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio
 
 def accumulate_grads(model: nn.Module, data, batches: int = 4, device: str | torch.device = "cpu") -> None:
     """Fill ``.grad`` from a few training batches, for gradient-based importance (Taylor)."""
+    from compress.data.inputs import to_device
     from compress.metrics import LOSSES, default_loss
 
     loss_fn = LOSSES[default_loss(data.task)]
@@ -61,7 +62,7 @@ def accumulate_grads(model: nn.Module, data, batches: int = 4, device: str | tor
     for i, (x, y, *_) in enumerate(data.loader("train", shuffle=False)):
         if i >= batches:
             break
-        loss_fn(model(x.to(device)), y.to(device)).backward()
+        loss_fn(model(to_device(x, device)), y.to(device)).backward()
 
 
 def _resize(module: nn.Module, prefix: str, shapes: dict) -> None:
