@@ -140,7 +140,7 @@ class TorchvisionSpec(ModelSpec):
             if not Path(w).expanduser().is_file():
                 raise ValueError(f"expected an existing weights file or a torchvision weights name, got '{w}' (no such file)")
             return w
-        _weights_enum(info.data.get("name", ""), w)  # raises ValueError naming the choices
+        _weights_enum(info.data.get("name", "").rpartition(":")[2], w)  # raises ValueError naming the choices
         return w
 
 
