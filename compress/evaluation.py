@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from compress.data import DataBundle
+from compress.data.inputs import to_device
 from compress.metrics import LOSSES, MetricAccumulator, default_loss
 from compress.utils import resolve_device
 
@@ -20,7 +21,7 @@ def evaluate(model: nn.Module, data: DataBundle, split: str = "test", device: st
     model.eval().to(device)
     acc = MetricAccumulator(data.task)
     for raw in data.loader(split, shuffle=False):
-        x, y = raw[0].to(device, non_blocking=True), raw[1].to(device, non_blocking=True)
+        x, y = to_device(raw[0], device, non_blocking=True), raw[1].to(device, non_blocking=True)
         out = model(x)
         acc.update(out, y, loss_fn(out, y))
     model.train(was_training)

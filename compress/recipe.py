@@ -74,14 +74,15 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
 
+    def import_specs(self) -> list[tuple[str, ImportSpec]]:
+        """``(key path, spec)`` for every model spec that imports user code."""
+        return [(path, spec) for path, spec in [("model", self.model), ("teacher", self.teacher)] + [
+                (f"{s.path}.{p}", v) for s in self.stages for p, v in model_fields(s.config)]
+                if isinstance(spec, ImportSpec)]
+
     def imports(self) -> list[tuple[str, str]]:
         """``(key path, 'pkg.module:factory')`` for every model spec that imports user code."""
-        found = []
-        for path, spec in [("model", self.model), ("teacher", self.teacher)] + [
-                (f"{s.path}.{p}", v) for s in self.stages for p, v in model_fields(s.config)]:
-            if isinstance(spec, ImportSpec):
-                found.append((f"{path}.import", spec.import_))
-        return found
+        return [(f"{path}.import", spec.import_) for path, spec in self.import_specs()]
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -249,4 +250,10 @@ def resolve_model_fields(cfg: StrictModel, path: str) -> None:
 
 
 def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = (), env: dict | None = None) -> Recipe:
-    return parse_recipe(read_yaml(path), overrides, env)
+    """Parse a recipe file; its ``import:`` models are looked up in the recipe's folder first."""
+    recipe = parse_recipe(read_yaml(path), overrides, env)
+    folder = str(Path(path).resolve().parent)
+    for _, spec in recipe.import_specs():
+        if folder not in spec.search_path:
+            spec.search_path = [folder, *spec.search_path]
+    return recipe

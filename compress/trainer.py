@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from compress.config import StrictModel
 from compress.errors import CompressError
 from compress.data import DataBundle
+from compress.data.inputs import to_device
 from compress.evaluation import evaluate  # the trainer validates with it; compress.trainer.evaluate stays public
 from compress.metrics import LOSSES, MetricAccumulator, default_loss, primary_metric
 from compress.hooks import Hook  # noqa: F401  (stages and models import Hook from here too)
@@ -101,7 +102,7 @@ def is_main_process() -> bool:
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    if x.ndim != 4 or not (cfg.random_shift or cfg.hflip):
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not (cfg.random_shift or cfg.hflip):
         return x
     n, _, h, w = x.shape
     if cfg.random_shift:
@@ -122,7 +123,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 def unpack(raw, device) -> Batch:
     x, y, *rest = raw
     idx = rest[0] if rest else None
-    return Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx)
+    return Batch(to_device(x, device, non_blocking=True), y.to(device, non_blocking=True), idx)
 
 
 class Trainer:
@@ -152,19 +153,9 @@ class Trainer:
 
     # -- construction of optimizer and schedule -------------------------------------------------
     def _head_name(self) -> str:
-        from compress.errors import CompressError
-        from compress.models.builtin import find_head
+        from compress.models.adapter import head_name
 
-        if self.cfg.head == "auto":
-            try:
-                return find_head(self.model, self.data.num_outputs)
-            except ValueError as exc:
-                raise CompressError(f"head: {exc}; name the head module") from None
-        if self.cfg.head not in dict(self.model.named_modules()):
-            names = [n for n, m in self.model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
-            raise CompressError(f"head: no module '{self.cfg.head}' in the model; modules with parameters: "
-                                f"{', '.join(names[-8:])}")
-        return self.cfg.head
+        return head_name(self.model, self.cfg.head, "head", self.data.num_outputs)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optimizer

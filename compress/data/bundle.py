@@ -10,6 +10,7 @@ from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from compress.config import Seed, StrictModel, validate
+from compress.data.inputs import as_inputs
 from compress.errors import RecipeError
 from compress.registry import Registry
 
@@ -50,6 +51,7 @@ class DataBundle:
                      task: str = "classification", num_outputs: int | None = None) -> "DataBundle":
         """Wrap a user's loaders; shapes and class count are read from the first batch."""
         x, y = next(iter(train))[:2]
+        x = as_inputs(x)
         if num_outputs is None:
             num_outputs = int(y.max()) + 1 if task == "classification" else (y.shape[1] if y.ndim > 1 else 1)
         loaders = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}
@@ -81,7 +83,7 @@ class DataBundle:
         """A real batch from the test (or val) split, for shape checks, export and tracing."""
         for split in ("test", "val", "train"):
             if self.has(split):
-                x = next(iter(self.loader(split, shuffle=False, batch_size=batch)))[0]
+                x = as_inputs(next(iter(self.loader(split, shuffle=False, batch_size=batch)))[0])
                 return x[:batch]
         return torch.zeros((batch, *self.input_shape))
 

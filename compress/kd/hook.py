@@ -16,6 +16,7 @@ from pydantic import AfterValidator, Field, field_validator
 
 from compress.config import StrictModel
 from compress.data import DataBundle
+from compress.data.inputs import to_device
 from compress.errors import RecipeError
 from compress.kd.losses import combine, hint_loss, kd_loss, kd_term, known_loss, task_problem, teacher_target
 from compress.kd.teachers import freeze, unfreeze
@@ -181,7 +182,7 @@ class DistillHook(Hook):
         """Teacher targets (and hint features) for every training example, in dataset order."""
         targets, feats = [], [[] for _ in self.hints]
         for raw in data.loader("train", shuffle=False, batch_size=data.eval_batch_size):
-            t, f = self.teacher_outputs(raw[0].to(device))
+            t, f = self.teacher_outputs(to_device(raw[0], device))
             targets.append(t)
             for acc, v in zip(feats, f):
                 acc.append(v)

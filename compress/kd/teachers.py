@@ -86,7 +86,8 @@ def cache_reason(augments: bool, data: DataBundle) -> Optional[str]:
     if not data.deterministic:
         return "the data pipeline is not deterministic (random augmentation)"
     if data.train is None:
-        return "the training data comes from a user's DataLoader, not a dataset that can be indexed"
+        return ("the training data comes from a user's DataLoader, whose order and transforms compress cannot "
+                "index (give datasets: DataBundle(train=..., val=..., test=...) to cache teacher outputs)")
     return None
 
 

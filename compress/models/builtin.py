@@ -10,6 +10,7 @@ import torch.nn as nn
 from pydantic import Field, ValidationInfo, field_validator
 
 from compress.config import Width
+from compress.models.adapter import adapter_of, set_in_chans
 from compress.models.registry import MODELS, ModelSpec, register_model
 from compress.registry import Entry, did_you_mean
 
@@ -128,6 +129,7 @@ class TorchvisionSpec(ModelSpec):
 
     kwargs: dict = {}
     weights: Optional[str] = None
+    in_chans: Optional[int] = Field(None, ge=1, le=64)  # rebuild the first conv for this many input channels
 
     @field_validator("weights")
     @classmethod
@@ -138,7 +140,7 @@ class TorchvisionSpec(ModelSpec):
             if not Path(w).expanduser().is_file():
                 raise ValueError(f"expected an existing weights file or a torchvision weights name, got '{w}' (no such file)")
             return w
-        _weights_enum(info.data.get("name", ""), w)  # raises ValueError naming the choices
+        _weights_enum(info.data.get("name", "").rpartition(":")[2], w)  # raises ValueError naming the choices
         return w
 
 
@@ -173,21 +175,11 @@ def _weights_enum(model: str, w: str):
 
 
 def find_head(model: nn.Module, num_outputs: Optional[int] = None) -> str:
-    """Name of the classifier head: the last Linear/Conv2d (with ``num_outputs`` outputs when given).
-
-    Holds for every torchvision classifier (auxiliary heads come earlier in module order) and for the
-    built-in models.
-    """
-    last, match = None, None
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            last = name
-            out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            if num_outputs is None or out == num_outputs:
-                match = name
-    if match is None and last is None:
-        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to use as the head")
-    return match if match is not None else last
+    """Name of the classifier head, as the model's adapter declares it (``compress.models.adapter``)."""
+    head = adapter_of(model, num_outputs).head
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv layer to use as the head")
+    return head
 
 
 def _read_state_dict(spec: TorchvisionSpec) -> tuple[dict, str]:
@@ -250,6 +242,8 @@ def _torchvision_model(spec: TorchvisionSpec, input_shape, num_outputs) -> nn.Mo
     if spec.weights is not None:
         sd, source = _read_state_dict(spec)
         load_pretrained(model, sd, num_outputs, source)
+    if spec.in_chans is not None:
+        set_in_chans(model, spec.in_chans)
     return model
 
 

@@ -28,9 +28,10 @@ def prunable_layers(model: nn.Module, ignored: Iterable[str] = ()) -> dict[str, 
 
 
 def classifier_name(model: nn.Module) -> Optional[str]:
-    """The last Conv/Linear layer in definition order: the classifier, never pruned by default."""
-    names = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
-    return names[-1] if names else None
+    """The classifier the model's adapter declares (``compress.models.adapter``): never pruned by default."""
+    from compress.models.adapter import adapter_of
+
+    return adapter_of(model).head
 
 
 def _kth_abs(values: torch.Tensor, k: int) -> float:

@@ -40,19 +40,82 @@ def _bn_scale():
     return tp.importance.BNScaleImportance()
 
 
+# -- transformers: whole attention heads and MLP widths ----------------------------------------------------
+_HEAD_ATTRS = ("num_heads", "num_attention_heads")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size")
+
+
+def sync_attention_heads(model: nn.Module) -> None:
+    """After heads were removed, set each attention module's head count from its q/k/v projection width
+    (head size is kept: heads are pruned whole), and the adapter's record of it. Attention code reshapes
+    with these attributes (timm: ``qkv.reshape(B, N, 3, self.num_heads, self.head_dim)``)."""
+    from compress.models.adapter import adapter_of
+
+    a = adapter_of(model)
+    for name in list(a.num_heads):
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent, proj = model.get_submodule(parent_name), model.get_submodule(name)
+        except AttributeError:
+            continue
+        head_dim = next((getattr(parent, k) for k in _HEAD_DIM_ATTRS if isinstance(getattr(parent, k, None), int)), None)
+        if not head_dim:
+            continue
+        width = proj.weight.shape[0] // (3 if leaf == "qkv" else 1)
+        heads = width // head_dim
+        for k in _HEAD_ATTRS:
+            if isinstance(getattr(parent, k, None), int):
+                setattr(parent, k, heads)
+        for k in ("all_head_size", "attn_dim"):  # transformers' BERT, timm's Attention
+            if isinstance(getattr(parent, k, None), int):
+                setattr(parent, k, width)
+        a.num_heads[name] = heads
+
+
+def transformer_ignored(model: nn.Module) -> list[nn.Module]:
+    """Layers whose outputs set a transformer's residual width (embeddings, the patch embedding): kept,
+    so that only attention heads and MLP hidden widths are pruned."""
+    from compress.models.adapter import adapter_of
+
+    a = adapter_of(model)
+    if not a.num_heads:
+        return []
+    out = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    first = model.get_submodule(a.first_layer) if a.first_layer else None
+    if isinstance(first, nn.modules.conv._ConvNd):  # a patch embedding (text models start at nn.Embedding)
+        out.append(first)
+    return out
+
+
+class _Pruner(tp.pruner.BasePruner):
+    """BasePruner whose step also updates the attention modules' head counts."""
+
+    def step(self, interactive: bool = False):
+        out = super().step(interactive)
+        sync_attention_heads(self.model)
+        return out
+
+
 def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio: float, steps: int,
                  scheduler: Callable, *, global_pruning: bool, ignored: list[nn.Module],
                  layer_ratios: Optional[dict[nn.Module, float]] = None, round_to: Optional[int] = None,
                  max_layer_ratio: float = 0.9) -> tp.pruner.BasePruner:
-    return tp.pruner.BasePruner(
+    """A torch-pruning pruner; for models whose adapter declares attention heads, whole heads (at the same
+    ratio) and MLP widths go, the residual width stays (``transformer_ignored``)."""
+    from compress.models.adapter import attention_heads
+
+    heads = attention_heads(model)
+    extra = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio) if heads else {}
+    return _Pruner(
         model, example, importance=IMPORTANCES.get(importance).obj(), global_pruning=global_pruning,
         pruning_ratio=ratio, pruning_ratio_dict=layer_ratios or None, max_pruning_ratio=max_layer_ratio,
-        iterative_steps=steps, iterative_pruning_ratio_scheduler=scheduler, ignored_layers=ignored,
-        round_to=round_to)
+        iterative_steps=steps, iterative_pruning_ratio_scheduler=scheduler,
+        ignored_layers=list(ignored) + transformer_ignored(model), round_to=round_to, **extra)
 
 
 def accumulate_grads(model: nn.Module, data, batches: int = 4, device: str | torch.device = "cpu") -> None:
     """Fill ``.grad`` from a few training batches, for gradient-based importance (Taylor)."""
+    from compress.data.inputs import to_device
     from compress.metrics import LOSSES, default_loss
 
     loss_fn = LOSSES[default_loss(data.task)]
@@ -61,7 +124,7 @@ def accumulate_grads(model: nn.Module, data, batches: int = 4, device: str | tor
     for i, (x, y, *_) in enumerate(data.loader("train", shuffle=False)):
         if i >= batches:
             break
-        loss_fn(model(x.to(device)), y.to(device)).backward()
+        loss_fn(model(to_device(x, device)), y.to(device)).backward()
 
 
 def _resize(module: nn.Module, prefix: str, shapes: dict) -> None:
@@ -103,6 +166,7 @@ def replay_channel_prune(model: nn.Module, params: dict, state_dict: dict) -> nn
     shapes = params.get("shapes") or {k: tuple(v.shape) for k, v in state_dict.items()}
     for name, module in model.named_modules():
         _resize(module, f"{name}." if name else "", shapes)
+    sync_attention_heads(model)
     return model
 
 

@@ -40,6 +40,8 @@ class LoaderReader:
         if raw is None:
             return None
         self._n += 1
+        if isinstance(raw[0], dict):  # named inputs (input_ids, attention_mask) keep their names and dtypes
+            return {k: v.numpy() for k, v in raw[0].items()}
         return {self.input_name: raw[0].numpy().astype(np.float32)}
 
 

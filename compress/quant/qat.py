@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress.checkpoint import TRANSFORMS
+from compress.data.inputs import to_device
 from compress.quant.binary import binarize_weight, binary_activation, channel_scale
 from compress.quant.fake_quant import ActQuant, WeightQuant, dequantize, fake_quant_weight, qrange
 from compress.quant.packing import pack, unpack
@@ -139,10 +140,14 @@ class QuantLayer(nn.Module):
 
 
 def quantizable_names(model: nn.Module, keep_first_last: bool, exclude: Iterable[str] = ()) -> list[str]:
+    """Conv/Linear layers to wrap; ``keep_first_last`` leaves the adapter's first layer and head in float."""
+    from compress.models.adapter import adapter_of
+
     names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-    if keep_first_last and len(names) > 2:
-        names = names[1:-1]
     exclude = set(exclude)
+    if keep_first_last and len(names) > 2:
+        a = adapter_of(model)
+        exclude |= {n for n in (a.first_layer, a.head) if n}
     return [n for n in names if n not in exclude]
 
 
@@ -242,7 +247,7 @@ def calibrate(model: nn.Module, loader, batches: int) -> None:
     for i, raw in enumerate(loader):
         if i >= batches:
             break
-        model(raw[0].to(device))
+        model(to_device(raw[0], device))
     model.train(was)
 
 

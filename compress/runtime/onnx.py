@@ -15,18 +15,49 @@ import torch.nn as nn
 from compress.errors import CompressError
 
 
-def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 17, dynamic_batch: bool = True) -> Path:
-    """Write ``model`` as ONNX with the TorchScript exporter (fast, no onnxscript rewrite)."""
+class _Positional(nn.Module):
+    """Named inputs as positional arguments: the TorchScript exporter maps a dict of keyword arguments
+    onto the forward's signature, and ``IOModule.forward(x, **kwargs)`` names none of them."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(dict(zip(self.names, tensors)))
+
+
+def _export_io(model: nn.Module, example, dynamic_batch: bool) -> tuple[nn.Module, tuple, list[str], Optional[dict]]:
+    """(args, input names, dynamic axes): one tensor is ``input``; named inputs (a dict) keep their names,
+    in the order the model's adapter declares, with dynamic batch and sequence axes."""
+    if not isinstance(example, dict):
+        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        return model, (example.cpu(),), ["input"], axes
+    from compress.models.adapter import adapter_of
+
+    order = adapter_of(model).inputs or tuple(example)
+    names = [n for n in order if n in example]
+    declared = adapter_of(model).dynamic_axes
+    axes = {n: declared.get(n) or ({0: "batch", 1: "sequence"} if example[n].ndim == 2 else {0: "batch"}) for n in names}
+    axes = {**axes, "output": {0: "batch"}} if dynamic_batch else None
+    return _Positional(model, names), tuple(example[n].cpu() for n in names), names, axes
+
+
+def to_onnx(model: nn.Module, example, path: str | Path, opset: int = 17, dynamic_batch: bool = True) -> Path:
+    """Write ``model`` as ONNX with the TorchScript exporter (fast, no onnxscript rewrite).
+
+    ``example``: one tensor, or a dict of named inputs (``input_ids``, ``attention_mask``): those become
+    the graph's inputs, with dynamic batch and sequence axes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was = model.training
     model.eval()
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    traced, args, names, axes = _export_io(model, example, dynamic_batch)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example.cpu(),), str(path), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["output"], dynamic_axes=axes)
+            torch.onnx.export(traced, args, str(path), dynamo=False, opset_version=opset,
+                              input_names=names, output_names=["output"], dynamic_axes=axes)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CompressError(f"cannot export {type(model).__name__} to ONNX (opset {opset}): {type(exc).__name__}: {first}") from None
@@ -58,7 +89,11 @@ def onnx_session(path: str | Path, threads: Optional[int] = 1, optimize: bool = 
         raise CompressError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
 
 
-def onnx_run(session, x: torch.Tensor) -> np.ndarray:
+def onnx_run(session, x) -> np.ndarray:
+    """Run one batch: a tensor feeds the single input, a dict feeds the inputs by name."""
+    if isinstance(x, dict):
+        wanted = {i.name for i in session.get_inputs()}
+        return session.run(None, {k: v.detach().cpu().numpy() for k, v in x.items() if k in wanted})[0]
     inp = session.get_inputs()[0]
     return session.run(None, {inp.name: x.detach().cpu().numpy()})[0]
 
@@ -72,7 +107,7 @@ class OrtModel(nn.Module):
         self.sess = onnx_session(path, threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(onnx_run(self.sess, x.float()))
+        return torch.from_numpy(onnx_run(self.sess, x if isinstance(x, dict) else x.float()))
 
 
 def evaluate_onnx(path: str | Path, data, split: str = "test", threads: int | None = None) -> dict[str, float]:

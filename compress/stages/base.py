@@ -130,8 +130,11 @@ def check_outputs(model: nn.Module, data: "DataBundle", path: str) -> None:
         with torch.no_grad():
             out = model(x)
     except Exception as exc:
-        raise RecipeError(path, f"the model does not accept the data's inputs of shape {tuple(x.shape[1:])}: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        what = f"named inputs ({', '.join(x)})" if isinstance(x, dict) else f"inputs of shape {tuple(x.shape[1:])}"
+        hint = ("; for image models set model.in_chans or model.adapt_input: {channels: ..., size: [h, w]}"
+                if "channels" in str(exc) and not isinstance(x, dict) else "")
+        raise RecipeError(path, f"the model does not accept the data's {what}: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from None
     finally:
         model.train(was)
     want = data.num_outputs

@@ -71,8 +71,11 @@ def _fit(student: nn.Module, teachers: Sequence[nn.Module], cfg: DistillConfig, 
             Trainer(student, cfg.trainer_config(), train_data, [hook, *hooks], **trainer_kwargs).fit()
         finally:
             hook.close()
-    return {"kd_loss": cfg.loss, "temperature": cfg.temperature, "alpha": cfg.alpha, "teachers": len(teachers),
-            "teacher_cache": use_cache}
+    facts = {"kd_loss": cfg.loss, "temperature": cfg.temperature, "alpha": cfg.alpha, "teachers": len(teachers),
+             "teacher_cache": use_cache}
+    if not use_cache:  # say why: a silently slower run (teacher forward every step) is a surprise
+        facts["teacher_cache_off"] = "cache_teacher is false" if cfg.cache_teacher is False else reason
+    return facts
 
 
 def _augments(cfg: DistillConfig) -> bool:
@@ -84,14 +87,16 @@ def distill(student: nn.Module, teacher: nn.Module | str | Path | Sequence, conf
     """Train ``student`` to match ``teacher`` (a model, a checkpoint path, or a list of them: an ensemble).
 
     ``config.teacher``/``student``/``teacher_epoch`` are recipe options and are ignored here.
-    Returns the trained student and its metrics on the test split (val if there is none).
+    Returns the trained student and its metrics on the test split (val if there is none), plus the
+    stage's facts (``teacher_cache``, and ``teacher_cache_off``: why outputs were not cached).
     """
     data = as_data(data)
     cfg = config or DistillConfig()
     trainer_kwargs.setdefault("name", "distill")
-    _fit(student, load_teachers(teacher), cfg, data, path=path, hooks=hooks, **trainer_kwargs)
+    facts = _fit(student, load_teachers(teacher), cfg, data, path=path, hooks=hooks, **trainer_kwargs)
     split = "test" if data.has("test") else "val"
-    return Result(student, evaluate(student, data, split, cfg.device))
+    # the facts say whether teacher outputs were cached, and why not (a user's loaders cannot be indexed)
+    return Result(student, {**evaluate(student, data, split, cfg.device), **facts})
 
 
 # -- the recipe stage ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from compress.config import OutputPath, StrictModel
+from compress.data.inputs import as_inputs
 from compress.errors import CompressError
 from compress.metrics import split_metrics
 from compress.runtime.onnx import evaluate_onnx, onnx_run, onnx_session, to_onnx
@@ -47,7 +48,7 @@ def check_parity(model: nn.Module, onnx_path: Path, data, cfg: ExportConfig, qua
         for i, raw in enumerate(data.loader(split, shuffle=False)):
             if i >= cfg.check_batches:
                 break
-            x = raw[0]
+            x = as_inputs(raw[0])
             with torch.no_grad():
                 ref = model(x).detach().cpu().numpy()
             got = onnx_run(sess, x)

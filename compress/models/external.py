@@ -1,0 +1,172 @@
+"""Models from other libraries by registry prefix: ``torchvision:<name>``, ``timm:<name>``, ``hf:<folder>``
+(or ``hf`` with an inline ``config:``). timm and transformers are optional extras: a recipe naming one that
+is not installed gets one line with the install command. Nothing is downloaded: models are built from
+their configs (random init) and weights come from local files or folders.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from compress.errors import CompressError, RecipeError
+from compress.models.adapter import declare, wrap_io
+from compress.models.registry import MODELS, ModelSpec
+from compress.registry import Entry
+
+EXTRAS = {"timm": ("timm", "timm"), "hf": ("transformers", "hf")}
+
+
+def require(prefix: str, path: str = "model.name") -> None:
+    """One-line error naming the install command when an optional extra is missing."""
+    module, extra = EXTRAS[prefix]
+    if importlib.util.find_spec(module) is None:
+        raise RecipeError(path, f"'{prefix}:' models need the optional package {module}: pip install 'compress[{extra}]'")
+
+
+# -- timm ----------------------------------------------------------------------------------------------
+class TimmSpec(ModelSpec):
+    """A ``timm`` model built from its config (``pretrained=False``); ``kwargs`` go to ``timm.create_model``
+    (``img_size``, ``patch_size``, ``in_chans``...; ``in_chans`` defaults to the data's channels)."""
+
+    kwargs: dict[str, Any] = {}
+    weights: Optional[Path] = None  # a local state_dict / compress checkpoint for everything but a resized head
+
+
+def _attention_heads(model: nn.Module, attr: str, proj: tuple[str, ...]) -> dict[str, int]:
+    """q/k/v projection name -> heads, for every attention module that has ``attr`` and those projections."""
+    out = {}
+    for name, m in model.named_modules():
+        heads = getattr(m, attr, None)
+        if isinstance(heads, int):
+            for p in proj:
+                if isinstance(getattr(m, p, None), nn.Linear):
+                    out[f"{name}.{p}" if name else p] = heads
+    return out
+
+
+def _timm_model(spec: TimmSpec, input_shape, num_outputs) -> nn.Module:
+    require("timm")
+    import timm
+
+    name = spec.name.partition(":")[2]
+    kwargs = dict(spec.kwargs)
+    if len(input_shape) == 3:
+        kwargs.setdefault("in_chans", int(input_shape[0]))
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_outputs, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise RecipeError("model", f"timm cannot build '{name}' with {kwargs}: {str(exc).splitlines()[0]}") from None
+    if spec.weights is not None:
+        from compress.models.builtin import load_pretrained
+
+        load_pretrained(model, torch.load(spec.weights, map_location="cpu", weights_only=True), num_outputs, str(spec.weights))
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    head = cfg.get("classifier")
+    modules = dict(model.named_modules())
+    first = cfg.get("first_conv")
+    return declare(model, family="timm", head=head if head in modules else None,
+                   first_layer=first if first in modules else None,
+                   num_heads=_attention_heads(model, "num_heads", ("qkv", "q", "k", "v")))
+
+
+def _timm_names(name: str) -> bool:
+    import timm
+
+    return bool(timm.list_models(name)) or name in timm.list_models()
+
+
+# -- Hugging Face transformers ------------------------------------------------------------------------
+TEXT_INPUTS = ["input_ids", "attention_mask"]
+
+
+class HFSpec(ModelSpec):
+    """A ``transformers`` classifier: ``hf:<local folder>`` (config.json, weights if present) or ``hf`` with
+    an inline ``config`` (``model_type`` plus its sizes), built with the Auto classes; num_labels = the
+    data's classes. ``task``: sequence (text; inputs input_ids + attention_mask) or image (pixel_values)."""
+
+    config: Optional[dict[str, Any]] = None
+    task: Literal["auto", "sequence", "image"] = "auto"
+    inputs: Optional[list[str]] = Field(None, min_length=1)  # text models: default input_ids, attention_mask
+
+
+def _hf_model(spec: HFSpec, input_shape, num_outputs) -> nn.Module:
+    require("hf")
+    import transformers
+    from transformers import AutoConfig
+
+    folder = spec.name.partition(":")[2]
+    if folder and spec.config:
+        raise RecipeError("model.config", "give either hf:<folder> or an inline config, not both")
+    if not folder and not spec.config:
+        raise RecipeError("model", "'hf' needs a local folder (hf:path/to/model) or an inline config: {model_type: ...}")
+    try:
+        if folder:
+            if not (Path(folder) / "config.json").is_file():
+                raise RecipeError("model.name", f"'{folder}' is not a Hugging Face model folder (no config.json in it)")
+            cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
+        else:
+            raw = dict(spec.config)
+            cfg = AutoConfig.for_model(raw.pop("model_type", ""), **raw)
+    except RecipeError:
+        raise
+    except (ValueError, KeyError, OSError) as exc:
+        raise RecipeError("model.config" if spec.config else "model.name",
+                          f"transformers cannot read this config: {str(exc).splitlines()[0]}") from None
+    cfg.num_labels = int(num_outputs)
+    task = spec.task
+    if task == "auto":
+        task = "image" if len(input_shape) == 3 else "sequence"
+    auto = transformers.AutoModelForImageClassification if task == "image" else transformers.AutoModelForSequenceClassification
+    try:
+        has_weights = folder and any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+        if has_weights:
+            model = auto.from_pretrained(folder, config=cfg, local_files_only=True, ignore_mismatched_sizes=True)
+        else:
+            model = auto.from_config(cfg)
+    except ValueError as exc:
+        raise RecipeError("model", f"no {task} classifier for this config: {str(exc).splitlines()[0]}") from None
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    from compress.models.adapter import infer_head
+
+    heads = _attention_heads(model, "num_attention_heads", ("query", "key", "value", "q_proj", "k_proj", "v_proj"))
+    inputs = None if task == "image" else (spec.inputs or TEXT_INPUTS)
+    return wrap_io(model, inputs, family="hf", head=infer_head(model, num_outputs), num_heads=heads)
+
+
+# -- the prefix fallback ---------------------------------------------------------------------------------
+SOURCES = {"timm": (_timm_model, TimmSpec, "timm model"), "hf": (_hf_model, HFSpec, "transformers classifier")}
+
+
+def _prefixed(previous):
+    def fallback(name: str) -> Optional[Entry]:
+        prefix, sep, rest = name.partition(":")
+        if prefix == "hf" and (sep or not rest):
+            require("hf")
+            return Entry(name, _hf_model, HFSpec, SOURCES["hf"][2])
+        if prefix == "timm" and sep:
+            require("timm")
+            if not _timm_names(rest):
+                raise RecipeError("model.name", f"timm has no model '{rest}'")
+            return Entry(name, _timm_model, TimmSpec, SOURCES["timm"][2])
+        if prefix == "torchvision" and sep:
+            entry = previous(rest)
+            if entry is None:
+                raise RecipeError("model.name", f"torchvision has no classifier '{rest}'")
+            return Entry(name, lambda spec, s, n: entry.obj(spec.model_copy(update={"name": rest}), s, n),
+                         entry.config, entry.description)
+        return previous(name) if previous else None
+
+    return fallback
+
+
+def install() -> None:
+    MODELS.set_fallback(_prefixed(MODELS._fallback))
+
+
+install()
