@@ -25,6 +25,9 @@ def cli():
 def run(recipe, overrides, out, resume, force, threads, allow_import):
     """Run every stage of RECIPE and print the report table."""
     check_output("--out", out, folder=True)
+    from compress import distributed
+
+    distributed.quiet_non_main()  # under torchrun: rank 0 prints, the others keep stderr for errors
     if threads:
         import torch
 
@@ -33,6 +36,8 @@ def run(recipe, overrides, out, resume, force, threads, allow_import):
     from compress.report import format_table
 
     report = Pipeline.from_yaml(recipe, overrides).run(out, resume=resume, force=force, allow_import=allow_import)
+    if not distributed.is_main():
+        return
     click.echo(format_table(report))
     click.echo(f"\nrun directory: {report['run_dir']}")
 

@@ -15,6 +15,7 @@ import click
 from compress.errors import CompressError, RenamedKeyWarning
 
 EXIT_USAGE = 2
+EXIT_PEER = 1  # under torchrun: another process of the run failed
 
 
 def friendly_errors(fn):
@@ -27,9 +28,19 @@ def friendly_errors(fn):
                 _renamed_keys_as_lines()
                 return fn(*args, **kwargs)
         except CompressError as exc:
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                click.echo(f"error: {line}", err=True)
+            from compress import distributed
+
+            if distributed.is_main():  # under torchrun every rank meets the same mistake: say it once
+                for line in str(exc).splitlines() or [type(exc).__name__]:
+                    click.echo(f"error: {line}", err=True)
             sys.exit(EXIT_USAGE)
+        except (RuntimeError, OSError) as exc:
+            from compress import distributed
+
+            if distributed.env_world_size() <= 1 or not distributed.is_peer_failure(exc):
+                raise
+            click.echo(f"error: {distributed.peer_failure_line(exc)}", err=True)
+            sys.exit(EXIT_PEER)
 
     return wrapper
 

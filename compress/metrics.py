@@ -56,6 +56,20 @@ class MetricAccumulator:
             self._add("loss", loss.detach() * n)
         self.n += n
 
+    def all_reduce(self) -> "MetricAccumulator":
+        """Sum the statistics of every rank (one collective), so every rank computes the same metrics."""
+        from compress import distributed
+
+        if not distributed.active():
+            return self
+        keys = sorted(self.stats)
+        dev = next((v.device for v in self.stats.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        t = torch.tensor([float(self.n)] + [float(self.stats[k]) for k in keys], dtype=torch.float64, device=dev)
+        distributed.all_reduce_(t)
+        self.n = int(t[0].item())
+        self.stats = {k: float(v) for k, v in zip(keys, t[1:].tolist())}
+        return self
+
     def compute(self) -> dict[str, float]:
         n = max(self.n, 1)
         s = {k: float(v) for k, v in self.stats.items()}

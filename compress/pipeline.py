@@ -1,6 +1,7 @@
 """Runs a recipe: stages in order over one PipelineState, with a run directory and resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Optional
 
 import yaml
 
+from compress import distributed
 from compress.checkpoint import load_model, save_model
 from compress.data import create_data
 from compress.errors import CompressError, RecipeError
@@ -16,7 +18,7 @@ from compress.models import create_model
 from compress.models.registry import ImportSpec
 from compress.report import write_html
 from compress.recipe import Recipe, StageSpec, load_recipe, parse_recipe
-from compress.stages.base import STAGES, PipelineState, StageResult, check_outputs
+from compress.stages.base import STAGES, PipelineState, StageResult, check_outputs, stage_trains
 from compress.rundir import check_output_file, latest_run, open_run_dir
 from compress.safety import allowing_imports, import_allowed, import_refused, redacting
 from compress.utils import append_jsonl, seed_everything, write_json, write_text
@@ -85,6 +87,19 @@ def measure_stage(state: PipelineState, result: StageResult, model_path: Optiona
     return row
 
 
+@dataclasses.dataclass
+class ReplicaState(PipelineState):
+    """The state of a torchrun process other than rank 0: it trains alongside rank 0 but writes nothing
+    (no run directory, so no logs, trainer states or checkpoints); it may read earlier stages' files."""
+
+    read_dir: Optional[Path] = None
+
+    def stage_dir_of(self, spec: StageSpec, create: bool = True) -> Optional[Path]:
+        if create or self.read_dir is None:
+            return None
+        return PipelineState.stage_dir_of(dataclasses.replace(self, run_dir=self.read_dir), spec, create=False)
+
+
 class Pipeline:
     """A recipe, runnable from code: ``Pipeline.from_yaml('recipe.yaml').run(out='runs/x')``."""
 
@@ -135,39 +150,89 @@ class Pipeline:
         """
         self.require_imports(allow_import)
         out = Path(out) if out else None
-        with allowing_imports(allow_import), redacting(self.recipe.secrets):
+        with distributed.session(), allowing_imports(allow_import), redacting(self.recipe.secrets):
             state = self.validate()
-            guess = out or (latest_run(self.default_dir()) if resume else self.default_dir())
-            for spec in self.recipe.stages:  # before --force empties anything
-                target = getattr(spec.config, "path", None)
-                if isinstance(target, Path):
-                    check_output_file(target, f"{spec.path}.path", guess, force=force, resume=resume)
-            run_dir, lock = open_run_dir(out, self.default_dir(), self.recipe.name, resume=resume, force=force)
+            if not distributed.is_main():
+                return self._replica(state, until)
             try:
-                if resume:
-                    self._check_resumable(run_dir)
+                run_dir, lock = self._open(out, resume, force)
+            except BaseException as exc:
+                distributed.broadcast_object({"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+                raise
+            distributed.broadcast_object({"run_dir": str(run_dir)})
+            try:
                 return self._run_stages(state, run_dir, resume, until)
             finally:
                 lock.release()
+
+    def _open(self, out: Optional[Path], resume: bool, force: bool):
+        """Rank 0 (or the only process): check output files, pick and lock the run directory."""
+        guess = out or (latest_run(self.default_dir()) if resume else self.default_dir())
+        for spec in self.recipe.stages:  # before --force empties anything
+            target = getattr(spec.config, "path", None)
+            if isinstance(target, Path):
+                check_output_file(target, f"{spec.path}.path", guess, force=force, resume=resume)
+        run_dir, lock = open_run_dir(out, self.default_dir(), self.recipe.name, resume=resume, force=force)
+        try:
+            if resume:
+                self._check_resumable(run_dir)
+        except BaseException:
+            lock.release()
+            raise
+        return run_dir, lock
+
+    def _trains_later(self, index: int, until: Optional[int]) -> bool:
+        """Does a stage after ``index`` train (so the other ranks need this point's models)?"""
+        return distributed.active() and any(stage_trains(s) for s in self.recipe.stages[index + 1:until])
+
+    def _replica(self, state: PipelineState, until: Optional[int]) -> dict:
+        """Ranks > 0: train in the stages that train, take rank 0's models after those that run once."""
+        got = distributed.broadcast_object(None)
+        if "error" in got:  # rank 0 could not open the run directory and says why; this rank ends quietly
+            raise CompressError(got["error"])
+        state = ReplicaState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(PipelineState)},
+                             read_dir=Path(got["run_dir"]))
+        first = distributed.broadcast_object(None)
+        if first > 0 and self._trains_later(first - 1, until):
+            state.model, state.teacher = distributed.broadcast_object(None)
+        for spec in self.recipe.stages[first:until]:
+            state.stage = spec
+            if stage_trains(spec):
+                apply(state, run_stage(state, spec))
+            elif self._trains_later(spec.index, until):
+                state.model, state.teacher = distributed.broadcast_object(None)
+        return distributed.broadcast_object(None)
 
     def _run_stages(self, state: PipelineState, run_dir: Path, resume: bool, until: Optional[int] = None) -> dict:
         state.run_dir = run_dir
         write_text(run_dir / "recipe.yaml", self.recipe.to_yaml())
         started = time.time()
         saved_teacher = None
-        restoring, last_done = resume, None
-        for spec in self.recipe.stages[:until]:
+        stages = self.recipe.stages[:until]
+        first, last_done = 0, None
+        if resume:
+            for spec in stages:
+                state.stage = spec
+                done = state.stage_dir / "done.json"
+                if not (done.is_file() and self._restore(state, spec, done)):
+                    break
+                saved_teacher, last_done, first = id(state.teacher), spec.index, spec.index + 1
+            if first < len(stages):  # the first stage that runs: what a killed run left of it goes
+                state.stage = stages[first]
+                trim_metrics(run_dir / "metrics.jsonl", last_done, state.stage_dir)
+        self._log_start(run_dir, resume)
+        distributed.broadcast_object(first)
+        if first > 0 and self._trains_later(first - 1, until):
+            distributed.broadcast_object((state.model, state.teacher))
+        for spec in stages[first:]:
             state.stage = spec
             done = state.stage_dir / "done.json"
-            if restoring and done.is_file():
-                if self._restore(state, spec, done):
-                    saved_teacher, last_done = id(state.teacher), spec.index
-                    continue
-            if restoring:  # the first stage that runs: what a killed run left of it goes
-                restoring = False
-                trim_metrics(run_dir / "metrics.jsonl", last_done, state.stage_dir)
             t0 = time.time()
-            result = run_stage(state, spec)
+            if stage_trains(spec):
+                result = run_stage(state, spec)
+            else:
+                with distributed.solo():  # runs once, here
+                    result = run_stage(state, spec)
             apply(state, result)
             model_path = save_model(state.model, state.stage_dir / "model.pt", meta={"stage": spec.name})
             # The teacher is written only when it changed (trained here, or a new one), not after every stage.
@@ -183,7 +248,17 @@ class Pipeline:
             write_json(done, row)
             (state.stage_dir / "trainer_state.pt").unlink(missing_ok=True)  # only needed mid-stage
             self._write_report(state, started, until)
-        return self._write_report(state, started, until)
+            if not stage_trains(spec) and self._trains_later(spec.index, until):
+                distributed.broadcast_object((state.model, state.teacher))
+        return distributed.broadcast_object(self._write_report(state, started, until))
+
+    @staticmethod
+    def _log_start(run_dir: Path, resume: bool) -> None:
+        """The log's first line (and the console's): how this run runs (processes, backend, devices)."""
+        how = distributed.info()
+        append_jsonl(run_dir / "metrics.jsonl", {"event": "run_start", "resume": resume, **how})
+        print(f"[run] {how['world_size']} process{'es' if how['world_size'] > 1 else ''}"
+              f"{' (' + how['backend'] + ')' if how['backend'] else ''} on {', '.join(how['devices'])}")
 
     def _check_resumable(self, out: Path) -> None:
         """Same recipe as the run being resumed; no half-written files left by a killed one."""
@@ -227,7 +302,8 @@ class Pipeline:
 
     def _write_report(self, state: PipelineState, started: float, until: Optional[int] = None) -> dict:
         report = {"recipe": self.recipe.name, "seed": self.recipe.seed, "run_dir": str(state.run_dir),
-                  "seconds": round(time.time() - started, 2), "stages": state.results, "machine": machine_info()}
+                  "seconds": round(time.time() - started, 2), "stages": state.results,
+                  "machine": {**machine_info(), **distributed.info()}}
         write_json(state.run_dir / "report.json", report)
         if len(state.results) == len(self.recipe.stages[:until]):  # plots once, when every stage has its row
             write_html(report, state.run_dir / "report.html")
@@ -265,7 +341,7 @@ def trim_metrics(log: Path, last_done: Optional[int], stage_dir: Path) -> None:
                   default=0)
     tail: dict = {}
     for r in rows[cut:]:
-        if (r.get("stage"), r.get("epoch")) in saved and r.get("event") != "stage_done":
+        if r.get("event") == "run_start" or (r.get("stage"), r.get("epoch")) in saved and r.get("event") != "stage_done":
             tail.pop((r.get("stage"), r.get("epoch"), r.get("event")), None)
             tail[(r.get("stage"), r.get("epoch"), r.get("event"))] = r  # the last one written is the saved one
     write_text(log, "".join(json.dumps(r) + "\n" for r in rows[:cut] + list(tail.values())))

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
+from compress import distributed
 from compress.config import StrictModel
 from compress.errors import CompressError
 from compress.data import DataBundle
@@ -81,6 +81,9 @@ class TrainConfig(StrictModel):
     freeze_backbone_epochs: int = Field(0, ge=0)
     head: str = "auto"
     device: str = "auto"
+    # Mixed precision: autocast to bf16/fp16 (fp16 adds a grad scaler); weights and optimizer stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: Union[Literal["auto"], bool] = "auto"  # auto: on CUDA for models with Conv2d layers
     progress: bool = True
 
     @field_validator("device")
@@ -98,7 +101,7 @@ class Batch:
 
 def is_main_process() -> bool:
     """Rank 0 logs and writes files when the same recipe runs under torchrun."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return distributed.is_main()
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -213,44 +216,115 @@ class Trainer:
                     m.eval()
 
     def _train_loader(self, generator: torch.Generator):
+        """Batches of this process. Shuffling goes through a seeded ``DistributedSampler`` (set_epoch per
+        epoch) in every run, so N processes with a per-process batch of B/N see, step by step, the same
+        global batches of B as one process does."""
+        from torch.utils.data.distributed import DistributedSampler
+
+        world, pin = distributed.world_size(), self.device.type == "cuda"
         if self.cfg.optimizer.name == "lbfgs" and self.cfg.batch_size is None:  # full batch, as L-BFGS expects
+            if world > 1:
+                raise CompressError(f"{self.where}: optimizer.name: lbfgs is full-batch and its line search is not "
+                                    "data-parallel; run this recipe without torchrun")
             return self.data.loader("train", shuffle=False, batch_size=len(self.data.dataset("train")))
-        return self.data.loader("train", shuffle=True, batch_size=self.cfg.batch_size, generator=generator)
+        if world == 1 and "train" in self.data.loaders:  # a loader the user built (Python API): as given
+            return self.data.loader("train", shuffle=True, batch_size=self.cfg.batch_size, generator=generator)
+        batch = self.cfg.batch_size or self.data.batch_size  # the global batch: summed over all processes
+        if batch % world:
+            raise CompressError(f"{self.where}.batch_size: the batch of {batch} (the global batch, all processes "
+                                f"together) does not split evenly over {world} processes; use a multiple of {world}")
+        self.sampler = DistributedSampler(self.data.dataset("train"), num_replicas=world, rank=distributed.rank(),
+                                          shuffle=True, seed=self.seed, drop_last=False)
+        return self.data.loader("train", batch_size=batch // world, sampler=self.sampler, pin_memory=pin)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The module the loop calls: DDP around the student under torchrun (the teacher is never wrapped)."""
+        if not distributed.active() or not any(p.requires_grad for p in model.parameters()):
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   # head-only epochs leave the backbone without gradients
+                   find_unused_parameters=bool(self.cfg.freeze_backbone_epochs))
+
+    def _amp(self):
+        """Autocast for bf16/fp16 and the grad scaler fp16 needs (None: plain fp32)."""
+        p = self.cfg.precision
+        if p == "fp32":
+            return None, None
+        if self.cfg.optimizer.name == "lbfgs":
+            raise CompressError(f"{self.where}.precision: lbfgs runs in fp32; use precision: fp32")
+        if p == "fp16" and self.device.type != "cuda":
+            raise CompressError(f"{self.where}.precision: fp16 needs a CUDA device (this stage runs on "
+                                f"{self.device.type}); use bf16 or fp32")
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        scaler = torch.amp.GradScaler(self.device.type) if p == "fp16" else None
+        return dtype, scaler
+
+    def _channels_last(self, model: nn.Module) -> bool:
+        c = self.cfg.channels_last
+        if c == "auto":
+            return self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        return bool(c)
+
+    def _load_state(self) -> Optional[dict]:
+        """The saved loop state, read by rank 0 and sent to the others (they need not see its file)."""
+        st = None
+        if distributed.is_main() and self.state_path is not None and self.state_path.is_file():
+            try:
+                st = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises many types for empty, truncated or foreign files
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty or truncated file"
+                st = {"error": f"{self.where}: cannot resume from {self.state_path} ({type(exc).__name__}: "
+                               f"{detail}); delete that file to restart this stage from its first epoch"}
+        st = distributed.broadcast_object(st)
+        if st is not None and "error" in st:
+            raise CompressError(st["error"])
+        return st
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, model = self.cfg, self.model.to(self.device)
         gen = torch.Generator()
+        self.sampler = None
         loader = self._train_loader(gen)
+        amp_dtype, scaler = self._amp()
+        channels_last = self._channels_last(model)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         opt = self._optimizer()
         sched = self._scheduler(opt, max(len(loader), 1))
         best_value, best_state, bad_epochs = None, None, 0
         best_hooks = None  # the hooks' state at the best epoch (FitNets adapters): kept with the weights
         has_val = self.data.has("val") and len(self.data.dataset("val")) > 0
-        if self.state_path is not None and self.state_path.is_file():
-            try:
-                st = torch.load(self.state_path, map_location="cpu", weights_only=True)
-                model.load_state_dict(st["model"])
-                opt.load_state_dict(st["optimizer"])
-                if sched is not None and st.get("scheduler"):
-                    sched.load_state_dict(st["scheduler"])
-                for h, hs in zip(self.hooks, st.get("hooks", [])):
-                    h.load_state_dict(hs)
-                self.epoch, self.step, self.history = st["epoch"], st["step"], st["history"]
-                best_value, best_state, bad_epochs = st["best_value"], st["best_state"], st["bad_epochs"]
-                best_hooks = st.get("best_hooks")
-            except Exception as exc:  # torch raises many types for empty, truncated or foreign files
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "empty or truncated file"
-                raise CompressError(f"{self.where}: cannot resume from {self.state_path} ({type(exc).__name__}: "
-                                    f"{detail}); delete that file to restart this stage from its first epoch") from None
+        st = self._load_state()
+        if st is not None:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            if sched is not None and st.get("scheduler"):
+                sched.load_state_dict(st["scheduler"])
+            if scaler is not None and st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])
+            for h, hs in zip(self.hooks, st.get("hooks", [])):
+                h.load_state_dict(hs)
+            self.epoch, self.step, self.history = st["epoch"], st["step"], st["history"]
+            best_value, best_state, bad_epochs = st["best_value"], st["best_state"], st["bad_epochs"]
+            best_hooks = st.get("best_hooks")
+        net = self._wrap(model)  # after the resume: DDP starts every rank from the same weights
+        in_model = {id(p) for p in model.parameters()}
+        outside = [p for g in opt.param_groups for p in g["params"] if id(p) not in in_model]  # hook adapters
+        world = distributed.world_size()
         for h in self.hooks:
             h.on_fit_start(self)
         show = cfg.progress and is_main_process()
         while self.epoch < cfg.epochs:
             epoch = self.epoch
-            # Seeding per epoch makes shuffling and dropout identical after a resume.
+            # Seeding per epoch makes shuffling and dropout identical after a resume (dropout and
+            # augmentation differ between ranks, which see different samples).
             gen.manual_seed(self.seed * 100_003 + epoch)
-            torch.manual_seed(self.seed * 100_003 + epoch)
+            torch.manual_seed(self.seed * 100_003 + epoch + 7_919 * distributed.rank())
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch)
             for h in self.hooks:
                 h.on_epoch_start(self, epoch)
             model.train()
@@ -263,35 +337,46 @@ class Trainer:
                             disable=None if show else True):  # None: no bar when not a terminal (CI logs)
                 b = unpack(raw, self.device)
                 x = augment_batch(b.inputs, cfg.augment)
+                if channels_last and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 last: dict[str, torch.Tensor] = {}
 
                 def closure() -> torch.Tensor:
                     # A closure because L-BFGS re-evaluates the loss several times per step.
                     opt.zero_grad(set_to_none=True)
-                    out = model(x)
-                    loss = base = self.loss_fn(out, b.targets)
-                    for h in self.hooks:
-                        loss = h.loss(self, b, out, loss)
-                    loss.backward()
+                    with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        out = net(x)
+                        loss = base = self.loss_fn(out, b.targets)
+                        for h in self.hooks:
+                            loss = h.loss(self, b, out, loss)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    if world > 1 and outside:  # DDP averages the model's gradients, not the hooks' own
+                        distributed.average_grads_(outside)
                     if cfg.grad_clip:  # everything the optimizer updates, hook parameters (adapters) included
+                        if scaler is not None:
+                            scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
                     last.update(out=out, base=base, loss=loss.detach())
                     return loss
 
                 if isinstance(opt, torch.optim.LBFGS):
                     opt.step(closure)
+                elif scaler is not None:
+                    closure()
+                    scaler.step(opt)  # skips steps whose gradients overflowed fp16
+                    scaler.update()
                 else:
                     closure()
                     opt.step()
                 out, base = last["out"], last["base"]
                 nonfinite = nonfinite | ~torch.isfinite(last["loss"])
-                if (self.step + 1) % NONFINITE_CHECK_EVERY == 0 and bool(nonfinite):
+                if (self.step + 1) % NONFINITE_CHECK_EVERY == 0 and distributed.any_rank(nonfinite):
                     self._diverged(epoch, opt)
                 if sched is not None:
                     sched.step()
                 for h in self.hooks:
                     h.after_step(self)
-                acc.update(out.detach(), b.targets, base.detach())
+                acc.update(out.detach().float(), b.targets, base.detach().float())
                 seen += b.inputs.shape[0]
                 self.step += 1
             elapsed = time.perf_counter() - t0
@@ -299,14 +384,16 @@ class Trainer:
             # the run directory keeps the state of the last good epoch.
             for p in model.parameters():
                 nonfinite = nonfinite | ~torch.isfinite(p.detach()).all().to(nonfinite.device)
-            if bool(nonfinite):  # one sync per epoch
+            if distributed.any_rank(nonfinite):  # one sync per epoch
                 self._diverged(epoch, opt)
+            distributed.sync_buffers_(model)  # BatchNorm statistics: rank 0's, before validating and saving
             row: dict[str, Any] = {"stage": self.name, "epoch": epoch + 1}
-            row.update({f"train_{k}": v for k, v in acc.compute().items()})
+            row.update({f"train_{k}": v for k, v in acc.all_reduce().compute().items()})
             if has_val:
-                row.update({f"val_{k}": v for k, v in evaluate(model, self.data, "val", self.device).items()})
+                row.update({f"val_{k}": v for k, v in
+                            evaluate(model, self.data, "val", self.device, sharded=True).items()})
             row.update(lr=opt.param_groups[0]["lr"], seconds=round(elapsed, 3),
-                       samples_per_s=round(seen / max(elapsed, 1e-9), 1))
+                       samples_per_s=round(seen * world / max(elapsed, 1e-9), 1))
             for h in self.hooks:
                 h.on_epoch_end(self, epoch, row)
             self.history.append(row)
@@ -317,6 +404,7 @@ class Trainer:
             maximize = has_val and self.mode == "max"
             delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
             better = best_value is None or (value > best_value + delta if maximize else value < best_value - delta)
+            better = distributed.broadcast_object(better)  # decided once, by rank 0, for all ranks
             if better:
                 best_value, bad_epochs = value, 0
                 if cfg.keep == "best":
@@ -334,13 +422,15 @@ class Trainer:
                 self._log({"stage": self.name, "event": "early_stop", "epoch": self.epoch, "best": best_value})
                 self.epoch = cfg.epochs
             if self.state_path is not None and is_main_process():
-                self._save_state(opt, sched, best_value, best_state, bad_epochs, best_hooks)
+                self._save_state(opt, sched, best_value, best_state, bad_epochs, best_hooks, scaler)
         if cfg.freeze_backbone_epochs:
             self._freeze_backbone(False)
         if cfg.keep == "best" and best_state is not None:
             model.load_state_dict(best_state)
             for h, hs in zip(self.hooks, best_hooks or []):
                 h.load_state_dict(hs)
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)  # export and the next stage get the usual layout
         for h in self.hooks:
             h.on_fit_end(self)
         return self.history[-1] if self.history else {}
@@ -351,9 +441,11 @@ class Trainer:
                             f"became inf/nan) and was stopped. Lower the learning rate (now {lr:.3g}) or set grad_clip, and check the "
                             "data for extreme values; finished stages and epochs are kept in the run directory")
 
-    def _save_state(self, opt, sched, best_value, best_state, bad_epochs, best_hooks=None) -> None:
+    def _save_state(self, opt, sched, best_value, best_state, bad_epochs, best_hooks=None, scaler=None) -> None:
+        # The unwrapped model's state_dict: never DDP's "module." prefix.
         st = {"model": self.model.state_dict(), "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict() if sched is not None else None,
+              "scaler": scaler.state_dict() if scaler is not None else None,
               "hooks": [h.state_dict() for h in self.hooks], "epoch": self.epoch, "step": self.step,
               "history": self.history, "best_value": best_value, "best_state": best_state, "bad_epochs": bad_epochs,
               "best_hooks": best_hooks}

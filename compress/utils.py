@@ -88,10 +88,18 @@ def check_device(name: str) -> str:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device of this process; under torchrun 'auto'/'cuda' mean the GPU of its LOCAL_RANK."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         check_device(name)
     except ValueError as exc:
         raise CompressError(f"device: {exc}") from None
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda" and ranks > 1:
+        if dev.index is not None:
+            raise CompressError(f"device: {name!r} pins every process of this torchrun to one GPU; use 'cuda' or "
+                                "'auto' (each process takes the GPU of its LOCAL_RANK)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev

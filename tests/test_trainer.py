@@ -250,3 +250,20 @@ def test_device_must_exist_on_this_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValidationError, match="this machine has none"):
         TrainConfig(device="cuda")
+
+
+def test_bf16_autocast_trains_in_fp32_weights_and_fp16_needs_cuda(data):
+    from compress.errors import CompressError
+
+    m = _model(data)
+    row = Trainer(m, TrainConfig(epochs=2, precision="bf16", progress=False), data).fit()
+    assert math.isfinite(row["train_loss"]) and row["val_accuracy"] > 0.3
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    with pytest.raises(CompressError, match="fp16 needs a CUDA device"):
+        Trainer(_model(data), TrainConfig(epochs=1, precision="fp16", progress=False, device="cpu"), data).fit()
+
+
+def test_channels_last_is_undone_after_fit(data):
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    Trainer(m, TrainConfig(epochs=1, channels_last=True, progress=False), data).fit()
+    assert m[0].weight.is_contiguous()

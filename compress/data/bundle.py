@@ -70,14 +70,15 @@ class DataBundle:
         return ds
 
     def loader(self, split: str, *, shuffle: bool | None = None, batch_size: int | None = None,
-               generator: torch.Generator | None = None, sampler=None) -> DataLoader:
+               generator: torch.Generator | None = None, sampler=None, pin_memory: bool = False) -> DataLoader:
+        """``sampler``: a torch Sampler or a list of indices (a rank's shard); ``pin_memory`` for CUDA copies."""
         if split in self.loaders and batch_size is None and sampler is None:
             return self.loaders[split]
         ds = self.dataset(split)
         shuffle = (split == "train") if shuffle is None else shuffle
         bs = batch_size or (self.batch_size if split == "train" else self.eval_batch_size)
         return DataLoader(ds, batch_size=bs, shuffle=shuffle and sampler is None, sampler=sampler,
-                          generator=generator, num_workers=self.num_workers, drop_last=False)
+                          generator=generator, num_workers=self.num_workers, drop_last=False, pin_memory=pin_memory)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A real batch from the test (or val) split, for shape checks, export and tracing."""

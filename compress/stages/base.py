@@ -40,15 +40,18 @@ KIND_WORDS = {"torch": "a float PyTorch model", "fakequant": "a QAT (fake-quanti
 
 
 def register_stage(name: str, config: type[StrictModel], description: str = "", check=None,
-                   accepts: tuple[str, ...] = ("torch", "fakequant"), produces=None):
+                   accepts: tuple[str, ...] = ("torch", "fakequant"), produces=None, trains=None):
     """Register a stage: ``run(state, config) -> StageResult``.
+
+    ``trains(config) -> bool`` says whether it runs the trainer (under torchrun every process runs such a
+    stage, data-parallel; others run once); default: it has a TrainConfig with epochs (see ``stage_trains``).
 
     ``check(recipe, index, config)`` runs at validation time for cross-key rules. ``accepts`` lists the
     model kinds the stage can take; ``produces(config, kind_in) -> kind`` (or a fixed kind; default:
     unchanged) says what it hands on.
     """
     return STAGES.register(name, config=config, description=description, check=check,
-                           accepts=tuple(accepts), produces=produces)
+                           accepts=tuple(accepts), produces=produces, trains=trains)
 
 
 def check_chain(stages: list["StageSpec"]) -> None:
@@ -64,6 +67,24 @@ def check_chain(stages: list["StageSpec"]) -> None:
         new = produces(s.config, kind) if callable(produces) else (produces or kind)
         if new != kind:
             kind, made_by = new, s.path
+
+
+def stage_trains(spec: "StageSpec") -> bool:
+    """True if the stage runs the trainer: its ``trains`` rule, else any TrainConfig in its options with epochs."""
+    from compress.trainer import TrainConfig
+
+    rule = STAGES.get(spec.name).extra.get("trains")
+    if rule is not None:
+        return bool(rule(spec.config))
+
+    def scan(cfg) -> bool:
+        if isinstance(cfg, TrainConfig):
+            return cfg.epochs > 0
+        if isinstance(cfg, StrictModel):
+            return any(scan(getattr(cfg, k)) for k in type(cfg).model_fields)
+        return False
+
+    return scan(spec.config)
 
 
 @dataclass

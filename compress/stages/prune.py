@@ -98,7 +98,9 @@ def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: tor
         return count_params(model)[1] if nonzero else count_params(model)[0]
     if kind == "macs":
         return count_macs(model, example, strict=True)[0]
-    return torch_latency_ms(model, batch)
+    from compress import distributed
+
+    return distributed.broadcast_object(torch_latency_ms(model, batch))  # timings differ per rank: rank 0's decide
 
 
 def _budget_met(b, value: float, base: float) -> bool:

@@ -68,7 +68,8 @@ def _produces(cfg: QuantizeConfig, kind: str) -> str:
 
 
 @register_stage("quantize", QuantizeConfig, "int8 PTQ in ONNX Runtime, weight-only k-bit, QAT (8/4/2 bits), binary nets",
-                check=_check, accepts=("torch",), produces=_produces)
+                check=_check, accepts=("torch",), produces=_produces,
+                trains=lambda c: c.method in ("qat", "binary", "weight_only") and c.finetune_config().epochs > 0)
 def run_quantize(state, cfg: QuantizeConfig) -> StageResult:
     split = state.recipe.benchmark.split if state.recipe and state.recipe.benchmark else "test"
     split = split if state.data.has(split) else "val"
