@@ -18,6 +18,8 @@ from compress.measure.row import benchmark
 from compress.models import create_model
 from compress.pipeline import Pipeline
 from compress.stages.bake import BakeConfig, bake
+from compress.stages.cluster import ClusterConfig, cluster
+from compress.stages.encode import EncodeConfig, encode
 from compress.stages.distill import DistillConfig, distill
 from compress.stages.export import ExportConfig, export
 from compress.stages.prune import PruneConfig, prune
@@ -27,7 +29,7 @@ from compress.trainer import Hook, TrainConfig, Trainer, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "BakeConfig", "BenchmarkConfig", "CompressError", "DataBundle", "DistillConfig", "ExportConfig", "Hook",
+    "BakeConfig", "BenchmarkConfig", "ClusterConfig", "EncodeConfig", "cluster", "encode", "CompressError", "DataBundle", "DistillConfig", "ExportConfig", "Hook",
     "Pipeline", "PruneConfig", "QuantizeConfig", "RecipeError", "Result", "TrainConfig", "Trainer", "bake",
     "benchmark", "create_data", "create_model", "distill", "evaluate", "export", "load_model", "prune",
     "quantize", "save_model", "train",

@@ -82,6 +82,8 @@ cli.add_command(cli_report.bench)
 cli.add_command(cli_report.report)
 from compress.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
 cli.add_command(_sensitivity)
+from compress.cli_pack import pack as _pack  # noqa: E402
+cli.add_command(_pack)
 
 
 def main():
