@@ -41,15 +41,34 @@ def same_weights(a: nn.Module, b: nn.Module) -> list[str]:
     return sorted(bad)
 
 
+@torch.no_grad()
+def clear_negative_zeros(model: nn.Module) -> int:
+    """Turn -0.0 into +0.0 in every floating tensor, in place; returns how many there were.
+
+    Pruning masks are multiplied in, so a pruned negative weight is -0.0: the same number, but a different
+    bit pattern that a sparse index would otherwise have to spend a sign bit on.
+    """
+    n = 0
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            neg = (t == 0) & torch.signbit(t)
+            if neg.any():
+                n += int(neg.sum())
+                t.masked_fill_(neg, 0.0)
+    return n
+
+
 def encode(model: nn.Module, config: EncodeConfig | None = None, data=None, *, out: str | Path | None = None) -> Result:
     """Pack ``model`` to ``out`` (default: a temporary file), reload it, check every tensor bit-exact.
 
+    ``model``'s -0.0 weights become +0.0 first (``clear_negative_zeros``); nothing else changes.
     Returns the reloaded model and facts: packed and raw (.pt) bytes, bits per weight of the weight
     tensors overall and per non-zero, and how many streams each entropy coder won.
     """
     from compress.checkpoint import load_model
 
     path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="compress-encode-")) / "model.cpk"
+    cleared = clear_negative_zeros(model)
     info = pack_model(model, path)
     back = load_model(path)
     bad = same_weights(model, back)
@@ -58,7 +77,7 @@ def encode(model: nn.Module, config: EncodeConfig | None = None, data=None, *, o
     (path.parent / f"{path.stem}.layers.json").write_text(json.dumps(info["tensors"], indent=1))
     facts = {"packed_file": str(path), "packed_bytes": info["bytes"], "raw_bytes": saved_size(model),
              "weight_bits_per_weight": info["weight_bits_per_weight"],
-             "weight_bits_per_nonzero": info["weight_bits_per_nonzero"], "coders": info["coders"]}
+             "weight_bits_per_nonzero": info["weight_bits_per_nonzero"], "coders": info["coders"], "negative_zeros_cleared": cleared}
     return Result(back.eval(), facts)
 
 
