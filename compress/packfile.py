@@ -1,7 +1,8 @@
 """The packed model file (``.cpk``): Deep Compression's storage (sparse indices, codebook indices at their
 bit width, entropy coding) for any model the tool saves, read back bit-exact by ``compress.load_model``.
 
-Layout: ``b"CMPK"`` | version (uint16 LE) | header length (uint32 LE) | header (UTF-8 JSON) | payload.
+Layout: ``b"CMPK"`` | version (uint16 LE) | header length (uint32 LE) | header (UTF-8 JSON, deflated:
+tensor names and offsets are a third of a small model's file otherwise) | payload.
 The header is plain data: the model spec, io, recorded transforms and meta as in a checkpoint, and one
 entry per state_dict tensor naming its dtype, shape, encoding and byte streams (offset, length, coder,
 decoded length) in the payload. Nothing is unpickled; every length is checked against the tensor's shape
@@ -38,6 +39,7 @@ VERSION = 1
 FORMAT = "compress.packed/1"
 MAX_TENSOR_BYTES = 1 << 36  # a header claiming more than this for one tensor is refused before decoding
 MAX_CODEBOOK = 256
+MAX_HEADER = 64 << 20  # decoded header bytes
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -303,7 +305,7 @@ def pack_state(ckpt: dict) -> tuple[bytes, dict]:
     header = {"format": FORMAT, "spec": _plain(ckpt.get("spec"), "spec"), "io": _plain(ckpt.get("io"), "io"),
               "transforms": _plain(ckpt.get("transforms", []), "transforms"), "meta": _plain(ckpt.get("meta", {}), "meta"),
               "tensors": tensors, "payload_length": len(payload)}
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     return MAGIC + struct.pack("<HI", VERSION, len(head)) + head + bytes(payload), {"tensors": stats}
 
 
@@ -354,9 +356,12 @@ def read_packed(path: str | Path) -> dict:
     if 10 + hlen > len(blob):
         raise CompressError(f"{path}: truncated packed file (header of {hlen} bytes, file of {len(blob)})")
     try:
-        header = json.loads(bytes(blob[10:10 + hlen]).decode())
-    except (UnicodeDecodeError, ValueError):
-        raise CompressError(f"{path}: corrupt packed file (header is not valid JSON)") from None
+        text = _zlib_d(bytes(blob[10:10 + hlen]), MAX_HEADER)
+        if len(text) > MAX_HEADER:
+            raise CompressError(f"{path}: packed file header over {MAX_HEADER >> 20} MiB")
+        header = json.loads(text.decode())
+    except (UnicodeDecodeError, ValueError, zlib.error):
+        raise CompressError(f"{path}: corrupt packed file (header is not valid deflated JSON)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(header.get("tensors"), list):
         raise CompressError(f"{path}: corrupt packed file (header lacks its format or tensors)")
     payload = blob[10 + hlen:]

@@ -1,6 +1,7 @@
 import copy
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -132,11 +133,11 @@ def packed(tmp_path, data):
 
 def _header(blob: bytes) -> tuple[dict, int]:
     hlen = struct.unpack("<I", blob[6:10])[0]
-    return json.loads(blob[10:10 + hlen]), hlen
+    return json.loads(zlib.decompress(blob[10:10 + hlen])), hlen
 
 
 def _rewrite(blob: bytes, header: dict, hlen: int) -> bytes:
-    head = json.dumps(header).encode()
+    head = zlib.compress(json.dumps(header).encode())
     return blob[:6] + struct.pack("<I", len(head)) + head + blob[10 + hlen:]
 
 
@@ -146,7 +147,7 @@ def _rewrite(blob: bytes, header: dict, hlen: int) -> bytes:
     (lambda b: b"", "the file is empty"),
     (lambda b: b[:8], "no CMPK header"),
     (lambda b: b[:4] + struct.pack("<H", 9) + b[6:], "version 9"),
-    (lambda b: b[:12] + b"\xff" + b[13:], "not valid JSON"),
+    (lambda b: b[:10] + b"\xff\xff" + b[12:], "not valid deflated JSON"),
 ])
 def test_a_corrupt_or_truncated_file_is_a_one_line_error(packed, damage, message):
     packed.write_bytes(damage(packed.read_bytes()))
