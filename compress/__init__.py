@@ -19,6 +19,8 @@ from compress.models import create_model
 from compress.pipeline import Pipeline
 from compress.search import SearchConfig, SearchResult, search  # Optuna itself is imported only when a search runs
 from compress.stages.bake import BakeConfig, bake
+from compress.stages.cluster import ClusterConfig, cluster
+from compress.stages.encode import EncodeConfig, encode
 from compress.stages.distill import DistillConfig, distill
 from compress.stages.export import ExportConfig, export
 from compress.stages.prune import PruneConfig, prune
@@ -28,8 +30,9 @@ from compress.trainer import Hook, TrainConfig, Trainer, evaluate, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "BakeConfig", "BenchmarkConfig", "CompressError", "DataBundle", "DistillConfig", "ExportConfig", "Hook",
-    "Pipeline", "PruneConfig", "QuantizeConfig", "RecipeError", "Result", "SearchConfig", "SearchResult", "TrainConfig", "Trainer", "bake",
+    "BakeConfig", "BenchmarkConfig", "ClusterConfig", "CompressError", "DataBundle", "DistillConfig", "EncodeConfig",
+    "ExportConfig", "Hook", "Pipeline", "PruneConfig", "QuantizeConfig", "RecipeError", "Result", "SearchConfig",
+    "SearchResult", "TrainConfig", "Trainer", "bake", "cluster", "encode",
     "benchmark", "create_data", "create_model", "distill", "evaluate", "export", "load_model", "prune",
     "quantize", "save_model", "search", "train",
 ]

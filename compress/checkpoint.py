@@ -17,17 +17,18 @@ from compress.checkpoint_io import (FORMAT, TRANSFORMS, _load, load_weights_into
                                     record_transform, restore, save_model)
 from compress.errors import CompressError
 from compress.models import create_model
+from compress.packfile import is_packed, read_packed  # packed files (.cpk): a checkpoint's contents, Deep Compression storage
 from compress.safety import import_allowed, import_refused
 
 
 def load_model(path: str | Path, *, allow_import: bool | None = None) -> nn.Module:
-    """Rebuild a model saved by ``save_model``: architecture, transforms, weights.
+    """Rebuild a model saved by ``save_model`` or ``compress.packfile.pack_model``: architecture, transforms, weights.
 
     A checkpoint whose spec imports user code (``import: pkg.module:factory``) is refused unless
     ``allow_import`` is true (default: ``compress.safety.import_allowed()``, i.e. COMPRESS_ALLOW_IMPORT=1
     or a run that was allowed to import).
     """
-    ckpt = _load(path)
+    ckpt = read_packed(path) if is_packed(path) else _load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not isinstance(ckpt.get("spec"), dict) \
             or not ckpt["spec"]:
         raise CompressError(f"{path}: not a compress checkpoint (a plain state_dict needs a model spec: "

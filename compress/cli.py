@@ -89,6 +89,8 @@ from compress.cli_sensitivity import sensitivity as _sensitivity  # noqa: E402
 cli.add_command(_sensitivity)
 from compress.cli_search import search as _search  # noqa: E402
 cli.add_command(_search)
+from compress.cli_pack import pack as _pack  # noqa: E402
+cli.add_command(_pack)
 
 
 def main():

@@ -132,6 +132,10 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
     header = (["run"] if many else []) + [
         "stage", "top-1 (top-5)" if metric == "accuracy" else "RMSE", "size", "zipped", "x smaller",
         "params", "non-zero", "bits/w", "MACs"]
+    packed = any(r.get("packed_bytes") for r in all_rows)
+    if packed:  # a packed (.cpk) row: its raw checkpoint beside it, and bits per non-zero weight
+        header[header.index("zipped") + 1:header.index("zipped") + 1] = ["raw file"]
+        header[header.index("bits/w") + 1:header.index("bits/w") + 1] = ["bits/nz"]
     header += [f"{SHORT.get(b, b)} b{bs} (x faster)" for b, bs in lkeys]
     int8 = any(r.get("int8_check") for r in all_rows)
     if int8:
@@ -153,11 +157,47 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
                 f"{r['params']:,}" if r.get("params") is not None else "-",
                 f"{r['nonzero_params']:,}" if r.get("nonzero_params") is not None else "-",
                 f"{bpw:.1f}" if bpw is not None else "-", fmt_count(r.get("macs"))]
+            if packed:
+                line.insert(header.index("raw file"), fmt_bytes(r.get("raw_bytes")))
+                line.insert(header.index("bits/nz"), _bits_nz(r))
             line += [_latency_cell(r, k, slow.get((i, k))) for k in lkeys]
             if int8:
                 line.append(_int8_cell(r))
             cells.append(line)
     return header, cells
+
+
+def _bits_nz(r: dict) -> str:
+    """Bits per non-zero weight: the packed file's own count, else the file's bits over the non-zeros."""
+    if r.get("weight_bits_per_nonzero") is not None:
+        return f"{r['weight_bits_per_nonzero']:.1f}"
+    if r.get("size_bytes") and r.get("nonzero_params"):
+        return f"{8 * r['size_bytes'] / r['nonzero_params']:.1f}"
+    return "-"
+
+
+def _waterfall_plot(reports: list[dict]) -> Optional[str]:
+    """Per-stage file size of each run that packed its model (log scale), bars labelled with the ratio to the first."""
+    from matplotlib.figure import Figure
+
+    runs = [rep for rep in reports if len(rep.get("stages", [])) > 1 and any(r.get("packed_bytes") for r in rep["stages"])]
+    if not runs:
+        return None
+    fig = Figure(figsize=(7, 1.2 + 2.8 * len(runs)), layout="tight")
+    for i, rep in enumerate(runs):
+        rows = [r for r in rep["stages"] if r.get("size_bytes")]
+        ax = fig.add_subplot(len(runs), 1, i + 1)
+        base = rows[0]["size_bytes"]
+        kib = [r["size_bytes"] / 1024 for r in rows]
+        bars = ax.bar(range(len(rows)), kib, color=["tab:green" if r.get("packed_bytes") else "tab:blue" for r in rows])
+        for b, r in zip(bars, rows):
+            ax.annotate(f"{base / r['size_bytes']:.0f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
+        ax.set_xticks(range(len(rows)), [stage_label(r) for r in rows], rotation=20, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("file size (KiB, log)")
+        ax.set_title(f"size waterfall{': ' + run_label(rep) if len(runs) > 1 else ''} (green: packed file)")
+    return _png(fig)
 
 
 def format_table(report) -> str:
@@ -413,6 +453,7 @@ def render_html(report_or_reports) -> str:
                        f"{metric} vs latency", logx=False) if lk else None,
         _speed_plot(reports),
         _layers_plot(reports),
+        _waterfall_plot(reports),
     ]
     title = " vs ".join(html.escape(run_label(rep)) for rep in reports)
     machines = {json.dumps(rep.get("machine"), sort_keys=True): rep.get("machine") for rep in reports if rep.get("machine")}

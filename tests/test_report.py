@@ -156,3 +156,15 @@ def test_a_stage_slower_than_its_input_is_flagged_in_table_and_page():
     page = render_html(dict(rep, machine=dict(rep["machine"], int8_flags=["avx2"], vnni=False)))
     assert 'class="slow"' in page and "int8 features: avx2 (no VNNI)" in page
     assert "SLOWER" not in format_table(make_report())
+
+
+def test_a_packed_row_shows_raw_file_bits_per_nonzero_and_a_size_waterfall():
+    rep = make_report()
+    rep["stages"].append({**rep["stages"][-1], "name": "encode", "index": 9, "size_bytes": 512, "packed_bytes": 512,
+                          "raw_bytes": 4096, "weight_bits_per_nonzero": 4.25})
+    table = format_table(rep)
+    header = table.splitlines()[0]
+    assert "raw file" in header and "bits/nz" in header
+    row = next(line for line in table.splitlines() if line.startswith("| 9: encode |"))
+    assert "| 512 B | " in row and "| 4.0 KiB |" in row and "| 4.2 |" in row
+    assert len(pngs(render_html(rep))) == len(pngs(render_html(make_report()))) + 1  # the waterfall

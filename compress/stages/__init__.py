@@ -5,3 +5,5 @@ from compress.stages import prune  # noqa: F401
 from compress.stages import export  # noqa: F401
 from compress.stages import quantize  # noqa: F401
 from compress.stages import bake  # noqa: F401
+from compress.stages import cluster  # noqa: F401
+from compress.stages import encode  # noqa: F401
