@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from compress.errors import CompressError, RecipeError
+from compress.errors import RecipeError
 from compress.models.adapter import declare, wrap_io
 from compress.models.registry import MODELS, ModelSpec
 from compress.registry import Entry
