@@ -216,9 +216,10 @@ class Trainer:
                     m.eval()
 
     def _train_loader(self, generator: torch.Generator):
-        """Batches of this process. Shuffling goes through a seeded ``DistributedSampler`` (set_epoch per
-        epoch) in every run, so N processes with a per-process batch of B/N see, step by step, the same
-        global batches of B as one process does."""
+        """Batches of this process. Under torchrun, shuffling goes through a seeded ``DistributedSampler``
+        (set_epoch per epoch), so N processes with a per-process batch of B/N see, step by step, the same
+        global batches of B as a 1-process torchrun run does. Without torchrun the loader is the one earlier
+        releases used (a RandomSampler on the per-epoch generator), so their results reproduce exactly."""
         from torch.utils.data.distributed import DistributedSampler
 
         world, pin = distributed.world_size(), self.device.type == "cuda"
@@ -227,7 +228,7 @@ class Trainer:
                 raise CompressError(f"{self.where}: optimizer.name: lbfgs is full-batch and its line search is not "
                                     "data-parallel; run this recipe without torchrun")
             return self.data.loader("train", shuffle=False, batch_size=len(self.data.dataset("train")))
-        if world == 1 and "train" in self.data.loaders:  # a loader the user built (Python API): as given
+        if not distributed.active():  # one process, or a loader the user built (Python API): as given
             return self.data.loader("train", shuffle=True, batch_size=self.cfg.batch_size, generator=generator)
         batch = self.cfg.batch_size or self.data.batch_size  # the global batch: summed over all processes
         if batch % world:

@@ -113,11 +113,11 @@ stages:
   - prune: {method: magnitude, sparsity: 0.5, steps: 2, finetune: {epochs: 1, progress: false}}
 benchmark: {batch_sizes: [1], latency: false}
 """
-# Per stage, the test accuracy of the 1- and 2-process runs agree to this. They are not bit-identical:
-# the two ranks' gradients are summed by gloo in another order than one process sums a batch, so the
-# weights differ by float rounding (about 1e-7 here); a recipe with BatchNorm or dropout differs more
-# (each rank normalises its own half-batch and draws its own dropout masks).
-TOL = 0.01
+# Per stage, the test accuracy of the 1- and 2-process runs agree to this. They do not see the same sample
+# order: one process (torchrun with 1 process is a plain run) keeps the RandomSampler stream of earlier
+# releases, so their results reproduce, while 2 processes shuffle through the DistributedSampler; gloo also
+# sums the ranks' gradients in another order than one process sums a batch. Measured here: 0.008 at most.
+TOL = 0.03
 
 
 def _free_port() -> int:
@@ -126,9 +126,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], **kw) -> subprocess.Popen:
+def _torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "compress", "run", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kw)
@@ -145,16 +145,16 @@ def _rows(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same recipe on 1 process (in this one) and on 2 (torchrun)."""
-    from compress.pipeline import Pipeline
-
+    """The same recipe under torchrun on 1 process and on 2."""
     d = tmp_path_factory.mktemp("e2e")
     (d / "r.yaml").write_text(RECIPE % {"distill": 3})
-    one = Pipeline.from_yaml(d / "r.yaml").run(d / "one")
+    p = _torchrun([str(d / "r.yaml"), "--out", str(d / "one")], nproc=1)
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[:4000]
     p = _torchrun([str(d / "r.yaml"), "--out", str(d / "two")])
     out, err = p.communicate(timeout=180)
     assert p.returncode == 0, err[:4000]
-    return d, one, out
+    return d, None, out
 
 
 @pytest.mark.slow
