@@ -4,7 +4,7 @@ ONNX Runtime's x86 kernels for uint8 activations x int8 weights (U8S8; S8S8 is c
 VPMADDUBSW on AVX2 and AVX-512 CPUs without VNNI: it adds two u8 x s8 products into a saturating int16,
 so 255 x 127 + 255 x 127 clips at 32,767 and the layer computes something the file does not say. ORT's
 quantization guide names the remedies: 7-bit weights (``reduce_range``) or uint8 weights (U8U8). Measured
-on an AVX-512 VNNI CPU (README, "int8 on every CPU"), U8U8 runs 1.4-2.5x slower than U8S8 while
+on an AVX-512 VNNI CPU (benchmarks/int8_cpus.py), U8U8 runs 1.5-1.6x slower than U8S8 while
 ``reduce_range`` keeps the U8S8 speed, so a file meant for any CPU (``target_cpu: any``, the default)
 gets 7-bit weights: with |w| <= 64 a pair of products is at most 2 x 255 x 64 = 32,640, which fits.
 
