@@ -71,25 +71,21 @@ def check_parity(model: nn.Module, onnx_path: Path, data, cfg: ExportConfig, qua
                     f"samples (allowed: atol {cfg.atol} + rtol {cfg.rtol} x |output|")
         if not quantized:
             raise CompressError(f"{measured}): the exported graph does not compute what the model computes")
-        raise CompressError(f"{measured} + {cfg.quantized_tolerance:.0%} of the output range): {_int8_cause(model, onnx_path, data, split)}")
+        raise CompressError(f"{measured} + {cfg.quantized_tolerance:.0%} of the output range): {_int8_cause(model, onnx_path, data, split, cfg.quantized_tolerance)}")
     return {"max_abs_diff": worst, "checked_samples": samples}
 
 
-def _int8_cause(model: nn.Module, onnx_path: Path, data, split: str) -> str:
+def _int8_cause(model: nn.Module, onnx_path: Path, data, split: str, tolerance: float) -> str:
     """Graph or kernel? ORT's float simulation of the same file tells (compress.quant.int8)."""
-    from compress.quant.int8 import check_int8
-    from compress.runtime.cpu import cpu_features
+    from compress.quant.int8 import check_int8, kernel_cause
 
     def reference(x):
         with torch.no_grad():
             return model(x).cpu().numpy()
 
     c = check_int8(onnx_path, reference, data, split=split, batches=2)
-    if c.kernel_rel_diff > c.sim_rel_diff or (not c.portable and cpu_features()["u8s8_saturates"]):
-        return (f"the graph is right (ONNX Runtime's float simulation of the file is {c.sim_rel_diff:.1%} off) but the "
-                f"int8 kernels of this CPU ({c.cpu}) compute it {c.kernel_rel_diff:.1%} off"
-                + ("; its full-range int8 weights saturate U8S8 kernels without VNNI: use target_cpu: any" if not c.portable else ""))
-    return f"the exported graph does not compute what the model computes (its float simulation is {c.sim_rel_diff:.1%} off too)"
+    return kernel_cause(c, tolerance) or (
+        f"the exported graph does not compute what the model computes (its float simulation is {c.sim_rel_diff:.1%} off too)")
 
 
 def _portable(path: Path, target_cpu: str) -> Path:
