@@ -51,14 +51,19 @@ def test_ptq_files_are_portable_and_checked_against_float(data, trained, tmp_pat
     assert check["format"] == "int8 (7-bit range) weights, uint8 activations"
 
 
+# A full-range (vnni) file really is computed differently on CPUs without VNNI (the QEMU test below shows it),
+# so the tests that only inspect such a file loosen its check: they must pass on any CPU.
+LOOSE = {"max_rel_diff": 10.0, "min_top1_agreement": 0.0, "max_kernel_diff": 10.0}
+
+
 def test_vnni_target_writes_full_range_weights_that_the_check_calls_risky(data, trained, tmp_path):
-    _, m = quantize(trained, QuantizeConfig(target_cpu="vnni", calibration={"batches": 4}), data, out_dir=tmp_path)
+    _, m = quantize(trained, QuantizeConfig(target_cpu="vnni", calibration={"batches": 4}, check=LOOSE), data, out_dir=tmp_path)
     assert int8.saturation_risk(m["artifact"])  # can fail: the same check passes the portable file above
     assert m["int8_check"]["portable"] is False
 
 
 def test_uint8_rewrite_keeps_every_number(data, trained, tmp_path):
-    _, m = quantize(trained, QuantizeConfig(target_cpu="vnni", calibration={"batches": 4}), data, out_dir=tmp_path)
+    _, m = quantize(trained, QuantizeConfig(target_cpu="vnni", calibration={"batches": 4}, check=LOOSE), data, out_dir=tmp_path)
     s8 = m["artifact"]
     u8 = shutil.copy(s8, tmp_path / "u8.onnx")
     int8.to_uint8_weights(u8)
