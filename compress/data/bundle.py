@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ class DataBundle:
     deterministic: bool = True  # no random augmentation: a teacher's outputs can be cached
     classes: Optional[list] = None
     loaders: dict = field(default_factory=dict)  # split -> DataLoader given by the user
+    collate: Optional[Callable] = None  # batches samples (text: pads each batch); None: torch's default_collate
+    vocab_size: Optional[int] = None  # text data: the tokenizer's vocabulary (every token id is below it)
 
     @classmethod
     def from_loaders(cls, train: DataLoader, val: DataLoader | None = None, test: DataLoader | None = None,
@@ -78,7 +80,8 @@ class DataBundle:
         shuffle = (split == "train") if shuffle is None else shuffle
         bs = batch_size or (self.batch_size if split == "train" else self.eval_batch_size)
         return DataLoader(ds, batch_size=bs, shuffle=shuffle and sampler is None, sampler=sampler,
-                          generator=generator, num_workers=self.num_workers, drop_last=False, pin_memory=pin_memory)
+                          generator=generator, num_workers=self.num_workers, drop_last=False, pin_memory=pin_memory,
+                          collate_fn=self.collate)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A real batch from the test (or val) split, for shape checks, export and tracing."""
@@ -124,16 +127,23 @@ def create_data(spec: DataSpec | dict | str, **overrides) -> DataBundle:
     return entry.obj(spec)
 
 
+def split_rows(n: int, spec: DataSpec, with_test: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) row indices of ``n`` rows, seeded by ``spec.split_seed`` (``with_test=False``:
+    the test split comes from elsewhere and is empty here)."""
+    if with_test:
+        test_idx, rest = split_indices(n, [spec.test_fraction], spec.split_seed)
+    else:
+        test_idx, rest = np.arange(0), np.arange(n)
+    # val_fraction is a share of what is left after the test split.
+    val_pos, train_pos = split_indices(len(rest), [spec.val_fraction], spec.split_seed + 1)
+    return rest[train_pos], rest[val_pos], test_idx
+
+
 def tensor_splits(x: torch.Tensor, y: torch.Tensor, spec: DataSpec, test: tuple | None = None):
     """Split arrays into train/val/test (test given or carved out), all seeded by ``spec.split_seed``."""
     from torch.utils.data import TensorDataset
 
     full = TensorDataset(x, y)
-    if test is None:
-        test_idx, rest = split_indices(len(full), [spec.test_fraction], spec.split_seed)
-        test_ds = Subset(full, test_idx)
-    else:
-        rest, test_ds = np.arange(len(full)), TensorDataset(*test)
-    # val_fraction is a share of what is left after the test split.
-    val_pos, train_pos = split_indices(len(rest), [spec.val_fraction], spec.split_seed + 1)
-    return Subset(full, rest[train_pos]), Subset(full, rest[val_pos]), test_ds
+    train_idx, val_idx, test_idx = split_rows(len(full), spec, with_test=test is None)
+    test_ds = Subset(full, test_idx) if test is None else TensorDataset(*test)
+    return Subset(full, train_idx), Subset(full, val_idx), test_ds

@@ -1,6 +1,7 @@
 """How big a model is: parameters and non-zeros, file size raw and zipped, bits per weight, MACs, per-layer sparsity."""
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
 import warnings
@@ -89,7 +90,9 @@ def count_macs(model: nn.Module, example: torch.Tensor, *, strict: bool = False)
 
     was = model.training
     try:
-        with torch.no_grad():
+        # redirect_stdout: the counter prints a warning per call for models called with keyword inputs only
+        # (transformers behind IOModule); batch size 1 is what it assumes and what it gets here.
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             macs, params = tp.utils.count_ops_and_params(model.eval(), example[:1].to(next(model.parameters()).device))
         return int(macs), int(params)
     except Exception as exc:  # custom modules the counter cannot trace: report no number rather than fail the run

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from compress.registry import Registry
+from compress.runtime.onnx import onnx_feed
 from compress.runtime.timing import Timer
 
 
@@ -75,7 +76,7 @@ def torch_timer(model: nn.Module, x: torch.Tensor, device: str = "cpu") -> Timer
 
 
 def onnx_timer(session, x: torch.Tensor) -> Timer:
-    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
+    feed = onnx_feed(session, x)
     return Timer(lambda: session.run(None, feed))
 
 

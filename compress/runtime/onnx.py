@@ -89,13 +89,17 @@ def onnx_session(path: str | Path, threads: Optional[int] = 1, optimize: bool = 
         raise CompressError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
 
 
-def onnx_run(session, x) -> np.ndarray:
-    """Run one batch: a tensor feeds the single input, a dict feeds the inputs by name."""
+def onnx_feed(session, x) -> dict[str, np.ndarray]:
+    """A session's inputs for one batch: a tensor feeds the single input, a dict feeds the inputs by name."""
     if isinstance(x, dict):
         wanted = {i.name for i in session.get_inputs()}
-        return session.run(None, {k: v.detach().cpu().numpy() for k, v in x.items() if k in wanted})[0]
-    inp = session.get_inputs()[0]
-    return session.run(None, {inp.name: x.detach().cpu().numpy()})[0]
+        return {k: v.detach().cpu().numpy() for k, v in x.items() if k in wanted}
+    return {session.get_inputs()[0].name: x.detach().cpu().numpy()}
+
+
+def onnx_run(session, x) -> np.ndarray:
+    """Run one batch (``onnx_feed``); the first output."""
+    return session.run(None, onnx_feed(session, x))[0]
 
 
 class OrtModel(nn.Module):

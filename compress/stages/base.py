@@ -144,6 +144,11 @@ class PipelineState:
 
 def check_outputs(model: nn.Module, data: "DataBundle", path: str) -> None:
     """Run one real batch: the model must accept the data and give one output per class/target."""
+    from compress.data.text import vocab_mismatch
+
+    problem = vocab_mismatch(model, data, path)  # before the forward: an unknown token id is an IndexError there
+    if problem is not None:
+        raise problem
     x = data.example_input(2)
     was = model.training
     model.eval()

@@ -1,0 +1,334 @@
+"""Text classification data: a .csv (with a header) or .jsonl file of text + label, tokenised for
+Hugging Face transformer classifiers.
+
+The tokenizer is a local transformers tokenizer folder, a ``tokenizer.json`` file (the ``tokenizers``
+library), or one trained here with ``tokenizers`` on the training split only (so validation and test
+text never shapes the vocabulary). Samples are kept unpadded; the loader's collate function pads each
+batch (to its longest sequence, or to ``max_length``) and builds the attention mask, so batches are
+``Inputs({'input_ids', 'attention_mask'})`` (plus ``token_type_ids`` for text pairs when the tokenizer
+marks segments).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pydantic import Field, field_validator
+from torch.utils.data import Dataset, Subset
+from torch.utils.data._utils.collate import default_collate
+
+from compress.config import StrictModel
+from compress.data.bundle import DataBundle, DataSpec, register_dataset, split_rows
+from compress.data.inputs import Inputs
+from compress.errors import RecipeError
+
+SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class TrainTokenizer(StrictModel):
+    """Train a tokenizer on the training split with the ``tokenizers`` library."""
+
+    train: Literal["wordpiece", "bpe"] = "wordpiece"  # bpe: byte-level (GPT-2/RoBERTa style, no unknown tokens)
+    vocab_size: int = Field(8000, ge=len(SPECIALS) + 1, le=1 << 20)  # an upper bound: small data gives fewer
+    lowercase: bool = True
+    min_frequency: int = Field(1, ge=1)
+
+
+class TextSpec(DataSpec):
+    path: Path  # .csv with a header row, or .jsonl (one JSON object per line)
+    text: str = "text"
+    label: str = "label"
+    text_pair: Optional[str] = None  # a second text column (sentence pairs)
+    max_length: int = Field(128, ge=4, le=1 << 16)  # tokens per sample, [CLS]/[SEP] included; longer is truncated
+    padding: Literal["longest", "max_length"] = "longest"  # per batch: to its longest sequence, or always max_length
+    # A folder (transformers tokenizer), a tokenizer.json file, or training options.
+    tokenizer: Union[TrainTokenizer, str] = Field(default_factory=TrainTokenizer)
+    classes: Optional[list[str]] = Field(None, min_length=2)  # fixes the class ids; default: the labels found, sorted
+
+    @field_validator("path")
+    @classmethod
+    def _readable(cls, p: Path) -> Path:
+        if p.suffix.lower() not in SUFFIXES:
+            raise ValueError(f"expected a .csv or .jsonl file, got '{p}'")
+        if not p.is_file():
+            raise ValueError(f"expected an existing file, got '{p}' (no such file)")
+        return p
+
+
+def _need(module: str, path: str) -> None:
+    """One line naming the install command when an optional package is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise RecipeError(path, f"the text dataset needs the optional package {module}: pip install 'compress[hf]'")
+
+
+# -- reading the file -------------------------------------------------------------------------------------
+def read_rows(spec: TextSpec) -> tuple[list[dict], list[int]]:
+    """The file's rows as dicts, with the line number of each (for messages)."""
+    data = spec.path.read_bytes()
+    try:
+        content = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RecipeError("data.path", f"'{spec.path}', line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                                       "save the file as UTF-8") from None
+    rows, lines = [], []
+    if SUFFIXES[spec.path.suffix.lower()] == "csv":
+        reader = csv.DictReader(io.StringIO(content, newline=""))
+        try:
+            for row in reader:
+                if None in row:  # more fields than the header
+                    raise RecipeError("data.path", f"'{spec.path}', line {reader.line_num}: more columns than the header")
+                rows.append(row)
+                lines.append(reader.line_num)
+        except csv.Error as exc:
+            raise RecipeError("data.path", f"'{spec.path}', line {reader.line_num}: not a valid CSV row ({exc})") from None
+        columns = list(reader.fieldnames or [])
+    else:
+        columns = []
+        for lineno, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecipeError("data.path", f"'{spec.path}', line {lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise RecipeError("data.path", f"'{spec.path}', line {lineno}: expected a JSON object, "
+                                               f"got {type(row).__name__}")
+            columns += [k for k in row if k not in columns]
+            rows.append(row)
+            lines.append(lineno)
+    if not rows:
+        raise RecipeError("data.path", f"'{spec.path}' has no data rows")
+    for key in ("text", "label", "text_pair"):
+        col = getattr(spec, key)
+        if col is not None and col not in columns:
+            raise RecipeError(f"data.{key}", f"'{spec.path}' has no column '{col}'; it has {', '.join(map(str, columns))}")
+    return rows, lines
+
+
+def _texts(spec: TextSpec, rows: list[dict], lines: list[int], key: str) -> list[str]:
+    col, out = getattr(spec, key), []
+    for row, line in zip(rows, lines):
+        v = row.get(col)
+        if not isinstance(v, str) or not v.strip():
+            got = "nothing" if v is None or (isinstance(v, str) and not v.strip()) else f"{type(v).__name__} {v!r}"
+            raise RecipeError(f"data.{key}", f"'{spec.path}', line {line}: expected text in column '{col}', got {got}")
+        out.append(v)
+    return out
+
+
+def _labels(spec: TextSpec, rows: list[dict], lines: list[int]) -> tuple[np.ndarray, list[str]]:
+    """Class ids and class names: the given ``classes``, else the labels found, sorted (numerically when
+    they are all integers, so '10' comes after '9')."""
+    raw = []
+    for row, line in zip(rows, lines):
+        v = row.get(spec.label)
+        if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, str) and not v.strip()):
+            raise RecipeError("data.label", f"'{spec.path}', line {line}: expected a label in column '{spec.label}', "
+                                            f"got {v!r}")
+        raw.append(str(v).strip())
+    if spec.classes is not None:
+        classes = list(spec.classes)
+    else:
+        found = set(raw)
+        numeric = all(s.lstrip("-").isdigit() for s in found)
+        classes = sorted(found, key=int if numeric else None)
+        if len(classes) < 2:
+            raise RecipeError("data.label", f"'{spec.path}': every row has label {classes[0]!r}; "
+                                            "classification needs at least 2 classes")
+    ids = {c: i for i, c in enumerate(classes)}
+    for s, line in zip(raw, lines):
+        if s not in ids:
+            raise RecipeError("data.classes", f"'{spec.path}', line {line}: label {s!r} is not one of {classes}")
+    return np.array([ids[s] for s in raw], dtype=np.int64), classes
+
+
+# -- tokenizers ---------------------------------------------------------------------------------------------
+class Encoder:
+    """One interface over a ``tokenizers.Tokenizer`` and a transformers tokenizer: lists of token ids
+    (truncated to ``max_length``, special tokens added), the pad id and the vocabulary size."""
+
+    def __init__(self, backend: Any, pad_id: int, vocab_size: int, segments: bool):
+        self.backend, self.pad_id, self.vocab_size, self.segments = backend, pad_id, vocab_size, segments
+
+    def encode(self, texts: list[str], pairs: Optional[list[str]], max_length: int) -> list[dict[str, list[int]]]:
+        from tokenizers import Tokenizer
+
+        if isinstance(self.backend, Tokenizer):
+            self.backend.enable_truncation(max_length)
+            encs = self.backend.encode_batch(list(zip(texts, pairs)) if pairs else texts)
+            out = [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encs]
+        else:  # a transformers tokenizer
+            enc = self.backend(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=True)
+            out = [{"input_ids": ids, "token_type_ids": t} for ids, t in zip(enc["input_ids"], enc["token_type_ids"])]
+        keep = ("input_ids", "token_type_ids") if pairs and self.segments else ("input_ids",)
+        return [{k: e[k] for k in keep} for e in out]
+
+
+def _from_tokenizers(tok, path: str) -> Encoder:
+    pad = tok.token_to_id("[PAD]")
+    if pad is None:
+        pad = tok.padding["pad_id"] if tok.padding else None
+    if pad is None:
+        raise RecipeError(path, "the tokenizer has no [PAD] token and no padding set; add one to tokenizer.json")
+    return Encoder(tok, pad, tok.get_vocab_size(with_added_tokens=True), segments=True)
+
+
+def train_tokenizer(cfg: TrainTokenizer, texts: list[str]):
+    """A ``tokenizers.Tokenizer`` trained on ``texts`` with BERT's special tokens and [CLS] a [SEP] (b [SEP])."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if cfg.train == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+                                            special_tokens=SPECIALS, show_progress=False)
+    else:
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if cfg.lowercase else []))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def load_tokenizer(spec: TextSpec, train_texts: list[str]) -> Encoder:
+    _need("tokenizers", "data.tokenizer")
+    if isinstance(spec.tokenizer, TrainTokenizer):
+        return _from_tokenizers(train_tokenizer(spec.tokenizer, train_texts), "data.tokenizer")
+    where = Path(spec.tokenizer).expanduser()
+    if where.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return _from_tokenizers(Tokenizer.from_file(str(where)), "data.tokenizer")
+        except Exception as exc:  # tokenizers raises its own Exception type for a file it cannot read
+            raise RecipeError("data.tokenizer", f"'{where}' is not a tokenizer.json file the tokenizers library "
+                                                f"can read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not where.is_dir():
+        raise RecipeError("data.tokenizer", f"expected a tokenizer folder, a tokenizer.json file or training options "
+                                            f"({{train: wordpiece, vocab_size: 8000}}), got '{where}' (no such file or folder)")
+    if not any((where / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        raise RecipeError("data.tokenizer", f"'{where}' is not a tokenizer folder (no tokenizer.json, "
+                                            "tokenizer_config.json or vocab.txt in it)")
+    _need("transformers", "data.tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RecipeError("data.tokenizer", f"transformers cannot read the tokenizer in '{where}': "
+                                            f"{str(exc).strip().splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        raise RecipeError("data.tokenizer", f"the tokenizer in '{where}' has no padding token (pad_token)")
+    return Encoder(tok, int(tok.pad_token_id), len(tok), segments="token_type_ids" in tok.model_input_names)
+
+
+# -- dataset and batches ----------------------------------------------------------------------------------
+class TokenizedText(Dataset):
+    """Unpadded token ids and a class id per sample: ``(Inputs of 1-D tensors, label)``."""
+
+    def __init__(self, encodings: list[dict[str, list[int]]], labels: np.ndarray):
+        self.encodings, self.labels = encodings, torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        e = self.encodings[i]
+        ids = torch.tensor(e["input_ids"], dtype=torch.long)
+        x = Inputs(input_ids=ids, attention_mask=torch.ones_like(ids))
+        if "token_type_ids" in e:
+            x["token_type_ids"] = torch.tensor(e["token_type_ids"], dtype=torch.long)
+        return x, self.labels[i]
+
+
+class PadCollate:
+    """Pads a batch's token ids with the tokenizer's pad id (attention mask 0 there), to the batch's longest
+    sequence or to ``length``; the rest of each sample (label, index) goes through torch's default_collate.
+    A class, not a closure, so the loader's worker processes can pickle it."""
+
+    def __init__(self, pad_id: int, length: Optional[int] = None):
+        self.pad_id, self.length = pad_id, length
+
+    def __call__(self, samples: list[tuple]) -> tuple:
+        xs = [s[0] for s in samples]
+        width = self.length or max(x["input_ids"].shape[0] for x in xs)
+        batch = Inputs()
+        for key in xs[0]:
+            fill = self.pad_id if key == "input_ids" else 0
+            out = torch.full((len(xs), width), fill, dtype=torch.long)
+            for row, x in enumerate(xs):
+                out[row, :x[key].shape[0]] = x[key]
+            batch[key] = out
+        return (batch, *default_collate([s[1:] for s in samples]))
+
+
+@register_dataset("text", config=TextSpec,
+                  description="text classification from a .csv or .jsonl (text + label columns), tokenised for transformers")
+def text(spec: TextSpec) -> DataBundle:
+    rows, lines = read_rows(spec)
+    texts = _texts(spec, rows, lines, "text")
+    pairs = _texts(spec, rows, lines, "text_pair") if spec.text_pair else None
+    labels, classes = _labels(spec, rows, lines)
+    train_idx, val_idx, test_idx = split_rows(len(rows), spec)
+    if len(train_idx) == 0:
+        raise RecipeError("data.path", f"'{spec.path}' has {len(rows)} rows, none left for training after the "
+                                       "test and validation splits")
+    train_texts = [texts[i] for i in train_idx] + ([pairs[i] for i in train_idx] if pairs else [])
+    encoder = load_tokenizer(spec, train_texts)
+    full = TokenizedText(encoder.encode(texts, pairs, spec.max_length), labels)
+    return DataBundle(Subset(full, train_idx), Subset(full, val_idx), Subset(full, test_idx), task="classification",
+                      num_outputs=len(classes), input_shape=(spec.max_length,), batch_size=spec.batch_size,
+                      eval_batch_size=spec.eval_batch_size, num_workers=spec.num_workers, classes=classes,
+                      collate=PadCollate(encoder.pad_id, spec.max_length if spec.padding == "max_length" else None),
+                      vocab_size=encoder.vocab_size)
+
+
+# -- the model must fit the tokenizer -----------------------------------------------------------------
+def vocab_mismatch(model: nn.Module, data: DataBundle, path: str) -> Optional[RecipeError]:
+    """A model too small for the data's token ids (input embeddings or, for a transformers config,
+    position embeddings), as the error naming the recipe key to change; None when it fits.
+
+    Checked before a forward pass: an id beyond the embedding is an IndexError deep inside the model.
+    An inline ``hf`` config must state ``vocab_size``: transformers' default (30,522 for BERT) would
+    build, but as an embedding table sized for another tokenizer.
+    """
+    if not data.vocab_size:
+        return None
+    spec = getattr(model, "compress_spec", None) or {}
+    inline = isinstance(spec.get("config"), dict)
+    key = f"{path}.config" if inline else path
+    if inline and "vocab_size" not in spec["config"]:
+        return RecipeError(f"{key}.vocab_size", f"is required with text data: the tokenizer (data.tokenizer) has "
+                                                f"{data.vocab_size} tokens; set vocab_size: {data.vocab_size}")
+    inner = getattr(model, "model", model)
+    emb = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else \
+        next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if isinstance(emb, nn.Embedding) and emb.num_embeddings < data.vocab_size:
+        return RecipeError(f"{key}.vocab_size" if inline else key,
+                           f"the model embeds {emb.num_embeddings} tokens but the tokenizer (data.tokenizer) has "
+                           f"{data.vocab_size}; set vocab_size: {data.vocab_size} or more")
+    positions = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
+    longest = data.input_shape[0] if data.input_shape else 0
+    if isinstance(positions, int) and positions < longest:
+        return RecipeError(f"{key}.max_position_embeddings" if inline else key,
+                           f"the model has {positions} positions but data.max_length is {longest}; "
+                           f"set max_position_embeddings: {longest} or lower data.max_length")
+    return None
