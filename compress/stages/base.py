@@ -158,7 +158,9 @@ def check_outputs(model: nn.Module, data: "DataBundle", path: str) -> None:
     except Exception as exc:
         what = f"named inputs ({', '.join(x)})" if isinstance(x, dict) else f"inputs of shape {tuple(x.shape[1:])}"
         hint = ("; for image models set model.in_chans or model.adapt_input: {channels: ..., size: [h, w]}"
-                if "channels" in str(exc) and not isinstance(x, dict) else "")
+                if "channels" in str(exc) and not isinstance(x, dict) else
+                f"; name the inputs the model takes in {path}.inputs: [{', '.join(x)}]"
+                if isinstance(x, dict) and "unknown input" in str(exc) else "")
         raise RecipeError(path, f"the model does not accept the data's {what}: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from None
     finally:

@@ -106,10 +106,20 @@ def test_a_saved_tokenizer_folder_and_file_read_back(tmp_path):
 
 def test_text_pairs_get_segment_ids(tmp_path):
     rows = [{**r, "other": "and more"} for r in _rows(20)]
-    data = _data(_jsonl(tmp_path / "t.jsonl", rows), text_pair="other")
+    data = _data(_jsonl(tmp_path / "t.jsonl", rows), text_pair="other", max_length=32)
     x = data.example_input(1)
     assert set(x) == {"input_ids", "attention_mask", "token_type_ids"}
     assert x["token_type_ids"].sum() == 3  # "and more [SEP]"
+    pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    from compress.models import create_model
+    from compress.stages.base import check_outputs
+
+    config = {**BERT, "vocab_size": 60}
+    with pytest.raises(RecipeError, match=r"^model: .*unknown input 'token_type_ids'.*model.inputs: \[input_ids, "
+                                          r"attention_mask, token_type_ids\]$"):
+        check_outputs(create_model({"name": "hf", "config": config}, data.input_shape, 2), data, "model")
+    named = {"name": "hf", "config": config, "inputs": ["input_ids", "attention_mask", "token_type_ids"]}
+    check_outputs(create_model(named, data.input_shape, 2), data, "model")
 
 
 def _error(tmp_path, **kw):
@@ -177,11 +187,15 @@ def _recipe(tmp_path, stages, vocab=60):
     return str(tmp_path / "r.yaml")
 
 
-def test_cli_refuses_a_vocabulary_too_small_with_exit_2(tmp_path):
+@pytest.mark.parametrize("override,words", [
+    ([], "model.config.vocab_size: the model embeds 20 tokens but the tokenizer (data.tokenizer) has"),
+    (["--set", "data.text=title"], "data.text: "),
+], ids=["vocab", "column"])
+def test_cli_refuses_bad_text_recipes_in_one_line_with_exit_2(tmp_path, override, words):
     pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
-    result = CliRunner().invoke(cli, ["validate", _recipe(tmp_path, [{"train": {"epochs": 1}}], vocab=20)])
-    assert result.exit_code == 2
-    assert "model.config.vocab_size: the model embeds 20 tokens" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["validate", _recipe(tmp_path, [{"train": {"epochs": 1}}], vocab=20), *override])
+    assert result.exit_code == 2 and words in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_cli_runs_distill_head_prune_export_and_dynamic_int8_on_text(tmp_path):
