@@ -14,13 +14,14 @@ import csv
 import importlib.util
 import io
 import json
+import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 from torch.utils.data import Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
@@ -34,12 +35,28 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 class TrainTokenizer(StrictModel):
-    """Train a tokenizer on the training split with the ``tokenizers`` library."""
+    """Train a tokenizer on the training split with the ``tokenizers`` library.
 
-    train: Literal["wordpiece", "bpe"] = "wordpiece"  # bpe: byte-level (GPT-2/RoBERTa style, no unknown tokens)
-    vocab_size: int = Field(8000, ge=len(SPECIALS) + 1, le=1 << 20)  # an upper bound: small data gives fewer
+    bpe (the default): byte-level, GPT-2/RoBERTa style, no unknown tokens, the same vocabulary every run.
+    wordpiece (BERT style, unseen characters become [UNK]): tokenizers' trainer numbers its '##' pieces
+    in hash-map order, so the vocabulary can differ from run to run (huggingface/tokenizers#1794).
+    """
+
+    train: Literal["bpe", "wordpiece"] = "bpe"
+    # An upper bound (small data gives fewer); byte-level bpe always holds its 256 bytes plus 5 special tokens.
+    vocab_size: int = Field(8000, ge=len(SPECIALS) + 1, le=1 << 20)
     lowercase: bool = True
     min_frequency: int = Field(1, ge=1)
+
+
+def _tokenizer_kind(value: Any) -> str:
+    return "options[train]" if isinstance(value, dict) else "path[str]"
+
+
+# A tagged union: a mistake gets one line for the member the value is (options or a path), not one per
+# member. Tags in brackets are pydantic steps that compress.config drops from the key path.
+Tokenizer = Annotated[Union[Annotated[TrainTokenizer, Tag("options[train]")], Annotated[str, Tag("path[str]")]],
+                      Discriminator(_tokenizer_kind)]
 
 
 class TextSpec(DataSpec):
@@ -50,8 +67,16 @@ class TextSpec(DataSpec):
     max_length: int = Field(128, ge=4, le=1 << 16)  # tokens per sample, [CLS]/[SEP] included; longer is truncated
     padding: Literal["longest", "max_length"] = "longest"  # per batch: to its longest sequence, or always max_length
     # A folder (transformers tokenizer), a tokenizer.json file, or training options.
-    tokenizer: Union[TrainTokenizer, str] = Field(default_factory=TrainTokenizer)
+    tokenizer: Tokenizer = Field(default_factory=TrainTokenizer)
     classes: Optional[list[str]] = Field(None, min_length=2)  # fixes the class ids; default: the labels found, sorted
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _tokenizer_given(cls, v: Any) -> Any:
+        if not isinstance(v, (str, dict, TrainTokenizer)):
+            raise ValueError(f"expected a tokenizer folder, a tokenizer.json file or training options "
+                             f"({{train: bpe, vocab_size: 8000}}), got {v!r}")
+        return v
 
     @field_validator("path")
     @classmethod
@@ -188,6 +213,8 @@ def train_tokenizer(cfg: TrainTokenizer, texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     if cfg.train == "wordpiece":
+        warnings.warn("data.tokenizer: tokenizers' WordPiece training is not deterministic (huggingface/tokenizers#1794): "
+                      "the vocabulary, and so the results, can differ run to run; train: bpe is reproducible")
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -223,7 +250,7 @@ def load_tokenizer(spec: TextSpec, train_texts: list[str]) -> Encoder:
                                                 f"can read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not where.is_dir():
         raise RecipeError("data.tokenizer", f"expected a tokenizer folder, a tokenizer.json file or training options "
-                                            f"({{train: wordpiece, vocab_size: 8000}}), got '{where}' (no such file or folder)")
+                                            f"({{train: bpe, vocab_size: 8000}}), got '{where}' (no such file or folder)")
     if not any((where / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise RecipeError("data.tokenizer", f"'{where}' is not a tokenizer folder (no tokenizer.json, "
                                             "tokenizer_config.json or vocab.txt in it)")

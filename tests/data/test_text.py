@@ -20,6 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 GOOD, BAD, FILL = ["good", "great", "lovely"], ["bad", "awful", "dull"], ["the", "movie", "was", "a", "plot"]
 UNK, PAD = 1, 0  # the trained tokenizer's [UNK] and [PAD] ids (SPECIALS order)
+VOCAB = 300  # byte-level bpe: 256 bytes, 5 special tokens, a few merges
 
 
 def _rows(n=60, seed=0):
@@ -46,14 +47,14 @@ def _jsonl(path, rows):
 
 
 def _data(path, **kw):
-    return create_data({"name": "text", "path": str(path), "tokenizer": {"vocab_size": 60}, "batch_size": 8, **kw})
+    return create_data({"name": "text", "path": str(path), "tokenizer": {"vocab_size": VOCAB}, "batch_size": 8, **kw})
 
 
 @pytest.mark.parametrize("write", [_csv, _jsonl], ids=["csv", "jsonl"])
 def test_rows_become_padded_named_batches_with_sorted_string_classes(tmp_path, write):
     data = _data(write(tmp_path / f"t.{'csv' if write is _csv else 'jsonl'}", _rows()))
     assert data.classes == ["neg", "pos"] and data.num_outputs == 2 and data.input_shape == (128,)
-    assert len(data.train) + len(data.val) + len(data.test) == 60 and data.vocab_size <= 60
+    assert len(data.train) + len(data.val) + len(data.test) == 60 and data.vocab_size <= VOCAB
     x, y = next(iter(data.loader("train", shuffle=False)))
     assert isinstance(x, Inputs) and set(x) == {"input_ids", "attention_mask"} and y.dtype == torch.long
     lengths = x["attention_mask"].sum(1)
@@ -79,10 +80,18 @@ def test_the_tokenizer_learns_from_the_training_split_only(tmp_path):
     rows = _rows(n)
     for i in test_idx:  # a word in characters no training row has
         rows[i]["text"] += " жжж"
-    data = _data(_csv(tmp_path / "t.csv", rows))
+    with pytest.warns(UserWarning, match="tokenizers#1794"):  # wordpiece: unseen characters are [UNK]
+        data = _data(_csv(tmp_path / "t.csv", rows), tokenizer={"train": "wordpiece", "vocab_size": 60})
     test_ids = [data.test[i][0]["input_ids"] for i in range(len(data.test))]
     assert all(UNK in ids for ids in test_ids)
     assert not any(UNK in data.train[i][0]["input_ids"] for i in range(len(data.train)))
+
+
+def test_bpe_training_gives_the_same_vocabulary_every_time(tmp_path):
+    path = _csv(tmp_path / "t.csv", [{"text": f"{r['text']} title{i} the movie{i % 7}", "label": r["label"]}
+                                     for i, r in enumerate(_rows(200))])
+    first, again = _data(path), _data(path)
+    assert all(torch.equal(first.train[i][0]["input_ids"], again.train[i][0]["input_ids"]) for i in range(len(first.train)))
 
 
 def test_a_saved_tokenizer_folder_and_file_read_back(tmp_path):
@@ -92,7 +101,7 @@ def test_a_saved_tokenizer_folder_and_file_read_back(tmp_path):
     from compress.data.text import TrainTokenizer, train_tokenizer
 
     path = _csv(tmp_path / "t.csv", _rows())
-    tok = train_tokenizer(TrainTokenizer(vocab_size=60), [r["text"] for r in _rows()])
+    tok = train_tokenizer(TrainTokenizer(vocab_size=VOCAB), [r["text"] for r in _rows()])
     tok.save(str(tmp_path / "tokenizer.json"))
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                             sep_token="[SEP]").save_pretrained(tmp_path / "tok")
@@ -114,7 +123,7 @@ def test_text_pairs_get_segment_ids(tmp_path):
     from compress.models import create_model
     from compress.stages.base import check_outputs
 
-    config = {**BERT, "vocab_size": 60}
+    config = {**BERT, "vocab_size": VOCAB}
     with pytest.raises(RecipeError, match=r"^model: .*unknown input 'token_type_ids'.*model.inputs: \[input_ids, "
                                           r"attention_mask, token_type_ids\]$"):
         check_outputs(create_model({"name": "hf", "config": config}, data.input_shape, 2), data, "model")
@@ -138,6 +147,8 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, monkeypatch):
     assert "label 'pos' is not one of ['neg', 'other']" in _error(tmp_path, classes=["neg", "other"])
     assert _error(tmp_path, tokenizer=str(tmp_path)).startswith("data.tokenizer: ") and "not a tokenizer folder" in _error(tmp_path, tokenizer=str(tmp_path))
     assert "no such file or folder" in _error(tmp_path, tokenizer=str(tmp_path / "nope"))
+    assert _error(tmp_path, tokenizer=5).startswith("data.tokenizer: expected a tokenizer folder, a tokenizer.json")
+    assert _error(tmp_path, tokenizer={"train": "unigram"}).startswith("data.tokenizer.train: ")
     (tmp_path / "junk.json").write_text("{}")
     assert _error(tmp_path, tokenizer=str(tmp_path / "junk.json")).startswith("data.tokenizer: ")
     empty = _rows(10)
@@ -169,17 +180,17 @@ def test_a_model_smaller_than_the_vocabulary_names_model_config_vocab_size(tmp_p
         model = create_model({"name": "hf", "config": config}, data.input_shape, data.num_outputs)
         with pytest.raises(RecipeError, match=f"^model.config.vocab_size: .*{words}.*set vocab_size: {data.vocab_size}"):
             check_outputs(model, data, "model")
-    short = create_model({"name": "hf", "config": {**BERT, "vocab_size": 60, "max_position_embeddings": 16}}, (32,), 2)
+    short = create_model({"name": "hf", "config": {**BERT, "vocab_size": VOCAB, "max_position_embeddings": 16}}, (32,), 2)
     with pytest.raises(RecipeError, match="^model.config.max_position_embeddings: .* data.max_length is 32"):
         check_outputs(short, data, "model")
-    check_outputs(create_model({"name": "hf", "config": {**BERT, "vocab_size": 60}}, (32,), 2), data, "model")
+    check_outputs(create_model({"name": "hf", "config": {**BERT, "vocab_size": VOCAB}}, (32,), 2), data, "model")
 
 
-def _recipe(tmp_path, stages, vocab=60):
+def _recipe(tmp_path, stages, vocab=VOCAB):
     csv_path = _csv(tmp_path / "t.csv", _rows(96))
     doc = {"name": "text", "seed": 0,
            "data": {"name": "text", "path": str(csv_path), "max_length": 16, "batch_size": 16,
-                    "tokenizer": {"train": "wordpiece", "vocab_size": 60}},
+                    "tokenizer": {"train": "bpe", "vocab_size": VOCAB}},
            "teacher": {"name": "hf", "config": {**BERT, "vocab_size": vocab, "hidden_size": 32, "num_attention_heads": 4}},
            "model": {"name": "hf", "config": {**BERT, "vocab_size": vocab, "num_attention_heads": 4}},
            "stages": stages, "benchmark": {"latency": False}}
