@@ -70,7 +70,7 @@ def test_integer_labels_sort_as_numbers_and_max_length_pads_and_truncates(tmp_pa
     rows = [{"text": "word " * (8 + i % 20), "label": [2, 10, 9][i % 3]} for i in range(30)]
     data = _data(_jsonl(tmp_path / "t.jsonl", rows), max_length=8, padding="max_length")
     assert data.classes == ["2", "9", "10"]
-    x, y = next(iter(data.loader("train")))
+    x, _ = next(iter(data.loader("train")))
     assert x["input_ids"].shape[1] == 8 and (x["input_ids"][:, -1] == 3).all()  # truncated, [SEP] kept
 
 
