@@ -176,27 +176,52 @@ def _bits_nz(r: dict) -> str:
     return "-"
 
 
+def _ratio(x: float) -> str:
+    return f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
+
+
+def waterfall_labels(sizes: list[int]) -> list[str]:
+    """The waterfall's bar labels: each file's size, its ratio to the first, and the step from the one before
+    (left out where it says nothing new: the second row, or no change)."""
+    out = [f"{fmt_bytes(sizes[0])} (baseline)"]
+    for i, size in enumerate(sizes[1:], 1):
+        step = sizes[i - 1] / size
+        out.append(f"{fmt_bytes(size)}: {_ratio(sizes[0] / size)} smaller"
+                   + (f", {step:.1f}x from the row above" if i > 1 and abs(step - 1) > 0.005 else ""))
+    return out
+
+
 def _waterfall_plot(reports: list[dict]) -> Optional[str]:
-    """Per-stage file size of each run that packed its model (log scale), bars labelled with the ratio to the first."""
+    """Per-stage file size of each run that packed its model: one horizontal bar per stage, top to bottom,
+    on a log axis whose ticks are file sizes, each bar labelled with its size, its ratio to the first stage
+    and the step from the stage before. The axis starts well below the smallest file so it stays visible."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     runs = [rep for rep in reports if len(rep.get("stages", [])) > 1 and any(r.get("packed_bytes") for r in rep["stages"])]
     if not runs:
         return None
-    fig = Figure(figsize=(7, 1.2 + 2.8 * len(runs)), layout="tight")
-    for i, rep in enumerate(runs):
+    heights = [len([r for r in rep["stages"] if r.get("size_bytes")]) for rep in runs]
+    fig = Figure(figsize=(8, 0.9 * len(runs) + 0.42 * sum(heights)), layout="constrained")
+    axes = fig.subplots(len(runs), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, rep in zip(axes, runs):
         rows = [r for r in rep["stages"] if r.get("size_bytes")]
-        ax = fig.add_subplot(len(runs), 1, i + 1)
-        base = rows[0]["size_bytes"]
-        kib = [r["size_bytes"] / 1024 for r in rows]
-        bars = ax.bar(range(len(rows)), kib, color=["tab:green" if r.get("packed_bytes") else "tab:blue" for r in rows])
-        for b, r in zip(bars, rows):
-            ax.annotate(f"{base / r['size_bytes']:.0f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                        textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
-        ax.set_xticks(range(len(rows)), [stage_label(r) for r in rows], rotation=20, fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("file size (KiB, log)")
-        ax.set_title(f"size waterfall{': ' + run_label(rep) if len(runs) > 1 else ''} (green: packed file)")
+        sizes = [r["size_bytes"] for r in rows]
+        y = range(len(rows))
+        ax.barh(y, sizes, color=["tab:green" if r.get("packed_bytes") else "tab:blue" for r in rows])
+        for i, (size, text) in enumerate(zip(sizes, waterfall_labels(sizes))):
+            ax.annotate(text, (size, i), textcoords="offset points", xytext=(4, 0), va="center", fontsize=8)
+        ax.set_yticks(list(y), [stage_label(r) for r in rows], fontsize=8)
+        ax.invert_yaxis()  # first stage on top: the sizes fall down the page
+        ax.set_xscale("log")
+        ax.set_xlim(min(sizes) / 4, max(sizes) * 40)  # room on the right for the labels
+        # ticks at round file sizes (1 KiB, 10 KiB, 100 KiB, 1 MiB, ...), not at powers of ten bytes
+        ax.xaxis.set_major_locator(FixedLocator([u * 10 ** j for u in (1 << 10, 1 << 20, 1 << 30) for j in range(3)]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v).replace(".0 ", " ")))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("file size (log scale)", fontsize=8)
+        ax.set_title(f"size waterfall{': ' + run_label(rep) if len(runs) > 1 else ''} (green: packed .cpk file)", fontsize=10)
     return _png(fig)
 
 

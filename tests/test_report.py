@@ -168,3 +168,11 @@ def test_a_packed_row_shows_raw_file_bits_per_nonzero_and_a_size_waterfall():
     row = next(line for line in table.splitlines() if line.startswith("| 9: encode |"))
     assert "| 512 B | " in row and "| 4.0 KiB |" in row and "| 4.2 |" in row
     assert len(pngs(render_html(rep))) == len(pngs(render_html(make_report()))) + 1  # the waterfall
+
+
+def test_waterfall_labels_give_size_ratio_to_the_first_and_the_step():
+    from compress.report import waterfall_labels
+
+    assert waterfall_labels([4 << 20, 1 << 20, 1 << 20, 16 << 10]) == [
+        "4.0 MiB (baseline)", "1.0 MiB: 4.0x smaller", "1.0 MiB: 4.0x smaller",
+        "16.0 KiB: 256x smaller, 64.0x from the row above"]
