@@ -96,6 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=None, help="run folders and reports.json (default: benchmarks/results/<name>)")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="run nothing: the tables of the seeds' report.json already in --out (seeds run one at a time)")
     args = ap.parse_args(argv)
     data_dir()
     torch.set_num_threads(1)  # training too: on a shared 2-core machine one thread is faster and steadier
@@ -104,6 +106,9 @@ def main(argv=None) -> None:
     out_dir = args.out or OUT.parent / doc["name"]
     reports = []
     for seed in (int(s) for s in args.seeds.split(",")):
+        if args.tables_only:
+            reports.append(json.loads((out_dir / f"seed{seed}" / "report.json").read_text()))
+            continue
         reports.append(Pipeline.from_dict(doc, [f"seed={seed}", *overrides]).run(out_dir / f"seed{seed}", force=True))
         (out_dir / "reports.json").write_text(json.dumps(reports, indent=2))
 
