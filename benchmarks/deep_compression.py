@@ -58,7 +58,7 @@ def metric_of(row: dict) -> tuple[str, float]:
 
 
 def mean_sd(v: list[float], fmt: str) -> str:
-    return fmt.format(statistics.mean(v)) + (f" ± {fmt.format(statistics.stdev(v))}" if len(v) > 1 else "")
+    return fmt.format(statistics.mean(v)) + (f" ± {fmt.replace('+', '').format(statistics.stdev(v))}" if len(v) > 1 else "")
 
 
 def table(reports: list[dict], base: int) -> tuple[list[str], list[list]]:

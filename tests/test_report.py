@@ -175,4 +175,18 @@ def test_waterfall_labels_give_size_ratio_to_the_first_and_the_step():
 
     assert waterfall_labels([4 << 20, 1 << 20, 1 << 20, 16 << 10]) == [
         "4.0 MiB (baseline)", "1.0 MiB: 4.0x smaller", "1.0 MiB: 4.0x smaller",
-        "16.0 KiB: 256x smaller, 64.0x from the row above"]
+        "16.0 KiB: 256x smaller, 64.0x from the stage above"]
+    # the packed series: ratios to the first file, steps between its own bars, gaps where nothing was measured
+    assert waterfall_labels([2 << 20, 256 << 10, None, 64 << 10], base=4 << 20, prefix="packed: ") == [
+        "packed: 2.0 MiB: 2.0x smaller", "packed: 256.0 KiB: 16.0x smaller, 8.0x from the stage above", None,
+        "packed: 64.0 KiB: 64.0x smaller, 4.0x from the stage above"]
+
+
+def test_the_waterfall_shows_the_packed_size_of_earlier_stages():
+    rep = make_report()
+    rep["stages"].append({**rep["stages"][-1], "name": "encode", "index": 9, "size_bytes": 512, "packed_bytes": 512,
+                          "packed_bytes_of_stages": {"0": 4000, "1": 2000}})
+    from compress.report import _packed_sizes
+
+    assert _packed_sizes(rep["stages"]) == [4000, 2000] + [None] * (len(rep["stages"]) - 2)
+    assert len(pngs(render_html(rep))) == len(pngs(render_html(make_report()))) + 1

@@ -101,6 +101,35 @@ def encode_onnx(src: str | Path, config: EncodeConfig | None = None, *, out: str
     return Result(back, facts)
 
 
+def packed_size(model: nn.Module) -> int:
+    """Bytes ``model`` would take as a packed file (nothing written; ``model`` is left as it is)."""
+    import copy
+
+    from compress.checkpoint_io import model_state
+    from compress.packfile import pack_state
+
+    model = copy.deepcopy(model)
+    clear_negative_zeros(model)
+    return len(pack_state(model_state(model))[0])
+
+
+def earlier_packed_sizes(results: list[dict]) -> dict[str, int]:
+    """Stage index -> packed size of the model each earlier stage saved (``.pt``): the report's waterfall
+    then shows what each step (pruning: sparse indices; clustering: codebooks) did to the packed file,
+    where the ``.pt`` files of a pruned and a clustered model are as large as the dense one's."""
+    from compress.checkpoint import load_model
+
+    out = {}
+    for r in results:
+        f = r.get("model_file")
+        if f and f.endswith(".pt") and Path(f).is_file():
+            try:
+                out[str(r["index"])] = packed_size(load_model(f))
+            except CompressError:  # a model the packed format cannot hold: no bar for it
+                continue
+    return out
+
+
 def _onnx_input(state) -> Path | None:
     """The ONNX file this stage gets when an earlier stage made the model an ONNX deployment file (int8 PTQ)."""
     from compress.stages.base import kind_before
@@ -118,6 +147,7 @@ def run_encode(state, cfg: EncodeConfig) -> StageResult:
     src = _onnx_input(state)
     if src is None:
         model, facts = encode(state.model, cfg, out=out)
+        facts["packed_bytes_of_stages"] = earlier_packed_sizes(state.results)
         return StageResult(model, artifact=Path(facts.pop("packed_file")), facts=facts)
     # After int8 PTQ the ONNX file ships: it is what gets packed, and this row measures the ONNX model read
     # back from the packed file (written out beside it, the file ONNX Runtime runs); the PyTorch model goes on.

@@ -32,3 +32,11 @@ def test_encode_of_a_float_model_hands_on_the_model_read_back(tmp_path):
     rows = Pipeline.from_dict(_doc([{"encode": {}}])).run(out=tmp_path / "run")["stages"]
     assert rows[1]["artifact"].endswith(".cpk") and rows[1]["size_bytes"] < rows[0]["size_bytes"]
     assert rows[1]["metrics"]["accuracy"] == pytest.approx(rows[0]["metrics"]["accuracy"])
+
+
+def test_encode_records_what_each_earlier_stage_would_take_packed(tmp_path):
+    doc = _doc([{"prune": {"method": "magnitude", "sparsity": 0.8, "finetune": {"epochs": 0}}}, {"encode": {}}])
+    rows = Pipeline.from_dict(doc).run(out=tmp_path / "run")["stages"]
+    sizes = rows[2]["packed_bytes_of_stages"]
+    assert set(sizes) == {"0", "1"} and sizes["1"] < sizes["0"] / 2  # the sparse index of the 80%-pruned model
+    assert sizes["1"] == rows[2]["packed_bytes"]  # the same model as the one encode packed
