@@ -118,10 +118,15 @@ def test_baked_kernelnet_and_bn_models_round_trip(tmp_path):
     _roundtrip(bn, tmp_path, "bn.cpk")
 
 
-def test_packed_binary_model_round_trips(data, tmp_path):
+@pytest.mark.parametrize("options", [
+    {"method": "binary", "keep_first_last": False},  # packed 1-bit weights
+    {"method": "weight_only", "bits": 4, "rounds": 1},  # packed 4-bit weights
+    {"method": "qat", "bits": 4, "keep_first_last": False},  # fake-quantized (observers, scales)
+])
+def test_packed_and_quantized_models_round_trip(data, tmp_path, options):
     torch.manual_seed(0)
     mlp = create_model({"name": "mlp", "hidden": [32]}, data.input_shape, data.num_outputs)
-    model, _ = quantize(mlp, QuantizeConfig(method="binary", keep_first_last=False, finetune={"epochs": 0}), data)
+    model, _ = quantize(mlp, QuantizeConfig(**options, finetune={"epochs": 0}), data)
     back = _roundtrip(model, tmp_path)
     x = data.example_input(3)
     assert torch.equal(back.eval()(x), model.eval()(x))
