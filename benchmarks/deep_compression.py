@@ -115,7 +115,9 @@ def main(argv=None) -> None:
     base = 1 if args.kernelnet else 0  # the KernelNet rows compare against the distilled student
     header, rows = table(reports, base)
     print(markdown_table(header, rows))
-    first, last = [rep["stages"][base] for rep in reports], [rep["stages"][-1] for rep in reports]
+    # the bar is on the first packed file (in mnist_deep_compression: stage 4, the clustered float weights)
+    bar = next((i for i, r in enumerate(reports[0]["stages"]) if r.get("packed_bytes")), -1)
+    first, last = [rep["stages"][base] for rep in reports], [rep["stages"][bar] for rep in reports]
     smaller = [rep["stages"][0]["size_bytes"] / r["size_bytes"] for rep, r in zip(reports, last)]
     if args.kernelnet:
         rm = [100 * (metric_of(r)[1] / metric_of(b)[1] - 1) for b, r in zip(first, last)]
@@ -124,8 +126,8 @@ def main(argv=None) -> None:
     else:
         drop = max(metric_of(b)[1] - metric_of(r)[1] for b, r in zip(first, last))
         paper = PAPER.get(doc["name"])
-        bar = (f"(paper: {paper}x)" if paper else f"(>= 100x: {'met' if min(smaller) >= 100 else 'MISSED'})")
-        print(f"\nworst seed: {min(smaller):.1f}x smaller than row 0 {bar}, {drop:+.2f} points "
+        goal = (f"(paper: {paper}x)" if paper else f"(>= 100x: {'met' if min(smaller) >= 100 else 'MISSED'})")
+        print(f"\nworst seed, row {bar}: {min(smaller):.1f}x smaller than row 0 {goal}, {drop:+.2f} points "
               f"(<= 0.5: {'met' if drop <= 0.5 else 'MISSED'})")
     print(f"seeds {args.seeds}; {doc['name']}; measured on a shared machine; " + machine_line())
 
