@@ -197,7 +197,8 @@ def waterfall_labels(sizes: list[Optional[int]], base: Optional[int] = None, pre
             step = prev / size if prev else 1.0
             useful = prev is not None and not (first and prev == base) and abs(step - 1) > 0.005
             out.append(f"{prefix}{fmt_bytes(size)}: {_ratio(base / size)} smaller"
-                       + (f", {step:.1f}x from the stage above" if useful else ""))
+                       + ((f", {step:.1f}x from the stage above" if step > 1 else f", {1 / step:.1f}x larger than the stage above")
+                          if useful else ""))
         prev = size
     return out
 
