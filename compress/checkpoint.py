@@ -17,18 +17,24 @@ from compress.checkpoint_io import (FORMAT, TRANSFORMS, _load, load_weights_into
                                     record_transform, restore, save_model)
 from compress.errors import CompressError
 from compress.models import create_model
-from compress.packfile import is_packed, read_packed  # packed files (.cpk): a checkpoint's contents, Deep Compression storage
+from compress.packfile import ONNX_FORMAT, is_packed, read_packed  # packed files (.cpk): a checkpoint's contents, Deep Compression storage
 from compress.safety import import_allowed, import_refused
 
 
 def load_model(path: str | Path, *, allow_import: bool | None = None) -> nn.Module:
     """Rebuild a model saved by ``save_model`` or ``compress.packfile.pack_model``: architecture, transforms, weights.
+    A packed ONNX model (``compress.packfile.pack_onnx``, e.g. int8 PTQ) comes back as ``OrtModel``: ONNX
+    Runtime running exactly the packed graph.
 
     A checkpoint whose spec imports user code (``import: pkg.module:factory``) is refused unless
     ``allow_import`` is true (default: ``compress.safety.import_allowed()``, i.e. COMPRESS_ALLOW_IMPORT=1
     or a run that was allowed to import).
     """
     ckpt = read_packed(path) if is_packed(path) else _load(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == ONNX_FORMAT:  # a packed int8 (PTQ) ONNX model
+        from compress.runtime.onnx import OrtModel
+
+        return OrtModel(ckpt["onnx"])
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not isinstance(ckpt.get("spec"), dict) \
             or not ckpt["spec"]:
         raise CompressError(f"{path}: not a compress checkpoint (a plain state_dict needs a model spec: "

@@ -1,7 +1,8 @@
-"""``compress pack MODEL``: write a saved model (``.pt`` checkpoint or ``.cpk``) as a packed file and show
+"""``compress pack MODEL``: write a saved model (``.pt`` checkpoint, ``.onnx`` or ``.cpk``) as a packed file and show
 what each tensor became (``compress.packfile``); ``compress.load_model`` reads the result back."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
@@ -21,13 +22,21 @@ def pack(model, out, layers, allow_import):
     from compress.checkpoint import load_model
     from compress.errors import CompressError
     from compress.report import fmt_bytes
-    from compress.stages.encode import encode
+    from compress.stages.encode import encode, encode_onnx
 
     out = out or model.with_suffix(".cpk")
     if out.resolve() == model.resolve():
         raise CompressError(f"{out}: would overwrite the input; give another --out")
-    m = load_model(model, allow_import=allow_import or None)
-    _, facts = encode(m, out=out)
+    if model.suffix == ".onnx":  # an ONNX model (int8 PTQ): initializers packed, the graph kept as it is
+        _, facts = encode_onnx(model, out=out)
+    else:
+        m = load_model(model, allow_import=allow_import or None)
+        if getattr(m, "model_bytes", None) is not None:  # a packed ONNX model, repacked
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "m.onnx").write_bytes(m.model_bytes)
+                _, facts = encode_onnx(Path(tmp) / "m.onnx", out=out)
+        else:
+            _, facts = encode(m, out=out)
     raw = model.stat().st_size
     click.echo(f"{out}: {fmt_bytes(facts['packed_bytes'])} ({raw / facts['packed_bytes']:.1f}x smaller than "
                f"{model.name}, {fmt_bytes(raw)}); weights: {facts['weight_bits_per_weight']} bits each, "

@@ -9,12 +9,14 @@ decoded length) in the payload. Nothing is unpickled; every length is checked ag
 and the file before anything is decoded, and decoders are capped at the declared length.
 
 Per tensor, every applicable encoding is built and the smallest kept:
-  values: ``raw`` (the dtype's bytes) or ``codebook`` (floating tensors with <= 256 distinct non-zero
-          values, e.g. after ``cluster``: the distinct values + indices packed at ceil(log2 k) bits);
+  values: ``raw`` (the dtype's bytes) or ``codebook`` (tensors with <= 256 distinct non-zero values, e.g.
+          after ``cluster``: the distinct values + indices packed at ceil(log2 k) bits);
   zeros:  ``dense`` (zeros stored like any value), ``bitmask`` (1 bit per entry) or ``relative`` (Deep
           Compression's gaps between non-zeros in r bits, a filler entry when a gap does not fit);
 and every byte stream goes through the coder that makes it smallest of none / zlib / lzma / zstd.
 "Zero" means the all-zero bit pattern, so -0.0 and NaN payloads round-trip exactly.
+An ONNX model (an int8 PTQ file) is packed the same way: its initializers as tensors, the graph without
+their data as one more stream (``pack_onnx``); ``load_model`` gives it back as a model run by ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from compress.utils import atomic_path
 MAGIC = b"CMPK"
 VERSION = 1
 FORMAT = "compress.packed/1"
+ONNX_FORMAT = "compress.packed-onnx/1"  # what read_packed returns for a packed ONNX model (its bytes under "onnx")
 MAX_TENSOR_BYTES = 1 << 36  # a header claiming more than this for one tensor is refused before decoding
 MAX_CODEBOOK = 256
 MAX_HEADER = 64 << 20  # decoded header bytes
@@ -170,7 +173,7 @@ def _candidates(t: torch.Tensor):
         vals = value_sets["dense" if zmode == "dense" else "sparse"]
         streams = {"index": index} if index is not None else {}
         yield {"sparse": zmode, "values": "raw", **zfacts}, {**streams, "values": vals.tobytes()}
-        if t.is_floating_point() and vals.size:
+        if t.dtype != torch.bool and vals.size:  # int8 weights of a clustered model: a few distinct values too
             book, codes = np.unique(vals, return_inverse=True)
             if book.size <= MAX_CODEBOOK:
                 b = _index_bits(book.size)
@@ -286,27 +289,103 @@ def _plain(obj: Any, what: str) -> Any:
         raise CompressError(f"cannot pack: the model's {what} is not plain data ({exc})") from None
 
 
+def _add_tensor(payload: bytearray, name: str, t: torch.Tensor) -> tuple[dict, dict]:
+    """Encode ``t`` onto the end of ``payload``: (its header entry, its stats line)."""
+    entry, coded = encode_tensor(t)
+    entry["name"] = name
+    entry["streams"] = []
+    for role, coder, data, raw_len in coded:
+        entry["streams"].append({"role": role, "coder": coder, "offset": len(payload), "length": len(data), "raw": raw_len})
+        payload += data
+    stats = {"name": name, "numel": t.numel(), "ndim": t.ndim, "nnz": entry["nnz"], "sparse": entry["sparse"],
+             "values": entry["values"], "bits": entry.get("bits"), "rbits": entry.get("rbits"),
+             "bytes": sum(len(c[2]) for c in coded), "raw_bytes": t.numel() * t.element_size(),
+             "coders": {c[0]: c[1] for c in coded}}
+    return entry, stats
+
+
+def _file(header: dict, payload: bytearray) -> bytes:
+    header = {"format": FORMAT, **header, "payload_length": len(payload)}
+    head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    return MAGIC + struct.pack("<HI", VERSION, len(head)) + head + bytes(payload)
+
+
 def pack_state(ckpt: dict) -> tuple[bytes, dict]:
     """(file bytes, stats) of a checkpoint dict (``compress.checkpoint_io.model_state``)."""
     payload = bytearray()
     tensors, stats = [], []
     for name, t in ckpt["state_dict"].items():
-        entry, coded = encode_tensor(t)
-        entry["name"] = name
-        entry["streams"] = []
-        for role, coder, data, raw_len in coded:
-            entry["streams"].append({"role": role, "coder": coder, "offset": len(payload), "length": len(data), "raw": raw_len})
-            payload += data
+        entry, line = _add_tensor(payload, name, t)
         tensors.append(entry)
-        stats.append({"name": name, "numel": t.numel(), "ndim": t.ndim, "nnz": entry["nnz"], "sparse": entry["sparse"],
-                      "values": entry["values"], "bits": entry.get("bits"), "rbits": entry.get("rbits"),
-                      "bytes": sum(len(c[2]) for c in coded), "raw_bytes": t.numel() * t.element_size(),
-                      "coders": {c[0]: c[1] for c in coded}})
-    header = {"format": FORMAT, "spec": _plain(ckpt.get("spec"), "spec"), "io": _plain(ckpt.get("io"), "io"),
+        stats.append(line)
+    header = {"spec": _plain(ckpt.get("spec"), "spec"), "io": _plain(ckpt.get("io"), "io"),
               "transforms": _plain(ckpt.get("transforms", []), "transforms"), "meta": _plain(ckpt.get("meta", {}), "meta"),
-              "tensors": tensors, "payload_length": len(payload)}
-    head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    return MAGIC + struct.pack("<HI", VERSION, len(head)) + head + bytes(payload), {"tensors": stats}
+              "tensors": tensors}
+    return _file(header, payload), {"tensors": stats}
+
+
+# -- ONNX models (an int8 PTQ file): the initializers packed as tensors, the rest of the graph as one stream ------
+
+_ONNX_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def pack_onnx_state(model_bytes: bytes, meta: dict | None = None) -> tuple[bytes, dict]:
+    """(file bytes, stats) of a serialized ONNX model: every numeric initializer is stored like a state_dict
+    tensor (an int8 weight gets a sparse index and, with few distinct values, a codebook; then entropy
+    coding), and the graph without their data as one more byte stream. Read back, the model serializes to
+    the same bytes (``read_packed(...)["onnx"]``)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto.FromString(model_bytes)
+    payload = bytearray()
+    tensors, stats = [], []
+    for i, init in enumerate(model.graph.initializer):
+        if init.data_location == onnx.TensorProto.EXTERNAL or init.data_type == onnx.TensorProto.STRING:
+            continue  # stays in the graph stream as it is
+        arr = numpy_helper.to_array(init)
+        t = torch.from_numpy(np.ascontiguousarray(arr).copy()) if arr.dtype != np.float16 else \
+            torch.from_numpy(arr.view(np.int16).copy()).view(torch.float16)
+        if t.dtype not in DTYPE_NAMES:
+            continue
+        entry, line = _add_tensor(payload, init.name or f"#{i}", t)
+        entry.update(initializer=i, raw=init.HasField("raw_data"))
+        tensors.append(entry)
+        stats.append(line)
+        for f in _ONNX_DATA_FIELDS:
+            init.ClearField(f)
+    graph = np.frombuffer(model.SerializeToString(), dtype=np.uint8)
+    g_entry, g_line = _add_tensor(payload, "onnx graph", torch.from_numpy(graph.copy()))
+    stats.append({**g_line, "ndim": 0})
+    return _file({"onnx": g_entry, "io": None, "meta": _plain(meta or {}, "meta"), "tensors": tensors}, payload), \
+        {"tensors": stats}
+
+
+def _onnx_back(header: dict, payload: memoryview, path: Path) -> bytes:
+    """The serialized ONNX model of a packed file made by ``pack_onnx_state``."""
+    import onnx
+    from onnx import helper
+
+    graph = decode_tensor(header["onnx"], payload, f"{path}: ONNX graph")
+    try:
+        model = onnx.ModelProto.FromString(graph.numpy().tobytes())
+    except Exception as exc:  # protobuf's DecodeError on a damaged stream
+        raise CompressError(f"{path}: corrupt packed file (its ONNX graph does not parse: {type(exc).__name__})") from None
+    inits = model.graph.initializer
+    for e in header["tensors"]:
+        where = f"{path}: initializer {e.get('name')!r}" if isinstance(e, dict) else str(path)
+        i = e.get("initializer") if isinstance(e, dict) else None
+        if not isinstance(i, int) or not 0 <= i < len(inits):
+            raise CompressError(f"{where}: corrupt packed file (no such initializer)")
+        t = decode_tensor(e, payload, where)
+        arr = (t.view(torch.int16).numpy().view(np.float16) if t.dtype == torch.float16 else t.numpy()).reshape(-1)
+        if e.get("raw", True):
+            inits[i].raw_data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        else:  # the typed field it came in (float_data, int32_data, ...), as onnx.helper writes it
+            filled = helper.make_tensor("", inits[i].data_type, [arr.size], arr, raw=False)
+            field = helper.tensor_dtype_to_field(inits[i].data_type)
+            getattr(inits[i], field).extend(getattr(filled, field))
+    return model.SerializeToString()
 
 
 def pack_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> dict:
@@ -320,9 +399,17 @@ def pack_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> 
     return {"bytes": len(blob), **summary(stats["tensors"]), "tensors": stats["tensors"]}
 
 
+def pack_onnx(src: str | Path, path: str | Path, meta: dict | None = None) -> dict:
+    """Write the ONNX model ``src`` packed to ``path`` (``pack_onnx_state``); stats as ``pack_model``'s."""
+    blob, stats = pack_onnx_state(Path(src).read_bytes(), meta)
+    with atomic_path(Path(path)) as tmp:
+        Path(tmp).write_bytes(blob)
+    return {"bytes": len(blob), **summary(stats["tensors"]), "tensors": stats["tensors"]}
+
+
 def summary(tensors: list[dict]) -> dict:
     """Bits per weight of the weight tensors (2-D and up) overall and per non-zero, and which coders won."""
-    w = [s for s in tensors if s["name"].endswith("weight") and s["numel"] > 0 and s.get("ndim", 2) >= 2]
+    w = [s for s in tensors if "weight" in s["name"] and s["numel"] > 0 and s.get("ndim", 2) >= 2]  # ONNX: "fc.weight_quantized"
     wbytes = sum(s["bytes"] for s in w)
     n, nnz = sum(s["numel"] for s in w), sum(s["nnz"] for s in w)
     coders: dict[str, int] = {}
@@ -342,8 +429,9 @@ def is_packed(path: str | Path) -> bool:
 
 
 def read_packed(path: str | Path) -> dict:
-    """A checkpoint dict (format, spec, io, transforms, state_dict, meta) from a packed file, or a
-    one-line ``CompressError`` for a truncated, corrupt or foreign file."""
+    """A checkpoint dict (format, spec, io, transforms, state_dict, meta) from a packed file, or for a
+    packed ONNX model ``{"format": ONNX_FORMAT, "onnx": model bytes, ...}``; a one-line ``CompressError``
+    for a truncated, corrupt or foreign file."""
     from compress.checkpoint_io import FORMAT as CKPT_FORMAT
 
     path = Path(path)
@@ -368,6 +456,14 @@ def read_packed(path: str | Path) -> dict:
     if header.get("payload_length") != len(payload):
         raise CompressError(f"{path}: truncated or padded packed file (payload of {len(payload)} bytes, "
                             f"header says {header.get('payload_length')})")
+    if "onnx" in header:
+        try:
+            model = _onnx_back(header, payload, path)
+        except CompressError:
+            raise
+        except Exception as exc:  # onnx/numpy errors on crafted input: still one line
+            raise CompressError(f"{path}: corrupt packed file ({type(exc).__name__} rebuilding its ONNX model)") from None
+        return {"format": ONNX_FORMAT, "onnx": model, "io": header.get("io"), "meta": header.get("meta") or {}}
     sd = {}
     for i, e in enumerate(header["tensors"]):
         name = e.get("name") if isinstance(e, dict) else None

@@ -72,7 +72,7 @@ def measure_stage(state: PipelineState, result: StageResult, model_path: Optiona
     cfg = state.recipe.benchmark if state.recipe and state.recipe.benchmark else BenchmarkConfig()
     model = result.subject if result.subject is not None else result.model
     artifact = Path(result.artifact) if result.artifact else model_path
-    onnx = artifact if artifact is not None and artifact.suffix == ".onnx" else None
+    onnx = Path(result.onnx) if result.onnx else artifact if artifact is not None and artifact.suffix == ".onnx" else None
     baseline = Subject.from_row(state.results[0]) if state.results and cfg.latency else None
     name = state.stage.name if state.stage else "model"
     row = {

@@ -176,27 +176,89 @@ def _bits_nz(r: dict) -> str:
     return "-"
 
 
+def _ratio(x: float) -> str:
+    return f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
+
+
+def waterfall_labels(sizes: list[Optional[int]], base: Optional[int] = None, prefix: str = "") -> list[Optional[str]]:
+    """Bar labels of one series of the waterfall: each size, its ratio to ``base`` (default: the first size,
+    labelled the baseline) and the step from the series' previous bar (left out where it says nothing new:
+    the bar after the baseline, or no change). ``None`` sizes (no bar) get ``None``."""
+    out: list[Optional[str]] = []
+    prev, first = None, base is None
+    for size in sizes:
+        if size is None:
+            out.append(None)
+            continue
+        if base is None:
+            base = size
+            out.append(f"{prefix}{fmt_bytes(size)} (baseline)")
+        else:
+            step = prev / size if prev else 1.0
+            useful = prev is not None and not (first and prev == base) and abs(step - 1) > 0.005
+            out.append(f"{prefix}{fmt_bytes(size)}: {_ratio(base / size)} smaller"
+                       + ((f", {step:.1f}x from the stage above" if step > 1 else f", {1 / step:.1f}x larger than the stage above")
+                          if useful else ""))
+        prev = size
+    return out
+
+
+def _packed_sizes(rows: list[dict]) -> list[Optional[int]]:
+    """Per row, the packed size of its model: measured by the encode stage for the stages before it
+    (``packed_bytes_of_stages``); None for the packed row itself (its file is the packed one) and unknowns."""
+    known: dict[str, int] = {}
+    for r in rows:
+        known.update(r.get("packed_bytes_of_stages") or {})
+    return [None if r.get("packed_bytes") else known.get(str(r.get("index"))) for r in rows]
+
+
 def _waterfall_plot(reports: list[dict]) -> Optional[str]:
-    """Per-stage file size of each run that packed its model (log scale), bars labelled with the ratio to the first."""
+    """Per-stage file size of each run that packed its model: a bar per stage, top to bottom, on a log axis
+    whose ticks are file sizes: the stage's file (blue; green where it is the packed .cpk) and, where the
+    encode stage measured it, what that stage's model takes packed (light green: pruning and clustering do
+    not shrink a .pt, they shrink the packed file). Each bar says its size, its ratio to the first file and
+    the step from the bar above; the axis starts well below the smallest file so every bar stays visible."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     runs = [rep for rep in reports if len(rep.get("stages", [])) > 1 and any(r.get("packed_bytes") for r in rep["stages"])]
     if not runs:
         return None
-    fig = Figure(figsize=(7, 1.2 + 2.8 * len(runs)), layout="tight")
-    for i, rep in enumerate(runs):
+    heights = [len([r for r in rep["stages"] if r.get("size_bytes")]) for rep in runs]
+    fig = Figure(figsize=(8.5, 1.0 * len(runs) + 0.55 * sum(heights)), layout="constrained")
+    axes = fig.subplots(len(runs), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, rep in zip(axes, runs):
         rows = [r for r in rep["stages"] if r.get("size_bytes")]
-        ax = fig.add_subplot(len(runs), 1, i + 1)
-        base = rows[0]["size_bytes"]
-        kib = [r["size_bytes"] / 1024 for r in rows]
-        bars = ax.bar(range(len(rows)), kib, color=["tab:green" if r.get("packed_bytes") else "tab:blue" for r in rows])
-        for b, r in zip(bars, rows):
-            ax.annotate(f"{base / r['size_bytes']:.0f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                        textcoords="offset points", xytext=(0, 2), ha="center", fontsize=8)
-        ax.set_xticks(range(len(rows)), [stage_label(r) for r in rows], rotation=20, fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("file size (KiB, log)")
-        ax.set_title(f"size waterfall{': ' + run_label(rep) if len(runs) > 1 else ''} (green: packed file)")
+        sizes = [r["size_bytes"] for r in rows]
+        packed = _packed_sizes(rows)
+        two = any(p is not None for p in packed)
+        h = 0.38 if two else 0.8
+        fy = [i - (h / 2 if two else 0) for i in range(len(rows))]
+        ax.barh(fy, sizes, height=h, color=["tab:green" if r.get("packed_bytes") else "tab:blue" for r in rows])
+        labels = [(y, sz, t) for y, sz, t in zip(fy, sizes, waterfall_labels(sizes))]
+        if two:
+            py = [i + h / 2 for i in range(len(rows))]
+            ax.barh([y for y, p in zip(py, packed) if p], [p for p in packed if p], height=h, color="#9ed39e")
+            labels += [(y, p, t) for y, p, t in zip(py, packed, waterfall_labels(packed, sizes[0], "packed: ")) if p]
+        for y, size, text in labels:
+            ax.annotate(text, (size, y), textcoords="offset points", xytext=(4, 0), va="center", fontsize=7.5)
+        ax.set_yticks(range(len(rows)), [stage_label(r) for r in rows], fontsize=8)
+        ax.invert_yaxis()  # first stage on top: the sizes fall down the page
+        ax.set_xscale("log")
+        small = min([*sizes, *(p for p in packed if p)])
+        ax.set_xlim(small / 4, max(sizes) * 60)  # room on the right for the labels
+        # ticks at round file sizes (1 KiB, 10 KiB, 100 KiB, 1 MiB, ...), not at powers of ten bytes
+        ax.xaxis.set_major_locator(FixedLocator([u * 10 ** j for u in (1 << 10, 1 << 20, 1 << 30) for j in range(3)]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes(v).replace(".0 ", " ")))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set_xlabel("file size (log scale)", fontsize=8)
+        ax.set_title(f"size waterfall{': ' + run_label(rep) if len(runs) > 1 else ''}", fontsize=10)
+        handles = [Patch(color="tab:blue", label="saved file (.pt / .onnx)"), Patch(color="tab:green", label="packed .cpk")]
+        if two:
+            handles.append(Patch(color="#9ed39e", label="that stage's model, packed"))
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
     return _png(fig)
 
 

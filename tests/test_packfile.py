@@ -2,8 +2,10 @@ import copy
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,8 +15,9 @@ from compress import ClusterConfig, CompressError, QuantizeConfig, bake, cluster
     load_model, quantize, save_model
 from compress.cli import cli
 from compress.models.kernelnet import KernelLinear
-from compress.packfile import (MAGIC, decode_tensor, encode_tensor, pack_bits, pack_model, positions_from_gaps,
+from compress.packfile import (MAGIC, decode_tensor, encode_tensor, pack_bits, pack_model, pack_onnx, positions_from_gaps,
                                read_packed, relative_gaps, unpack_bits)
+from compress.runtime.onnx import OrtModel
 from compress.stages.encode import clear_negative_zeros, same_weights
 
 
@@ -115,10 +118,15 @@ def test_baked_kernelnet_and_bn_models_round_trip(tmp_path):
     _roundtrip(bn, tmp_path, "bn.cpk")
 
 
-def test_packed_binary_model_round_trips(data, tmp_path):
+@pytest.mark.parametrize("options", [
+    {"method": "binary", "keep_first_last": False},  # packed 1-bit weights
+    {"method": "weight_only", "bits": 4, "rounds": 1},  # packed 4-bit weights
+    {"method": "qat", "bits": 4, "keep_first_last": False},  # fake-quantized (observers, scales)
+])
+def test_packed_and_quantized_models_round_trip(data, tmp_path, options):
     torch.manual_seed(0)
     mlp = create_model({"name": "mlp", "hidden": [32]}, data.input_shape, data.num_outputs)
-    model, _ = quantize(mlp, QuantizeConfig(method="binary", keep_first_last=False, finetune={"epochs": 0}), data)
+    model, _ = quantize(mlp, QuantizeConfig(**options, finetune={"epochs": 0}), data)
     back = _roundtrip(model, tmp_path)
     x = data.example_input(3)
     assert torch.equal(back.eval()(x), model.eval()(x))
@@ -185,3 +193,59 @@ def test_pack_cli_writes_and_reports_and_errors_are_one_line(tmp_path, data):
     (tmp_path / "bad.cpk").write_bytes(MAGIC + b"\x01")
     res = CliRunner().invoke(cli, ["pack", str(tmp_path / "bad.cpk"), "-o", str(tmp_path / "x.cpk")])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "error:" in res.output
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(data, tmp_path_factory):
+    """A clustered LeNet-5 after int8 static PTQ (ONNX Runtime's quantizer): the file a PTQ stage ships."""
+    torch.manual_seed(0)
+    model = create_model({"name": "lenet5", "width": 1}, data.input_shape, data.num_outputs)
+    model, _ = cluster(model, ClusterConfig(bits=4, finetune={"epochs": 0}), data)
+    d = tmp_path_factory.mktemp("ptq")
+    _, facts = quantize(model, QuantizeConfig(method="ptq_static", calibration={"batches": 2}), data, out_dir=d)
+    return Path(facts["artifact"])
+
+
+def test_an_int8_onnx_model_packs_and_loads_back_running_in_ort_bit_exact(int8_onnx, data, tmp_path):
+    info = pack_onnx(int8_onnx, tmp_path / "q.cpk")
+    back = load_model(tmp_path / "q.cpk")
+    assert isinstance(back, OrtModel) and back.model_bytes == onnx.load_model(str(int8_onnx)).SerializeToString()
+    x = data.example_input(7)
+    assert torch.equal(back(x), OrtModel(int8_onnx)(x))
+    assert info["bytes"] < int8_onnx.stat().st_size / 2  # 4-bit codebooks of the int8 weights, then entropy coding
+    assert any(t["values"] == "codebook" and t["bits"] <= 4 for t in info["tensors"] if "weight" in t["name"])
+
+
+def test_onnx_initializers_in_typed_fields_come_back_in_them(tmp_path):
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 3], [0.0, 1.5, -2.0, 0.0, 0.0, 3.25], raw=False)
+    k = helper.make_tensor("k", TensorProto.INT8, [3], [0, -7, 7], raw=False)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w, k])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    pack_onnx(src, tmp_path / "m.cpk")
+    assert read_packed(tmp_path / "m.cpk")["onnx"] == onnx.load_model(str(src)).SerializeToString()
+
+
+def test_a_damaged_packed_onnx_graph_is_a_one_line_error(int8_onnx, tmp_path):
+    pack_onnx(int8_onnx, tmp_path / "q.cpk")
+    blob = (tmp_path / "q.cpk").read_bytes()
+    header, hlen = _header(blob)
+    header["tensors"][0]["initializer"] = 10 ** 6
+    (tmp_path / "q.cpk").write_bytes(_rewrite(blob, header, hlen))
+    with pytest.raises(CompressError, match="no such initializer") as exc:
+        load_model(tmp_path / "q.cpk")
+    assert "\n" not in str(exc.value)
+    (tmp_path / "q.cpk").write_bytes(blob[:-3])
+    with pytest.raises(CompressError, match="truncated") as exc:
+        load_model(tmp_path / "q.cpk")
+
+
+def test_pack_cli_packs_an_onnx_file(int8_onnx, tmp_path):
+    res = CliRunner().invoke(cli, ["pack", str(int8_onnx), "-o", str(tmp_path / "q.cpk")])
+    assert res.exit_code == 0, res.output
+    assert "smaller than model_int8.onnx" in res.output
+    assert isinstance(load_model(tmp_path / "q.cpk"), OrtModel)

@@ -168,3 +168,25 @@ def test_a_packed_row_shows_raw_file_bits_per_nonzero_and_a_size_waterfall():
     row = next(line for line in table.splitlines() if line.startswith("| 9: encode |"))
     assert "| 512 B | " in row and "| 4.0 KiB |" in row and "| 4.2 |" in row
     assert len(pngs(render_html(rep))) == len(pngs(render_html(make_report()))) + 1  # the waterfall
+
+
+def test_waterfall_labels_give_size_ratio_to_the_first_and_the_step():
+    from compress.report import waterfall_labels
+
+    assert waterfall_labels([4 << 20, 1 << 20, 1 << 20, 16 << 10, 32 << 10]) == [
+        "4.0 MiB (baseline)", "1.0 MiB: 4.0x smaller", "1.0 MiB: 4.0x smaller",
+        "16.0 KiB: 256x smaller, 64.0x from the stage above", "32.0 KiB: 128x smaller, 2.0x larger than the stage above"]
+    # the packed series: ratios to the first file, steps between its own bars, gaps where nothing was measured
+    assert waterfall_labels([2 << 20, 256 << 10, None, 64 << 10], base=4 << 20, prefix="packed: ") == [
+        "packed: 2.0 MiB: 2.0x smaller", "packed: 256.0 KiB: 16.0x smaller, 8.0x from the stage above", None,
+        "packed: 64.0 KiB: 64.0x smaller, 4.0x from the stage above"]
+
+
+def test_the_waterfall_shows_the_packed_size_of_earlier_stages():
+    rep = make_report()
+    rep["stages"].append({**rep["stages"][-1], "name": "encode", "index": 9, "size_bytes": 512, "packed_bytes": 512,
+                          "packed_bytes_of_stages": {"0": 4000, "1": 2000}})
+    from compress.report import _packed_sizes
+
+    assert _packed_sizes(rep["stages"]) == [4000, 2000] + [None] * (len(rep["stages"]) - 2)
+    assert len(pngs(render_html(rep))) == len(pngs(render_html(make_report()))) + 1

@@ -66,7 +66,7 @@ def to_onnx(model: nn.Module, example, path: str | Path, opset: int = 17, dynami
     return path
 
 
-def onnx_session(path: str | Path, threads: Optional[int] = 1, optimize: bool = True):
+def onnx_session(path: str | Path | bytes, threads: Optional[int] = 1, optimize: bool = True):
     """A CPU session with ``threads`` intra-op threads (None: ONNX Runtime's default, one per core).
 
     The one place compress opens ONNX Runtime sessions: int8 files need no session option to be right
@@ -84,9 +84,10 @@ def onnx_session(path: str | Path, threads: Optional[int] = 1, optimize: bool = 
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise CompressError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+        where = "ONNX model" if isinstance(path, bytes) else path
+        raise CompressError(f"{where}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
 
 
 def onnx_feed(session, x) -> dict[str, np.ndarray]:
@@ -103,11 +104,13 @@ def onnx_run(session, x) -> np.ndarray:
 
 
 class OrtModel(nn.Module):
-    """An ONNX file behind the nn.Module call interface, so ``evaluate`` measures it unchanged."""
+    """An ONNX file (or a serialized model's bytes) behind the nn.Module call interface, so ``evaluate``
+    measures it unchanged."""
 
-    def __init__(self, path: str | Path, threads: Optional[int] = None):
+    def __init__(self, path: str | Path | bytes, threads: Optional[int] = None):
         super().__init__()
-        self.path = Path(path)
+        self.path = None if isinstance(path, bytes) else Path(path)
+        self.model_bytes = path if isinstance(path, bytes) else None
         self.sess = onnx_session(path, threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

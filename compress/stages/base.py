@@ -54,19 +54,30 @@ def register_stage(name: str, config: type[StrictModel], description: str = "", 
                            accepts=tuple(accepts), produces=produces, trains=trains)
 
 
-def check_chain(stages: list["StageSpec"]) -> None:
-    """Refuse stage orders that cannot work (pruning after an int8 export, say), before any training."""
+def _kinds(stages: list["StageSpec"]):
+    """(stage, the model kind it gets, the stage that made that kind or None) along the chain."""
     kind, made_by = "torch", None
     for s in stages:
-        entry = STAGES.get(s.name)
-        accepts, produces = entry.extra.get("accepts", ("torch",)), entry.extra.get("produces")
+        yield s, kind, made_by
+        produces = STAGES.get(s.name).extra.get("produces")
+        new = produces(s.config, kind) if callable(produces) else (produces or kind)
+        if new != kind:
+            kind, made_by = new, s.path
+
+
+def kind_before(stages: list["StageSpec"], index: int) -> str:
+    """The model kind stage ``index`` of ``stages`` receives (e.g. "onnx" after int8 PTQ)."""
+    return next((k for s, k, _ in _kinds(stages) if s.index == index), "torch")
+
+
+def check_chain(stages: list["StageSpec"]) -> None:
+    """Refuse stage orders that cannot work (pruning after an int8 export, say), before any training."""
+    for s, kind, made_by in _kinds(stages):
+        accepts = STAGES.get(s.name).extra.get("accepts", ("torch",))
         if kind not in accepts:
             source = f" made by {made_by}" if made_by else ""
             raise RecipeError(s.path, f"needs {' or '.join(KIND_WORDS[k] for k in accepts)}, but gets {KIND_WORDS[kind]}"
                                       f"{source}; move this stage before it")
-        new = produces(s.config, kind) if callable(produces) else (produces or kind)
-        if new != kind:
-            kind, made_by = new, s.path
 
 
 def stage_trains(spec: "StageSpec") -> bool:
@@ -95,6 +106,7 @@ class StageResult:
     teacher: Optional[nn.Module] = None  # a new or retrained teacher handed on (None: the teacher is unchanged)
     subject: Optional[nn.Module] = None  # the model this row describes, when not ``model`` (a trained teacher)
     artifact: Optional[Path] = None  # the deployable file, when it is not the PyTorch model (an ONNX file)
+    onnx: Optional[Path] = None  # the ONNX file that runs this row when the artifact is another file (a packed .cpk)
     metrics: Optional[dict] = None  # task metrics the stage measured itself (e.g. in ONNX Runtime)
     facts: dict = field(default_factory=dict)  # per-stage facts for the report row (sparsity, bits, ...)
 

@@ -21,7 +21,7 @@ from compress.measure.size import saved_size
 from compress.packfile import pack_model
 from compress.stages.base import StageResult, register_stage
 
-__all__ = ["EncodeConfig", "encode", "same_weights"]
+__all__ = ["EncodeConfig", "encode", "encode_onnx", "same_weights"]
 
 
 class EncodeConfig(StrictModel):
@@ -81,9 +81,81 @@ def encode(model: nn.Module, config: EncodeConfig | None = None, data=None, *, o
     return Result(back.eval(), facts)
 
 
+def encode_onnx(src: str | Path, config: EncodeConfig | None = None, *, out: str | Path) -> Result:
+    """Pack the ONNX model ``src`` (an int8 PTQ file, say) to ``out``, read it back and check that the model
+    serializes to the same bytes; returns ``OrtModel`` of what was read back and facts as ``encode``'s."""
+    import onnx
+
+    from compress.checkpoint import load_model
+    from compress.packfile import pack_onnx
+
+    src, out = Path(src), Path(out)
+    info = pack_onnx(src, out)
+    back = load_model(out)
+    if back.model_bytes != onnx.load_model(str(src)).SerializeToString():
+        raise CompressError(f"{out}: packed ONNX model does not read back exactly")
+    (out.parent / f"{out.stem}.layers.json").write_text(json.dumps(info["tensors"], indent=1))
+    facts = {"packed_file": str(out), "packed_bytes": info["bytes"], "raw_bytes": src.stat().st_size,
+             "weight_bits_per_weight": info["weight_bits_per_weight"],
+             "weight_bits_per_nonzero": info["weight_bits_per_nonzero"], "coders": info["coders"]}
+    return Result(back, facts)
+
+
+def packed_size(model: nn.Module) -> int:
+    """Bytes ``model`` would take as a packed file (nothing written; ``model`` is left as it is)."""
+    import copy
+
+    from compress.checkpoint_io import model_state
+    from compress.packfile import pack_state
+
+    model = copy.deepcopy(model)
+    clear_negative_zeros(model)
+    return len(pack_state(model_state(model))[0])
+
+
+def earlier_packed_sizes(results: list[dict]) -> dict[str, int]:
+    """Stage index -> packed size of the model each earlier stage saved (``.pt``): the report's waterfall
+    then shows what each step (pruning: sparse indices; clustering: codebooks) did to the packed file,
+    where the ``.pt`` files of a pruned and a clustered model are as large as the dense one's."""
+    from compress.checkpoint import load_model
+
+    out = {}
+    for r in results:
+        f = r.get("model_file")
+        if f and f.endswith(".pt") and Path(f).is_file():
+            try:
+                out[str(r["index"])] = packed_size(load_model(f))
+            except CompressError:  # a model the packed format cannot hold: no bar for it
+                continue
+    return out
+
+
+def _onnx_input(state) -> Path | None:
+    """The ONNX file this stage gets when an earlier stage made the model an ONNX deployment file (int8 PTQ)."""
+    from compress.stages.base import kind_before
+
+    if state.recipe is None or state.stage is None or kind_before(state.recipe.stages, state.stage.index) != "onnx":
+        return None
+    return next(Path(r["artifact"]) for r in reversed(state.results) if str(r.get("artifact", "")).endswith(".onnx"))
+
+
 @register_stage("encode", EncodeConfig, "store the model packed: sparse indices, codebooks, entropy coding (reloads bit-exact)",
-                accepts=("torch", "fakequant", "packed"))
+                accepts=("torch", "fakequant", "packed", "onnx"))
 def run_encode(state, cfg: EncodeConfig) -> StageResult:
     d = state.stage_dir
-    model, facts = encode(state.model, cfg, out=(d / "model.cpk") if d is not None else None)
-    return StageResult(model, artifact=Path(facts.pop("packed_file")), facts=facts)
+    out = (d if d is not None else Path(tempfile.mkdtemp(prefix="compress-encode-"))) / "model.cpk"
+    src = _onnx_input(state)
+    if src is None:
+        model, facts = encode(state.model, cfg, out=out)
+        facts["packed_bytes_of_stages"] = earlier_packed_sizes(state.results)
+        return StageResult(model, artifact=Path(facts.pop("packed_file")), facts=facts)
+    # After int8 PTQ the ONNX file ships: it is what gets packed, and this row measures the ONNX model read
+    # back from the packed file (written out beside it, the file ONNX Runtime runs); the PyTorch model goes on.
+    back, facts = encode_onnx(src, cfg, out=out)
+    ran = out.with_suffix(".onnx")
+    ran.write_bytes(back.model_bytes)
+    from compress.evaluation import evaluate
+
+    split = state.recipe.benchmark.split if state.recipe.benchmark else "test"
+    metrics = evaluate(back, state.data, split if state.data.has(split) else "val", "cpu")
+    return StageResult(state.model, artifact=Path(facts.pop("packed_file")), onnx=ran, metrics=metrics, facts=facts)
