@@ -6,7 +6,10 @@ machine can afford the big models (64 px; vit_b_16 at 32 px, its 16 px patches g
 A cell is ``ok`` or the one-line reason the stage cannot run. Prune and quantize cells also give MACs
 before -> after and the ONNX Runtime speed-up against the fp32 ONNX of the same unpruned model, timed
 interleaved (compress.measure.latency), one thread, at batch 1 and 32. Channel pruning stops at half the
-MACs (a ``macs`` budget with ``reduction: 2``).
+MACs (a ``macs`` budget with ``reduction: 2``, checked after each of up to 8 steps of 10% of the channels).
+Distill is logit KD plus one hidden-state hint from a torchvision resnet18 teacher (its ``layer4`` maps to
+each image student's last features: CNN maps and ViT tokens alike, pooled where layouts differ); the text
+model distils from a copy of itself.
 
     .venv/bin/python -m benchmarks.model_matrix [--rows tv_resnet18 hf_bert] [--cols channel ptq_dynamic] [--quick]
 """
@@ -36,18 +39,20 @@ HF_VIT = {"model_type": "vit", "image_size": 64, "patch_size": 8, "num_channels"
           "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 384}
 SEQ = 32
 
-# name -> (model spec, input shape, kind); kind: cnn | vit | text (the 1.5x channel-pruning target is for cnn + vit)
-ROWS: dict[str, tuple[dict, tuple, str]] = {
-    "tv_resnet18": ({"name": "torchvision:resnet18"}, (3, 64, 64), "cnn"),
-    "tv_mobilenet_v3_small": ({"name": "torchvision:mobilenet_v3_small"}, (3, 64, 64), "cnn"),
-    "tv_efficientnet_b0": ({"name": "torchvision:efficientnet_b0"}, (3, 64, 64), "cnn"),
-    "tv_convnext_tiny": ({"name": "torchvision:convnext_tiny"}, (3, 64, 64), "cnn"),
-    "tv_vit_b_16": ({"name": "torchvision:vit_b_16", "kwargs": {"image_size": 32}}, (3, 32, 32), "vit"),
-    "timm_deit_tiny": ({"name": "timm:deit_tiny_patch16_224", "kwargs": {"img_size": 64}}, (3, 64, 64), "vit"),
-    "timm_convnext_atto": ({"name": "timm:convnext_atto"}, (3, 64, 64), "cnn"),
-    "hf_bert": ({"name": "hf", "config": BERT}, (SEQ,), "text"),
-    "hf_vit": ({"name": "hf", "config": HF_VIT}, (3, 64, 64), "vit"),
+# name -> (model spec, input shape, kind, hint layer); kind: cnn | vit | text (the 1.5x channel-pruning target
+# is for cnn + vit). The hint layer's output is matched to the teacher's (resnet18 ``layer4`` for images).
+ROWS: dict[str, tuple[dict, tuple, str, str]] = {
+    "tv_resnet18": ({"name": "torchvision:resnet18"}, (3, 64, 64), "cnn", "layer4"),
+    "tv_mobilenet_v3_small": ({"name": "torchvision:mobilenet_v3_small"}, (3, 64, 64), "cnn", "features"),
+    "tv_efficientnet_b0": ({"name": "torchvision:efficientnet_b0"}, (3, 64, 64), "cnn", "features"),
+    "tv_convnext_tiny": ({"name": "torchvision:convnext_tiny"}, (3, 64, 64), "cnn", "features"),
+    "tv_vit_b_16": ({"name": "torchvision:vit_b_16", "kwargs": {"image_size": 32}}, (3, 32, 32), "vit", "encoder"),
+    "timm_deit_tiny": ({"name": "timm:deit_tiny_patch16_224", "kwargs": {"img_size": 64}}, (3, 64, 64), "vit", "blocks"),
+    "timm_convnext_atto": ({"name": "timm:convnext_atto"}, (3, 64, 64), "cnn", "stages"),
+    "hf_bert": ({"name": "hf", "config": BERT}, (SEQ,), "text", "model.bert.encoder.layer.1"),
+    "hf_vit": ({"name": "hf", "config": HF_VIT}, (3, 64, 64), "vit", "model.vit.layernorm"),
 }
+TEACHER_HINT = "layer4"
 COLS = ["distill", "magnitude", "channel", "ptq_static", "ptq_dynamic", "qat", "weight_only", "export"]
 CLASSES = 10
 # Random weights give near-tied logits and untrained activation ranges: the int8 files' agreement with
@@ -89,7 +94,7 @@ class Row:
         from compress.measure.subject import batch_of
         from compress.runtime.onnx import to_onnx
 
-        self.name, (self.spec, self.shape, self.kind) = name, ROWS[name]
+        self.name, (self.spec, self.shape, self.kind, self.hint) = name, ROWS[name]
         self.args, self.tmp = args, tmp / name
         self.tmp.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
@@ -115,7 +120,7 @@ class Row:
         if self.args.no_latency:
             return {}
         cfg = BenchmarkConfig(backends=["onnxruntime"], batch_sizes=self.args.batches, runs=self.args.runs,
-                              warmup=2, threads=1, max_seconds=self.args.max_seconds, gpu=False, progress=False)
+                              warmup=1, threads=1, max_seconds=self.args.max_seconds, gpu=False, progress=False)
         res = measure_latency(Subject(onnx=Path(onnx)), self.data, cfg, Subject(onnx=self.fp32_onnx))
         return {f"speedup_bs{bs}": res.get("onnxruntime", {}).get(str(bs), {}).get("speedup") for bs in self.args.batches}
 
@@ -133,9 +138,12 @@ class Row:
     def distill(self, teachers: dict) -> dict:
         from compress.stages.distill import DistillConfig, distill
 
-        teacher = teachers.get(self.shape) or self.model().eval()
-        _, m = distill(self.model(), teacher, DistillConfig(**self.train_cfg()), self.data)
-        return {"teacher": getattr(teacher, "matrix_name", "itself"), "teacher_cache": m.get("teacher_cache")}
+        teacher = teachers.get(self.shape)
+        hint = {"student": self.hint, "teacher": TEACHER_HINT if teacher is not None else self.hint}
+        teacher = teacher if teacher is not None else self.model().eval()
+        _, m = distill(self.model(), teacher, DistillConfig(hints=[hint], **self.train_cfg()), self.data)
+        return {"teacher": getattr(teacher, "matrix_name", "itself"), "hint": f"{hint['teacher']} -> {hint['student']}",
+                "teacher_cache": m.get("teacher_cache")}
 
     def _prune(self, method: str, **opts) -> dict:
         from compress.stages.prune import PruneConfig, prune
@@ -159,7 +167,7 @@ class Row:
         return self._prune("magnitude", sparsity=0.5, steps=1)
 
     def channel(self) -> dict:
-        return self._prune("channel", sparsity=0.75, steps=6, budget={"kind": "macs", "reduction": 2})
+        return self._prune("channel", sparsity=0.8, steps=8, budget={"kind": "macs", "reduction": 2})
 
     def _quantize(self, method: str, **opts) -> dict:
         from compress.stages.quantize import QuantizeConfig, quantize
@@ -233,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="no latency, batch 1 only: only whether each cell runs")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--runs", type=int, default=15, help="interleaved timed samples (fewer for slow models: --max-seconds)")
-    ap.add_argument("--max-seconds", type=float, default=6.0)
+    ap.add_argument("--runs", type=int, default=10, help="interleaved timed samples (fewer for slow models: --max-seconds)")
+    ap.add_argument("--max-seconds", type=float, default=4.0)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--verbose", action="store_true")

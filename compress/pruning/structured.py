@@ -74,13 +74,23 @@ def sync_attention_heads(model: nn.Module) -> None:
 
 def transformer_ignored(model: nn.Module) -> list[nn.Module]:
     """Layers whose outputs set a transformer's residual width (embeddings, the patch embedding): kept,
-    so that only attention heads and MLP hidden widths are pruned."""
+    so that only attention heads and MLP hidden widths are pruned.
+
+    ``nn.MultiheadAttention`` (torchvision's ViT) is kept whole: torch's module fixes its q/k/v width to
+    the residual width, so its heads cannot go without replacing the module; its MLPs are pruned. Every
+    layer that writes that width is kept too: torch-pruning's graph loses the residual stream at the
+    class-token concat, so keeping the patch embedding alone would not keep the width.
+    """
     from compress.models.adapter import adapter_of
 
     a = adapter_of(model)
-    if not a.num_heads:
+    mha = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not a.num_heads and not mha:
         return []
-    out = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    out = [m for m in model.modules() if isinstance(m, nn.Embedding)] + mha
+    widths = {m.embed_dim for m in mha}
+    out += [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features in widths
+            or isinstance(m, nn.modules.conv._ConvNd) and m.out_channels in widths]
     first = model.get_submodule(a.first_layer) if a.first_layer else None
     if isinstance(first, nn.modules.conv._ConvNd):  # a patch embedding (text models start at nn.Embedding)
         out.append(first)
