@@ -167,7 +167,8 @@ class Row:
         return self._prune("magnitude", sparsity=0.5, steps=1)
 
     def channel(self) -> dict:
-        return self._prune("channel", sparsity=0.8, steps=8, budget={"kind": "macs", "reduction": 2})
+        return self._prune("channel", sparsity=0.8, steps=8, schedule="linear", scope="layer", round_to=8,
+                           budget={"kind": "macs", "reduction": 2})
 
     def _quantize(self, method: str, **opts) -> dict:
         from compress.stages.quantize import QuantizeConfig, quantize

@@ -105,6 +105,17 @@ class _Pruner(tp.pruner.BasePruner):
         sync_attention_heads(self.model)
         return out
 
+    def get_target_head_pruning_ratio(self, module) -> float:
+        """This step's share of the *current* heads. torch-pruning's layer scope removes ceil(ratio x current
+        heads) with the schedule's cumulative ratio, so iterative steps overshoot (3 heads, 3 steps of 0.1,
+        0.2, 0.3: none left, then a division by zero); the cumulative target is of the initial heads."""
+        target = super().get_target_head_pruning_ratio(module)
+        init, now = self.init_num_heads.get(module), self.num_heads.get(module)
+        if self.global_pruning or not init or not now:
+            return target
+        remove = now - max(1, round(init * (1 - target)))
+        return 0.0 if remove <= 0 else (remove - 0.5) / now  # torch-pruning takes ceil(ratio * now) = remove
+
 
 def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio: float, steps: int,
                  scheduler: Callable, *, global_pruning: bool, ignored: list[nn.Module],

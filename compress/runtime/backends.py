@@ -74,8 +74,13 @@ def torch_timer(model: nn.Module, x: torch.Tensor, device: str = "cpu") -> Timer
     return (CudaTimer if device.startswith("cuda") else Timer)(fn)
 
 
-def onnx_timer(session, x: torch.Tensor) -> Timer:
-    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
+def onnx_timer(session, x) -> Timer:
+    """Times ``session`` on ``x``: one tensor, or named inputs (``input_ids``...) fed by name as ``onnx_run`` does."""
+    if isinstance(x, dict):
+        wanted = {i.name for i in session.get_inputs()}
+        feed = {k: v.detach().cpu().numpy() for k, v in x.items() if k in wanted}
+    else:
+        feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
     return Timer(lambda: session.run(None, feed))
 
 

@@ -85,3 +85,16 @@ def test_torchvision_vit_keeps_its_attention_and_residual_width_and_prunes_mlps(
     assert mlp[0].out_features <= 32 and mlp[3].in_features == mlp[0].out_features and mlp[3].out_features == 16
     assert model.eval()(data.example_input(2)).shape == (2, 3)
     assert metrics["macs_reduction"] > 1.2
+
+
+def test_iterative_layer_scope_head_pruning_follows_the_schedule_of_the_initial_heads():
+    """torch-pruning's layer scope applied each step's cumulative ratio to the heads left: 3 heads, 3 steps, none left."""
+    pytest.importorskip("timm", reason="timm is the optional extra compress[timm]")
+    warnings.simplefilter("ignore")
+    spec = {"name": "timm:vit_tiny_patch16_224",
+            "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 48, "depth": 1, "num_heads": 3}}
+    cfg = PruneConfig(method="channel", sparsity=0.6, steps=3, schedule="linear", scope="layer",
+                      finetune={"epochs": 1, "progress": False})
+    model, metrics = prune(create_model(spec, (1, 28, 28), 10), cfg, _image_data())
+    assert metrics["steps_done"] == 3
+    assert model.blocks[0].attn.num_heads == 1 and model.blocks[0].attn.qkv.out_features == 48  # round(3 x 0.4)
