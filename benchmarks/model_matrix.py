@@ -6,7 +6,8 @@ machine can afford the big models (64 px; vit_b_16 at 32 px, its 16 px patches g
 A cell is ``ok`` or the one-line reason the stage cannot run. Prune and quantize cells also give MACs
 before -> after and the ONNX Runtime speed-up against the fp32 ONNX of the same unpruned model, timed
 interleaved (compress.measure.latency), one thread, at batch 1 and 32. Channel pruning stops at half the
-MACs (a ``macs`` budget with ``reduction: 2``, checked after each of up to 8 steps of 10% of the channels).
+MACs (a ``macs`` budget with ``reduction: 2``, checked after each of up to 8 linear steps of 10% of the
+channels, every layer alike, widths multiples of 8: ``--round-to 1`` shows what odd widths cost in ORT).
 Distill is logit KD plus one hidden-state hint from a torchvision resnet18 teacher (its ``layer4`` maps to
 each image student's last features: CNN maps and ViT tokens alike, pooled where layouts differ); the text
 model distils from a copy of itself.
@@ -167,7 +168,8 @@ class Row:
         return self._prune("magnitude", sparsity=0.5, steps=1)
 
     def channel(self) -> dict:
-        return self._prune("channel", sparsity=0.8, steps=8, schedule="linear", scope="layer", round_to=8,
+        return self._prune("channel", sparsity=0.8, steps=8, schedule="linear", scope="layer",
+                           round_to=self.args.round_to if self.args.round_to > 1 else None,
                            budget={"kind": "macs", "reduction": 2})
 
     def _quantize(self, method: str, **opts) -> dict:
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--runs", type=int, default=10, help="interleaved timed samples (fewer for slow models: --max-seconds)")
     ap.add_argument("--max-seconds", type=float, default=4.0)
+    ap.add_argument("--round-to", type=int, default=8, help="channel pruning's round_to (1: off)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--verbose", action="store_true")
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + md + "\n\n" + note + "\n" + machine_line())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if set(args.rows) == set(ROWS) and set(args.cols) == set(COLS):  # only a full matrix replaces the results
+    if set(args.rows) == set(ROWS) and set(args.cols) == set(COLS) and args.round_to == 8:  # only a full matrix replaces the results
         out.with_suffix(".md").write_text(f"{md}\n\n{note}\n\n{machine_line()}\n\nCommand: python -m benchmarks.model_matrix"
                                           f"{' --quick' if args.quick else ''}\n")
         out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": results, "machine": machine_line()},
