@@ -66,8 +66,9 @@ class QuantLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            inner = self._modules.get("inner")
-            if inner is None or name.startswith("_"):
+            # __dict__, not self._modules: while unpickling/copying that may not exist yet (no recursion)
+            inner = None if name.startswith("_") else self.__dict__.get("_modules", {}).get("inner")
+            if inner is None or not hasattr(inner, name):
                 raise
             return getattr(inner, name)  # in_features, kernel_size, padding...
 
