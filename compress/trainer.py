@@ -158,7 +158,7 @@ class Trainer:
     def _head_name(self) -> str:
         from compress.models.adapter import head_name
 
-        return head_name(self.model, self.cfg.head, "head", self.data.num_outputs)
+        return head_name(self.model, self.cfg.head, f"{self.where}.head", self.data.num_outputs)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optimizer

@@ -57,3 +57,12 @@ def test_extension_examples_register_and_run():
     finally:
         for reg, name in added:
             reg._entries.pop(name, None)
+
+
+def test_your_models_recipe_is_valid():
+    """The 'Your models' recipe: a torchvision teacher hints a timm ViT student across layouts."""
+    section = README[README.index("## Your models"):README.index("## Runs, checkpoints, resume")]
+    text = re.search(r"```yaml\n(name: .*?)```", section, re.S).group(1)
+    recipe = parse_recipe(yaml.safe_load(text))
+    assert [s.name for s in recipe.stages] == ["train", "distill", "prune", "export", "quantize"]
+    assert recipe.model.name.startswith("timm:") and recipe.stages[1].config.hints[0].teacher == "layer4"

@@ -267,3 +267,13 @@ def test_channels_last_is_undone_after_fit(data):
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     Trainer(m, TrainConfig(epochs=1, channels_last=True, progress=False), data).fit()
     assert m[0].weight.is_contiguous()
+
+
+def test_a_head_that_does_not_exist_names_the_stage_key():
+    from compress.errors import RecipeError
+
+    data = create_data({"name": "synthetic", "num_samples": 16, "num_classes": 3, "shape": [4]})
+    model = create_model("mlp", data.input_shape, 3, hidden=[4])
+    cfg = TrainConfig(epochs=1, freeze_backbone_epochs=1, head="fc", progress=False)
+    with pytest.raises(RecipeError, match=r"^stages\[0\]\.train\.head: no module 'fc' in the model"):
+        Trainer(model, cfg, data, where="stages[0].train").fit()

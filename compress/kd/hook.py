@@ -71,16 +71,43 @@ def _layer(model: nn.Module, name: str, role: str, path: str) -> nn.Module:
     raise RecipeError(path, f"no layer '{name}' in the {role}; layers are {shown}{did_you_mean(name, names)}")
 
 
-def _adapter(s_shape: torch.Size, t_shape: torch.Size, path: str) -> nn.Module:
-    """A learned map from the student's feature width to the teacher's (FitNets regressor)."""
+class Pooled(nn.Module):
+    """A feature pooled to one vector per example: ``[B, C, H, W]`` averaged over space, ``[B, T, D]``
+    over tokens (the class token too), anything else flattened after the batch axis."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if f.ndim == 4:
+            return f.mean((2, 3))
+        if f.ndim == 3:
+            return f.mean(1)
+        return f.flatten(1)
+
+
+def _width(shape: torch.Size) -> int:
+    return shape[1] if len(shape) == 4 else shape[-1] if len(shape) == 3 else int(torch.Size(shape[1:]).numel())
+
+
+def _adapter(s_shape: torch.Size, t_shape: torch.Size, path: str) -> tuple[nn.Module, nn.Module]:
+    """(student map, teacher map): a learned map from the student's feature to the teacher's (FitNets
+    regressor), and what is done to the teacher's feature before the two are compared.
+
+    Features of one layout keep it: a 1x1 conv between feature maps of one spatial size, a linear map on
+    the last axis when the leading axes agree (``[B, T, D]`` tokens, ``[B, D]`` vectors). Anything else
+    (a CNN teacher's ``[B, C, H, W]`` map for a ViT student's ``[B, T, D]`` tokens, maps or token counts
+    that differ) is compared pooled: both sides averaged to ``[B, width]`` (``Pooled``), then a linear map
+    -- the one layout every pair of families shares, with no guess about which token sits where.
+    """
     if s_shape == t_shape:
-        return nn.Identity()
+        return nn.Identity(), nn.Identity()
     if len(s_shape) == len(t_shape) == 4 and s_shape[2:] == t_shape[2:]:
-        return nn.Conv2d(s_shape[1], t_shape[1], kernel_size=1)
-    if len(s_shape) == len(t_shape) and len(s_shape) >= 2 and s_shape[:-1] == t_shape[:-1]:
-        return nn.Linear(s_shape[-1], t_shape[-1])
-    raise RecipeError(path, f"the student's feature of shape {tuple(s_shape[1:])} cannot be mapped to the teacher's "
-                            f"{tuple(t_shape[1:])} (a 1x1 conv needs equal spatial sizes, a linear map equal leading dims)")
+        return nn.Conv2d(s_shape[1], t_shape[1], kernel_size=1), nn.Identity()
+    if len(s_shape) == len(t_shape) and len(s_shape) in (2, 3) and s_shape[:-1] == t_shape[:-1]:
+        return nn.Linear(s_shape[-1], t_shape[-1]), nn.Identity()
+    if len(s_shape) < 2 or len(t_shape) < 2:
+        raise RecipeError(path, f"the student's feature of shape {tuple(s_shape[1:])} cannot be mapped to the teacher's "
+                                f"{tuple(t_shape[1:])}: hints need a batch axis and a feature axis")
+    s_w, t_w = _width(s_shape), _width(t_shape)
+    return nn.Sequential(Pooled(), nn.Identity() if s_w == t_w else nn.Linear(s_w, t_w)), Pooled()
 
 
 class DistillHook(Hook):
@@ -106,6 +133,7 @@ class DistillHook(Hook):
         self._handles: list = []
         self._student_handles: list = []
         self.adapters = nn.ModuleList()
+        self.teacher_maps = nn.ModuleList()  # per hint: the teacher feature as compared (pooled or as is)
         try:  # a bad layer name must not leave hooks behind on either model
             self._bind(student)
             for i, h in enumerate(self.hints):
@@ -156,7 +184,9 @@ class DistillHook(Hook):
             self.teachers[0](example)
         self.student.train(was)
         for i in range(len(self.hints)):
-            self.adapters.append(_adapter(self._s_feats[i].shape, self._t_feats[i].shape, f"{path}.hints[{i}]"))
+            s_map, t_map = _adapter(self._s_feats[i].shape, self._t_feats[i].shape, f"{path}.hints[{i}]")
+            self.adapters.append(s_map)
+            self.teacher_maps.append(t_map)
         self._s_feats.clear()
         self._t_feats.clear()
         self._input = None
@@ -175,7 +205,7 @@ class DistillHook(Hook):
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         outs = [t(x) for t in self.teachers]
         target = teacher_target(outs, self.weights, self.cfg.temperature, self.cfg.loss)
-        return target, [self._t_feats[i] for i in range(len(self.hints))]
+        return target, [self.teacher_maps[i](self._t_feats[i]) for i in range(len(self.hints))]
 
     @torch.no_grad()
     def build_cache(self, data: DataBundle, device: torch.device) -> None:

@@ -16,7 +16,7 @@ def batch_of(data, batch: int) -> torch.Tensor:
     """A real batch of exactly ``batch`` samples (repeated when the split is smaller)."""
     x = data.example_input(batch)
     if x.shape[0] < batch:
-        x = x.repeat(math.ceil(batch / x.shape[0]), *([1] * (x.ndim - 1)))[:batch]
+        x = x.repeat(math.ceil(batch / x.shape[0]), *([1] * (len(x.shape) - 1)))[:batch]  # len: Inputs have no ndim
     return x
 
 

@@ -74,13 +74,23 @@ def sync_attention_heads(model: nn.Module) -> None:
 
 def transformer_ignored(model: nn.Module) -> list[nn.Module]:
     """Layers whose outputs set a transformer's residual width (embeddings, the patch embedding): kept,
-    so that only attention heads and MLP hidden widths are pruned."""
+    so that only attention heads and MLP hidden widths are pruned.
+
+    ``nn.MultiheadAttention`` (torchvision's ViT) is kept whole: torch's module fixes its q/k/v width to
+    the residual width, so its heads cannot go without replacing the module; its MLPs are pruned. Every
+    layer that writes that width is kept too: torch-pruning's graph loses the residual stream at the
+    class-token concat, so keeping the patch embedding alone would not keep the width.
+    """
     from compress.models.adapter import adapter_of
 
     a = adapter_of(model)
-    if not a.num_heads:
+    mha = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not a.num_heads and not mha:
         return []
-    out = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    out = [m for m in model.modules() if isinstance(m, nn.Embedding)] + mha
+    widths = {m.embed_dim for m in mha}
+    out += [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features in widths
+            or isinstance(m, nn.modules.conv._ConvNd) and m.out_channels in widths]
     first = model.get_submodule(a.first_layer) if a.first_layer else None
     if isinstance(first, nn.modules.conv._ConvNd):  # a patch embedding (text models start at nn.Embedding)
         out.append(first)
@@ -94,6 +104,17 @@ class _Pruner(tp.pruner.BasePruner):
         out = super().step(interactive)
         sync_attention_heads(self.model)
         return out
+
+    def get_target_head_pruning_ratio(self, module) -> float:
+        """This step's share of the *current* heads. torch-pruning's layer scope removes ceil(ratio x current
+        heads) with the schedule's cumulative ratio, so iterative steps overshoot (3 heads, 3 steps of 0.1,
+        0.2, 0.3: none left, then a division by zero); the cumulative target is of the initial heads."""
+        target = super().get_target_head_pruning_ratio(module)
+        init, now = self.init_num_heads.get(module), self.num_heads.get(module)
+        if self.global_pruning or not init or not now:
+            return target
+        remove = now - max(1, round(init * (1 - target)))
+        return 0.0 if remove <= 0 else (remove - 0.5) / now  # torch-pruning takes ceil(ratio * now) = remove
 
 
 def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio: float, steps: int,

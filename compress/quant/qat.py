@@ -52,6 +52,26 @@ class QuantLayer(nn.Module):
         self._w_key: tuple | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_cache() if module.packed else None)
 
+    # Model code reads its layers' attributes (transformers' ViT: ``projection.weight.dtype`` before the
+    # forward): the wrapper answers for the layer it replaces. The weight is the one the layer computes with.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight if self.inner.weight is not None else self.quantized_weight()
+
+    @property
+    def bias(self):
+        return self.inner.bias
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # __dict__, not self._modules: while unpickling/copying that may not exist yet (no recursion)
+            inner = None if name.startswith("_") else self.__dict__.get("_modules", {}).get("inner")
+            if inner is None or not hasattr(inner, name):
+                raise
+            return getattr(inner, name)  # in_features, kernel_size, padding...
+
     def extra_repr(self) -> str:
         extra = f", {self.spec.get('binary')}" if self.kind == "binary" else ""
         return f"kind={self.kind}, bits={self.bits}{extra}, packed={self.packed}"

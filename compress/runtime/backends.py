@@ -75,7 +75,8 @@ def torch_timer(model: nn.Module, x: torch.Tensor, device: str = "cpu") -> Timer
     return (CudaTimer if device.startswith("cuda") else Timer)(fn)
 
 
-def onnx_timer(session, x: torch.Tensor) -> Timer:
+def onnx_timer(session, x) -> Timer:
+    """Times ``session`` on ``x``: one tensor, or named inputs (``input_ids``...) fed by name (``onnx_feed``)."""
     feed = onnx_feed(session, x)
     return Timer(lambda: session.run(None, feed))
 

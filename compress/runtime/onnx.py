@@ -53,6 +53,10 @@ def to_onnx(model: nn.Module, example, path: str | Path, opset: int = 17, dynami
     was = model.training
     model.eval()
     traced, args, names, axes = _export_io(model, example, dynamic_batch)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # Under no_grad nn.MultiheadAttention (torchvision's ViT) takes a fused fast path that has no ONNX
+    # export; the plain path computes the same, and exports.
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -63,6 +67,7 @@ def to_onnx(model: nn.Module, example, path: str | Path, opset: int = 17, dynami
         raise CompressError(f"cannot export {type(model).__name__} to ONNX (opset {opset}): {type(exc).__name__}: {first}") from None
     finally:
         model.train(was)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return path
 
 

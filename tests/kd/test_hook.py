@@ -109,3 +109,35 @@ def test_kd_config_keeps_a_given_loss_and_picks_auto_by_task():
     assert KDConfig().resolved("classification").loss == "kl"
     assert KDConfig().resolved("regression").loss == "regression"
     assert KDConfig(loss="mse_logits").resolved("classification").loss == "mse_logits"
+
+
+def test_a_cnn_teacher_hints_a_vit_student_through_pooled_features():
+    """[B, C, H, W] maps for [B, T, D] tokens: both pooled to [B, width], a linear map between widths."""
+    pytest.importorskip("timm", reason="timm is the optional extra compress[timm]")
+    data = create_data({"name": "synthetic", "num_samples": 32, "num_classes": 3, "shape": [1, 8, 8], "batch_size": 8})
+    teacher = create_model("smallcnn", data.input_shape, 3, widths=[4, 6])
+    student = create_model({"name": "timm:vit_tiny_patch16_224",
+                            "kwargs": {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}},
+                           data.input_shape, 3)
+    cfg = DistillConfig(epochs=1, hints=[{"student": "blocks.0", "teacher": "features.2"}], **QUIET)
+    x = data.example_input(2)
+    hook = DistillHook(student, [teacher], cfg, [1.0], x)
+    linear = hook.adapters[0][1]
+    assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (16, 4)
+    with torch.no_grad():
+        student.train()(x)
+        _, feats = hook.teacher_outputs(x)
+        t_map = teacher.features[2](teacher.features[1](teacher.features[0](x)))
+    assert torch.allclose(feats[0], t_map.mean((2, 3)))  # the teacher's map, averaged over space
+    assert hook.adapters[0](hook._s_feats[0]).shape == feats[0].shape == (2, 4)
+    hook.close()
+    _, metrics = distill(student, teacher, cfg, data)  # and it trains, teacher outputs cached
+    assert metrics["teacher_cache"] is True
+
+
+def test_hint_features_without_a_batch_and_feature_axis_are_refused():
+    from compress.errors import RecipeError
+    from compress.kd.hook import _adapter
+
+    with pytest.raises(RecipeError, match="hints.0.: .*batch axis"):
+        _adapter(torch.Size([4]), torch.Size([4, 3, 2, 2]), "hints[0]")

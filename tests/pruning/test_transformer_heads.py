@@ -66,3 +66,35 @@ def test_hf_bert_heads_pruned_and_exported_with_named_inputs(tmp_path):
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
     short = Inputs({k: v[:, :8] for k, v in x.items()})  # the sequence axis is dynamic
     assert abs(onnx_run(sess, short) - model(short).detach().numpy()).max() < 1e-4
+
+
+def test_torchvision_vit_keeps_its_attention_and_residual_width_and_prunes_mlps():
+    """nn.MultiheadAttention fixes q/k/v to the residual width: it stays whole, the MLP hidden widths go."""
+    from torchvision.models import VisionTransformer
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=64,
+                              num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randn(3, 16, 16, generator=g), i % 3) for i in range(32)]
+    data = DataBundle.from_loaders(DataLoader(rows[:16], batch_size=8), DataLoader(rows[16:], batch_size=8), num_outputs=3)
+    model, metrics = prune(model, CFG, data)
+    assert model.conv_proj.out_channels == 16 and model.encoder.layers[0].self_attention.embed_dim == 16
+    mlp = model.encoder.layers[0].mlp
+    assert mlp[0].out_features <= 32 and mlp[3].in_features == mlp[0].out_features and mlp[3].out_features == 16
+    assert model.eval()(data.example_input(2)).shape == (2, 3)
+    assert metrics["macs_reduction"] > 1.2
+
+
+def test_iterative_layer_scope_head_pruning_follows_the_schedule_of_the_initial_heads():
+    """torch-pruning's layer scope applied each step's cumulative ratio to the heads left: 3 heads, 3 steps, none left."""
+    pytest.importorskip("timm", reason="timm is the optional extra compress[timm]")
+    warnings.simplefilter("ignore")
+    spec = {"name": "timm:vit_tiny_patch16_224",
+            "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 48, "depth": 1, "num_heads": 3}}
+    cfg = PruneConfig(method="channel", sparsity=0.6, steps=3, schedule="linear", scope="layer",
+                      finetune={"epochs": 1, "progress": False})
+    model, metrics = prune(create_model(spec, (1, 28, 28), 10), cfg, _image_data())
+    assert metrics["steps_done"] == 3
+    assert model.blocks[0].attn.num_heads == 1 and model.blocks[0].attn.qkv.out_features == 48  # round(3 x 0.4)

@@ -160,3 +160,26 @@ def test_low_bit_models_export_to_onnx_as_float_simulation(data, tmp_path, spec)
     path = export_onnx(again, data.example_input(1), tmp_path / "low.onnx")
     x = data.example_input(32)
     assert torch.allclose(OrtModel(path)(x), model(x).detach(), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["qat", "weight_only"])
+def test_transformer_linear_layers_quantize_and_reload(tmp_path, method):
+    """transformers' ViT reads ``projection.weight.dtype`` before its forward: the wrapper answers for its layer."""
+    pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    from compress import QuantizeConfig, quantize
+
+    data = create_data({"name": "synthetic", "num_samples": 32, "num_classes": 3, "shape": [3, 16, 16], "batch_size": 8})
+    cfg = {"model_type": "vit", "image_size": 16, "patch_size": 8, "num_channels": 3, "hidden_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    torch.manual_seed(0)
+    model = create_model({"name": "hf", "config": cfg}, data.input_shape, 3)
+    opts = {"finetune": {"epochs": 1, "progress": False}, "calibration_batches": 1} if method == "qat" else {"bits": 4}
+    model, _ = quantize(model, QuantizeConfig(method=method, **opts), data, out_dir=tmp_path)
+    wrapped = quant_layers(model)
+    assert any(".attention." in n for n, m in model.named_modules() if isinstance(m, QuantLayer))
+    assert len(wrapped) == sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    proj = model.model.vit.embeddings.patch_embeddings.projection
+    assert proj.weight.shape == proj.weight_shape and proj.kernel_size == (8, 8)  # answers as the conv it wraps
+    save_model(model, tmp_path / "m.pt")
+    x = data.example_input(4)
+    assert torch.allclose(load_model(tmp_path / "m.pt").eval()(x), model.eval()(x), atol=1e-5)

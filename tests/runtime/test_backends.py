@@ -31,20 +31,29 @@ def test_onnxruntime_backend_runs_the_file(tmp_path):
     assert b.timer(sess, torch.zeros(2, 4)).timed(2)[0] > 0
 
 
+class Session:
+    def __init__(self, names=("input",)):
+        self.fed, self.names = [], names
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": n})() for n in self.names]
+
+    def run(self, outputs, feed):
+        self.fed.append({k: v.shape for k, v in feed.items()})
+
+
 def test_onnx_timer_feeds_the_batch_k_times():
-    class Session:
-        def __init__(self):
-            self.fed = []
-
-        def get_inputs(self):
-            return [type("Input", (), {"name": "input"})()]
-
-        def run(self, outputs, feed):
-            self.fed.append(feed["input"].shape)
-
     s = Session()
     onnx_timer(s, torch.zeros(3, 4)).timed(2)
-    assert s.fed == [(3, 4), (3, 4)]
+    assert s.fed == [{"input": (3, 4)}, {"input": (3, 4)}]
+
+
+def test_onnx_timer_feeds_named_inputs_by_name():
+    """A text model's batch is a dict (input_ids, attention_mask); inputs the graph lacks are left out."""
+    s = Session(("input_ids", "attention_mask"))
+    x = {"input_ids": torch.zeros(2, 7), "attention_mask": torch.ones(2, 7), "token_type_ids": torch.zeros(2, 7)}
+    onnx_timer(s, x).timed(1)
+    assert s.fed == [{"input_ids": (2, 7), "attention_mask": (2, 7)}]
 
 
 def test_torch_timer_calls_the_model():

@@ -31,3 +31,23 @@ def test_unloadable_file_is_one_line(tmp_path):
     bad.write_bytes(b"not onnx")
     with pytest.raises(CompressError, match="ONNX Runtime cannot load it"):
         onnx_session(bad)
+
+
+def test_multihead_attention_exports_under_no_grad(tmp_path):
+    """nn.MultiheadAttention's no-grad fast path (torchvision's ViT) has no ONNX export; to_onnx avoids it."""
+    import torch.nn as nn
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0].mean(1)
+
+    torch.manual_seed(0)
+    model, x = Attn().eval(), torch.randn(3, 5, 8)
+    with torch.no_grad():
+        path = to_onnx(model, x, tmp_path / "m.onnx")
+        assert abs(onnx_run(onnx_session(path), x) - model(x).numpy()).max() < 1e-5
+    assert torch.backends.mha.get_fastpath_enabled()  # the setting comes back
