@@ -47,13 +47,23 @@ class LoaderReader:
 
 def _preprocess(src: Path, dst: Path) -> Path:
     """ORT's recommended shape inference + optimization before static quantization."""
+    import contextlib
+    import tempfile
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-        return dst
-    except Exception:  # pre-processing is an optimization; quantization works without it
-        return src
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    # When ORT's symbolic shape inference cannot finish (a BERT's sequence axis), it saves
+    # "sym_shape_infer_temp.onnx" and a "<uuid>.data" file into the *working directory* before raising
+    # (onnxruntime/tools/symbolic_shape_infer.py): run it from a scratch folder so nothing lands in the user's.
+    with tempfile.TemporaryDirectory(prefix="compress-preprocess-") as scratch, contextlib.chdir(scratch):
+        for skip_symbolic in (False, True):  # without symbolic shapes ORT still optimizes the graph
+            try:
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+                return dst
+            except Exception:  # pre-processing is an optimization; quantization works without it
+                continue
+    return src
 
 
 def quantize_static_onnx(fp32: Path, out: Path, loader, fmt: Int8Format = Int8Format(), *, batches: int,

@@ -1,0 +1,30 @@
+"""ORT's pre-processing leaves nothing in the user's working directory, even when its symbolic shape
+inference gives up (it then writes a temp model and a ``<uuid>.data`` file into the current folder)."""
+import os
+
+import pytest
+import torch
+
+from compress.data.inputs import Inputs
+from compress.models import create_model
+from compress.quant.ptq_onnx import _preprocess
+from compress.runtime.onnx import to_onnx
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32, "vocab_size": 50, "max_position_embeddings": 32}
+
+
+def test_preprocess_of_a_bert_writes_nothing_into_the_working_directory(tmp_path, monkeypatch):
+    pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    model = create_model({"name": "hf", "config": BERT}, (8,), 2)
+    x = Inputs(input_ids=torch.randint(0, 50, (2, 8)), attention_mask=torch.ones(2, 8, dtype=torch.long))
+    out = tmp_path / "out"
+    out.mkdir()
+    src = to_onnx(model, x, out / "m.onnx")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    done = _preprocess(src, out / "m_pre.onnx")
+    assert list(cwd.iterdir()) == []
+    assert done.is_file() and done.parent == out
