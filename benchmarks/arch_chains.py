@@ -8,14 +8,17 @@ Runtime at batch 1 (interleaved with the teacher in one process), on every seed.
     python -m benchmarks.arch_chains --seeds 0 1 2 [--chains vit resnet18] [--set KEY=VALUE ...]
     python -m benchmarks.arch_chains --table-only        # the tables from the saved reports
 
-Each seed trains its own teacher (nothing is reused across seeds). Seeds run in order, both chains per
-seed, and every finished run is saved at once, so a cut-short run still leaves whole seeds to tabulate;
-a saved (chain, seed) is not rerun unless --force.
+--teacher once (the default, to keep CPU time bounded): the first seed trains the teacher (saved as
+<chain>/teacher.pt) and every seed starts from it (its train stage with 0 epochs is row 0, the baseline of
+every ratio); --teacher per-seed trains one per seed. Seeds run in order, both chains per seed, and every
+finished run is saved at once, so a cut-short run still leaves whole seeds to tabulate; a saved
+(chain, seed) is not rerun unless --force.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,7 +68,9 @@ def table(chain: str, reports: list[dict]) -> str:
     seeds = ", ".join(str(rep["seed"]) for rep in reports)
     verdict = (f"targets, worst seed: {worst_drop:+.2f} points (<= {ACC_DROP:g}: {'met' if worst_drop <= ACC_DROP else 'MISSED'}), "
                f"{least_fast:.2f}x faster ORT b1 (>= {SPEEDUP:g}x: {'met' if least_fast >= SPEEDUP else 'MISSED'})")
-    return (f"### {chain} ({len(reports)} seed{'s' * (len(reports) > 1)}: {seeds}; a teacher trained per seed; "
+    reuse = {rep.get("teacher_reuse", "per-seed") for rep in reports}
+    how = "one teacher, trained once and reused by every seed" if reuse == {"once"} else "a teacher trained per seed"
+    return (f"### {chain} ({len(reports)} seed{'s' * (len(reports) > 1)}: {seeds}; {how}; "
             f"mean [min, max] over seeds; params/MACs/size of seed {reports[0]['seed']})\n\n"
             + markdown_table(header, rows) + f"\n\n{verdict}")
 
@@ -74,26 +79,41 @@ def saved(chain: str, seed: int) -> Path:
     return OUT / chain / f"seed{seed}.json"
 
 
+def run_one(chain: str, seed: int, overrides: list[str], teacher: str) -> dict:
+    """One seed of one chain; with ``teacher == "once"`` the saved teacher is reused (or trained and saved)."""
+    from compress.pipeline import Pipeline
+
+    shared = OUT / chain / "teacher.pt"
+    reuse = teacher == "once" and shared.is_file()
+    sets = [f"seed={seed}", *overrides]
+    if reuse:
+        sets += [f"teacher.checkpoint={shared}", "stages.0.train.epochs=0"]
+    run_dir = OUT / chain / f"run_seed{seed}"
+    report = Pipeline.from_yaml(CHAINS[chain], sets).run(run_dir, force=True)
+    if teacher == "once" and not reuse:
+        shutil.copyfile(run_dir / "stages" / "00_train" / "teacher.pt", shared)
+    report["teacher_reuse"] = teacher
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--chains", nargs="+", choices=sorted(CHAINS), default=list(CHAINS))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--teacher", choices=["once", "per-seed"], default="once",
+                    help="train the teacher once and reuse it for every seed, or once per seed")
     ap.add_argument("--force", action="store_true", help="rerun (chain, seed) pairs that have a saved report")
     ap.add_argument("--table-only", action="store_true", help="print the tables from the saved reports")
     args = ap.parse_args()
     data_dir()
     torch.set_num_threads(1)  # training too: on a shared 2-core machine one thread is faster and steadier
     if not args.table_only:
-        from compress.pipeline import Pipeline
-
         for seed in args.seeds:
             for chain in args.chains:
                 if saved(chain, seed).is_file() and not args.force:
                     continue
-                pipe = Pipeline.from_yaml(CHAINS[chain], [f"seed={seed}", *args.overrides])
-                report = pipe.run(OUT / chain / f"run_seed{seed}", force=True)
-                saved(chain, seed).write_text(json.dumps(report, indent=2))
+                saved(chain, seed).write_text(json.dumps(run_one(chain, seed, args.overrides, args.teacher), indent=2))
     parts = []
     for chain in args.chains:
         reports = [json.loads(saved(chain, s).read_text()) for s in args.seeds if saved(chain, s).is_file()]
