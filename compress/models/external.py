@@ -6,6 +6,7 @@ their configs (random init) and weights come from local files or folders.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -35,6 +36,7 @@ class TimmSpec(ModelSpec):
 
     kwargs: dict[str, Any] = {}
     weights: Optional[Path] = None  # a local state_dict / compress checkpoint for everything but a resized head
+    pretrained: bool = False  # timm's own download (needs internet, or its cache); a resized head is re-initialised
 
 
 def _attention_heads(model: nn.Module, attr: str, proj: tuple[str, ...]) -> dict[str, int]:
@@ -57,10 +59,17 @@ def _timm_model(spec: TimmSpec, input_shape, num_outputs) -> nn.Module:
     kwargs = dict(spec.kwargs)
     if len(input_shape) == 3:
         kwargs.setdefault("in_chans", int(input_shape[0]))
+    if spec.pretrained and spec.weights is not None:
+        raise RecipeError("model.pretrained", "give either pretrained: true (timm's download) or a local weights file")
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_outputs, **kwargs)
+        model = timm.create_model(name, pretrained=spec.pretrained, num_classes=num_outputs, **kwargs)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise RecipeError("model", f"timm cannot build '{name}' with {kwargs}: {str(exc).splitlines()[0]}") from None
+        raise RecipeError("model", f"timm cannot build '{name}' with {kwargs}: {_first_line(exc)}") from None
+    except Exception as exc:  # no network, no cached file: huggingface_hub / urllib errors of many types
+        if not spec.pretrained:
+            raise
+        raise RecipeError("model.pretrained", f"timm could not fetch the weights of '{name}' ({type(exc).__name__}: "
+                          f"{_first_line(exc)}); give a local file as weights: instead") from None
     if spec.weights is not None:
         from compress.models.builtin import load_pretrained
 
@@ -74,6 +83,10 @@ def _timm_model(spec: TimmSpec, input_shape, num_outputs) -> nn.Module:
                    num_heads=_attention_heads(model, "num_heads", ("qkv", "q", "k", "v")))
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _timm_names(name: str) -> bool:
     import timm
 
@@ -82,12 +95,23 @@ def _timm_names(name: str) -> bool:
 
 # -- Hugging Face transformers ------------------------------------------------------------------------
 TEXT_INPUTS = ["input_ids", "attention_mask"]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as on the Hugging Face hub
+
+
+def _from_hub(cls, name: str, **kwargs: Any):
+    """``cls.from_pretrained(name)`` through the library's download and cache (HF_HUB_OFFLINE=1: cache only)."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except Exception as exc:  # OSError, huggingface_hub's HTTP/offline errors, ...: one line either way
+        raise RecipeError("model.name", f"'{name}' is no local folder, and transformers could not fetch it from "
+                          f"the Hugging Face hub ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 class HFSpec(ModelSpec):
-    """A ``transformers`` classifier: ``hf:<local folder>`` (config.json, weights if present) or ``hf`` with
-    an inline ``config`` (``model_type`` plus its sizes), built with the Auto classes; num_labels = the
-    data's classes. ``task``: sequence (text; inputs input_ids + attention_mask) or image (pixel_values)."""
+    """A ``transformers`` classifier: ``hf:<local folder>`` (config.json, weights if present), ``hf:<hub id>``
+    (``org/name``: the library's own download, or its cache; a local folder of that name wins) or ``hf``
+    with an inline ``config`` (``model_type`` plus its sizes), built with the Auto classes; num_labels =
+    the data's classes. ``task``: sequence (text; inputs input_ids + attention_mask) or image (pixel_values)."""
 
     config: Optional[dict[str, Any]] = None
     task: Literal["auto", "sequence", "image"] = "auto"
@@ -104,8 +128,11 @@ def _hf_model(spec: HFSpec, input_shape, num_outputs) -> nn.Module:
         raise RecipeError("model.config", "give either hf:<folder> or an inline config, not both")
     if not folder and not spec.config:
         raise RecipeError("model", "'hf' needs a local folder (hf:path/to/model) or an inline config: {model_type: ...}")
+    hub = bool(folder) and not Path(folder).exists() and HUB_ID.fullmatch(folder) is not None
     try:
-        if folder:
+        if hub:
+            cfg = _from_hub(AutoConfig, folder)
+        elif folder:
             if not (Path(folder) / "config.json").is_file():
                 raise RecipeError("model.name", f"'{folder}' is not a Hugging Face model folder (no config.json in it)")
             cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -124,7 +151,9 @@ def _hf_model(spec: HFSpec, input_shape, num_outputs) -> nn.Module:
     auto = transformers.AutoModelForImageClassification if task == "image" else transformers.AutoModelForSequenceClassification
     try:
         has_weights = folder and any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
-        if has_weights:
+        if hub:
+            model = _from_hub(auto, folder, config=cfg, ignore_mismatched_sizes=True)
+        elif has_weights:
             model = auto.from_pretrained(folder, config=cfg, local_files_only=True, ignore_mismatched_sizes=True)
         else:
             model = auto.from_config(cfg)

@@ -59,3 +59,28 @@ def test_torchvision_prefix_builds_the_same_model():
     assert m(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
     with pytest.raises(RecipeError, match="torchvision has no classifier 'nope'"):
         parse_model_spec({"name": "torchvision:nope"})
+
+
+def test_hf_hub_id_offline_is_one_line_naming_the_hub():
+    pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    with pytest.raises(RecipeError) as e:  # HF_HUB_OFFLINE=1 and an empty cache: nothing to fetch
+        create_model({"name": "hf:compress-tests/no-such-model"}, (16,), 3)
+    assert e.value.path == "model.name" and "hub" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_timm_pretrained_download_failure_is_one_line(monkeypatch):
+    timm = pytest.importorskip("timm", reason="timm is the optional extra compress[timm]")
+
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise ConnectionError("network is unreachable\nlong traceback text")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RecipeError) as e:
+        create_model({**TIMM_VIT, "pretrained": True}, (1, 28, 28), 10)
+    assert e.value.path == "model.pretrained" and "network is unreachable" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(RecipeError, match="either"):
+        create_model({**TIMM_VIT, "pretrained": True, "weights": __file__}, (1, 28, 28), 10)
