@@ -5,6 +5,8 @@ adds) and its BasePruner removes whole channel groups ranked by a pluggable impo
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, Optional
 
 import torch
@@ -127,11 +129,16 @@ def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio
 
     heads = attention_heads(model)
     extra = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio) if heads else {}
-    return _Pruner(
-        model, example, importance=IMPORTANCES.get(importance).obj(), global_pruning=global_pruning,
-        pruning_ratio=ratio, pruning_ratio_dict=layer_ratios or None, max_pruning_ratio=max_layer_ratio,
-        iterative_steps=steps, iterative_pruning_ratio_scheduler=scheduler,
-        ignored_layers=list(ignored) + transformer_ignored(model), round_to=round_to, **extra)
+    with warnings.catch_warnings():
+        # torch-pruning warns about every parameter outside a layer (a ViT's pos_embed and cls_token, a
+        # ConvNeXt's layer scale) that it prunes along its last non-singleton axis: that axis is the channel
+        # (or residual) width those parameters follow, so the warning tells a user nothing to act on.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return _Pruner(
+            model, example, importance=IMPORTANCES.get(importance).obj(), global_pruning=global_pruning,
+            pruning_ratio=ratio, pruning_ratio_dict=layer_ratios or None, max_pruning_ratio=max_layer_ratio,
+            iterative_steps=steps, iterative_pruning_ratio_scheduler=scheduler,
+            ignored_layers=list(ignored) + transformer_ignored(model), round_to=round_to, **extra)
 
 
 def accumulate_grads(model: nn.Module, data, batches: int = 4, device: str | torch.device = "cpu") -> None:

@@ -98,3 +98,14 @@ def test_iterative_layer_scope_head_pruning_follows_the_schedule_of_the_initial_
     model, metrics = prune(create_model(spec, (1, 28, 28), 10), cfg, _image_data())
     assert metrics["steps_done"] == 3
     assert model.blocks[0].attn.num_heads == 1 and model.blocks[0].attn.qkv.out_features == 48  # round(3 x 0.4)
+
+
+def test_pruning_a_vit_does_not_warn_about_its_position_embedding():
+    pytest.importorskip("timm", reason="timm is the optional extra compress[timm]")
+    spec = {"name": "timm:vit_tiny_patch16_224",
+            "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 48, "depth": 1, "num_heads": 4}}
+    model = create_model(spec, (1, 28, 28), 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune(model, CFG, _image_data())
+    assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
