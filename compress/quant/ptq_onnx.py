@@ -5,6 +5,8 @@ feeds it the recipe's data and runs the result.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,6 @@ class LoaderReader:
 
 def _preprocess(src: Path, dst: Path) -> Path:
     """ORT's recommended shape inference + optimization before static quantization."""
-    import contextlib
     import tempfile
 
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -77,11 +78,29 @@ def quantize_static_onnx(fp32: Path, out: Path, loader, fmt: Int8Format = Int8Fo
     extra = {"QuantizeBias": quantize_bias}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    quantize_static(str(src), str(out), LoaderReader(loader, batches), quant_format=QuantFormat.QDQ,
-                    per_channel=fmt.per_channel, reduce_range=fmt.reduce_range, calibrate_method=methods[method],
-                    weight_type=_qtype(fmt.weight_type), activation_type=_qtype(fmt.activation_type),
-                    op_types_to_quantize=op_types or None, extra_options=extra)
+    with _quiet_per_channel_fallback():
+        quantize_static(str(src), str(out), LoaderReader(loader, batches), quant_format=QuantFormat.QDQ,
+                        per_channel=fmt.per_channel, reduce_range=fmt.reduce_range, calibrate_method=methods[method],
+                        weight_type=_qtype(fmt.weight_type), activation_type=_qtype(fmt.activation_type),
+                        op_types_to_quantize=op_types or None, extra_options=extra)
     return out
+
+
+class _PerChannelFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Axis ") and "is out-of-range for weight" in record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_per_channel_fallback():
+    """ORT logs one root-logger warning per 1-D weight (a transformer's LayerNorm scale feeding a Mul) for
+    which per-channel quantization falls back to one scale: dozens of lines per ViT, none a user acts on."""
+    root, quiet = logging.getLogger(), _PerChannelFallback()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def quantize_dynamic_onnx(fp32: Path, out: Path, fmt: Int8Format = Int8Format(), *,

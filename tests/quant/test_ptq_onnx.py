@@ -28,3 +28,18 @@ def test_preprocess_of_a_bert_writes_nothing_into_the_working_directory(tmp_path
     done = _preprocess(src, out / "m_pre.onnx")
     assert list(cwd.iterdir()) == []
     assert done.is_file() and done.parent == out
+
+
+def test_static_int8_of_a_vit_does_not_log_orts_per_channel_fallback(tmp_path, caplog):
+    pytest.importorskip("timm", reason="timm is the optional extra compress[timm]")
+    from compress.data import create_data
+    from compress.stages.quantize import QuantizeConfig, quantize
+
+    data = create_data({"name": "synthetic", "num_samples": 16, "num_classes": 3, "shape": [3, 16, 16]})
+    model = create_model({"name": "timm:vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 8,
+                                                                          "embed_dim": 16, "depth": 1, "num_heads": 2}},
+                         (3, 16, 16), 3)
+    cfg = QuantizeConfig(method="ptq_static", calibration={"batches": 1},
+                         check={"max_rel_diff": 2.0, "min_top1_agreement": 0.0, "max_kernel_diff": 1.0})
+    quantize(model, cfg, data, out_dir=tmp_path)
+    assert not [r for r in caplog.records if "out-of-range for weight" in r.getMessage()]
