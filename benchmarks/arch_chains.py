@@ -9,7 +9,8 @@ Runtime at batch 1 (interleaved with the teacher in one process), on every seed.
     python -m benchmarks.arch_chains --table-only        # the tables from the saved reports
 
 --teacher once (the default, to keep CPU time bounded): the first seed trains the teacher (saved as
-<chain>/teacher.pt) and every seed starts from it (its train stage with 0 epochs is row 0, the baseline of
+<chain>/teacher.pt, with what made it in teacher.json: a changed teacher, stage 0 or data retrains it) and
+every seed starts from it (its train stage with 0 epochs is row 0, the baseline of
 every ratio); --teacher per-seed trains one per seed. Seeds run in order, both chains per seed, and every
 finished run is saved at once, so a cut-short run still leaves whole seeds to tabulate; a saved
 (chain, seed) is not rerun unless --force.
@@ -84,7 +85,13 @@ def run_one(chain: str, seed: int, overrides: list[str], teacher: str) -> dict:
     from compress.pipeline import Pipeline
 
     shared = OUT / chain / "teacher.pt"
-    reuse = teacher == "once" and shared.is_file()
+    recipe = Pipeline.from_yaml(CHAINS[chain], [f"seed={seed}", *overrides]).recipe
+    # what made the saved teacher: reused only while the recipe's teacher and its training are unchanged
+    made_by = json.dumps({"teacher": recipe.teacher.model_dump(mode="json"),
+                          "stage0": recipe.stages[0].config.model_dump(mode="json"),
+                          "data": recipe.data.model_dump(mode="json", exclude={"root"})}, sort_keys=True, default=str)
+    stamp = shared.with_suffix(".json")
+    reuse = teacher == "once" and shared.is_file() and stamp.is_file() and stamp.read_text() == made_by
     sets = [f"seed={seed}", *overrides]
     if reuse:
         sets += [f"teacher.checkpoint={shared}", "stages.0.train.epochs=0"]
@@ -92,6 +99,7 @@ def run_one(chain: str, seed: int, overrides: list[str], teacher: str) -> dict:
     report = Pipeline.from_yaml(CHAINS[chain], sets).run(run_dir, force=True)
     if teacher == "once" and not reuse:
         shutil.copyfile(run_dir / "stages" / "00_train" / "teacher.pt", shared)
+        stamp.write_text(made_by)
     report["teacher_reuse"] = teacher
     return report
 
@@ -115,7 +123,7 @@ def main() -> None:
                     continue
                 saved(chain, seed).write_text(json.dumps(run_one(chain, seed, args.overrides, args.teacher), indent=2))
     parts = []
-    for chain in args.chains:
+    for chain in CHAINS:  # every chain with saved runs: parallel runs of one chain each still make one table file
         reports = [json.loads(saved(chain, s).read_text()) for s in args.seeds if saved(chain, s).is_file()]
         if reports:
             parts.append(table(chain, reports))

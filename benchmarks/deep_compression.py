@@ -26,7 +26,7 @@ from compress.report import stage_label
 
 RECIPE = ROOT / "recipes" / "mnist_deep_compression.yaml"
 KERNELNET = ROOT / "recipes" / "movielens_kernelnet_kd.yaml"
-OUT = Path("benchmarks/results/deep_compression")
+OUT = ROOT / "benchmarks" / "results" / "deep_compression"
 PAPER = {"mnist_lenet_300_100_deep_compression": 40, "mnist_lenet5_deep_compression": 39}  # Han et al. 2016, Tables 2-3
 # The packed tail for the KernelNet student: KernelLinear baked to Linear (its cut connections become zeros a
 # sparse index stores), 5-bit codebooks (the paper's choice for dense layers), centroids fine-tuned with the

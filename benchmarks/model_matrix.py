@@ -292,9 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + md + "\n\n" + note + "\n" + machine_line())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if set(args.rows) == set(ROWS) and set(args.cols) == set(COLS) and args.round_to == 8:  # only a full matrix replaces the results
+    # only a full, timed matrix replaces the results the README quotes
+    if set(args.rows) == set(ROWS) and set(args.cols) == set(COLS) and args.round_to == 8 and not args.no_latency:
         out.with_suffix(".md").write_text(f"{md}\n\n{note}\n\n{machine_line()}\n\nCommand: python -m benchmarks.model_matrix"
-                                          f"{' --quick' if args.quick else ''}\n")
+                                          "\n")
         out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": results, "machine": machine_line()},
                                                        indent=2, default=str) + "\n")
 

@@ -43,6 +43,8 @@ def load_model(path: str | Path, *, allow_import: bool | None = None) -> nn.Modu
         raise CompressError(f"{path}: its model spec {import_refused(ckpt['spec']['import'])}")
     # The saved weights replace whatever a checkpoint or pretrained file would load: skip reading those.
     spec = {k: v for k, v in ckpt["spec"].items() if k not in ("checkpoint", "weights")}
+    if "pretrained" in spec or str(spec.get("name", "")).startswith("hf"):
+        spec["pretrained"] = False  # nor download them (timm's pretrained, a hub id's weights)
     io = ckpt.get("io") or {}
     model = create_model(spec, tuple(io.get("input_shape", ())), io.get("num_outputs", 0))
     return restore(model, ckpt, str(path))

@@ -8,6 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COMPRESS_DATA_DIR") or ROOT.parent / "shared" / "data")
 
 torch.set_num_threads(1)  # many small tests: threads cost more than they give on 2 cores
+# No test reaches the Hugging Face hub: set before any module imports huggingface_hub (it reads these once).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 @pytest.fixture

@@ -116,6 +116,7 @@ class HFSpec(ModelSpec):
     config: Optional[dict[str, Any]] = None
     task: Literal["auto", "sequence", "image"] = "auto"
     inputs: Optional[list[str]] = Field(None, min_length=1)  # text models: default input_ids, attention_mask
+    pretrained: bool = True  # a folder's or hub id's weights; false: its architecture only (a checkpoint reload)
 
 
 def _hf_model(spec: HFSpec, input_shape, num_outputs) -> nn.Module:
@@ -151,9 +152,9 @@ def _hf_model(spec: HFSpec, input_shape, num_outputs) -> nn.Module:
     auto = transformers.AutoModelForImageClassification if task == "image" else transformers.AutoModelForSequenceClassification
     try:
         has_weights = folder and any((Path(folder) / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
-        if hub:
+        if hub and spec.pretrained:
             model = _from_hub(auto, folder, config=cfg, ignore_mismatched_sizes=True)
-        elif has_weights:
+        elif has_weights and spec.pretrained:
             model = auto.from_pretrained(folder, config=cfg, local_files_only=True, ignore_mismatched_sizes=True)
         else:
             model = auto.from_config(cfg)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def _preprocess(src: Path, dst: Path) -> Path:
     # When ORT's symbolic shape inference cannot finish (a BERT's sequence axis), it saves
     # "sym_shape_infer_temp.onnx" and a "<uuid>.data" file into the *working directory* before raising
     # (onnxruntime/tools/symbolic_shape_infer.py): run it from a scratch folder so nothing lands in the user's.
-    with tempfile.TemporaryDirectory(prefix="compress-preprocess-") as scratch, contextlib.chdir(scratch):
+    with tempfile.TemporaryDirectory(prefix="compress-preprocess-") as scratch, _working_dir(scratch):
         for skip_symbolic in (False, True):  # without symbolic shapes ORT still optimizes the graph
             try:
                 quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
@@ -84,6 +85,17 @@ def quantize_static_onnx(fp32: Path, out: Path, loader, fmt: Int8Format = Int8Fo
                         weight_type=_qtype(fmt.weight_type), activation_type=_qtype(fmt.activation_type),
                         op_types_to_quantize=op_types or None, extra_options=extra)
     return out
+
+
+@contextlib.contextmanager
+def _working_dir(path: str):
+    """``contextlib.chdir`` (Python 3.11+) for the 3.10 this package supports."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 class _PerChannelFallback(logging.Filter):

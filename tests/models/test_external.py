@@ -84,3 +84,33 @@ def test_timm_pretrained_download_failure_is_one_line(monkeypatch):
     assert "\n" not in str(e.value)
     with pytest.raises(RecipeError, match="either"):
         create_model({**TIMM_VIT, "pretrained": True, "weights": __file__}, (1, 28, 28), 10)
+
+
+def test_a_checkpoint_of_a_pretrained_timm_model_reloads_without_downloading(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm", reason="timm is the optional extra compress[timm]")
+    from compress.checkpoint import load_model, save_model
+
+    real, asked = timm.create_model, []
+
+    def recording(*args, pretrained=False, **kwargs):
+        asked.append(pretrained)
+        return real(*args, **kwargs)  # stands in for the download
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    m = create_model({**TIMM_VIT, "pretrained": True}, (1, 28, 28), 10).eval()
+    save_model(m, tmp_path / "m.pt")
+    again = load_model(tmp_path / "m.pt").eval()
+    x = torch.randn(2, 1, 28, 28)
+    assert asked == [True, False] and torch.equal(again(x), m(x))
+
+
+def test_a_checkpoint_of_an_hf_folder_model_reloads_without_reading_its_weights(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    from compress.checkpoint import load_model, save_model
+
+    folder = tmp_path / "bert"
+    transformers.BertForSequenceClassification(transformers.BertConfig(**BERT, num_labels=3)).save_pretrained(folder)
+    m = create_model({"name": f"hf:{folder}"}, (16,), 3).eval()
+    save_model(m, tmp_path / "m.pt")
+    (folder / "model.safetensors").write_bytes(b"no longer weights")  # a reload must not read them
+    assert isinstance(load_model(tmp_path / "m.pt"), torch.nn.Module)

@@ -44,3 +44,24 @@ def test_static_int8_of_a_vit_does_not_log_orts_per_channel_fallback(tmp_path, c
                          check={"max_rel_diff": 2.0, "min_top1_agreement": 0.0, "max_kernel_diff": 1.0})
     quantize(model, cfg, data, out_dir=tmp_path)
     assert not [r for r in caplog.records if "out-of-range for weight" in r.getMessage()]
+
+
+def test_preprocess_runs_orts_tools_away_from_the_working_directory(tmp_path, monkeypatch):
+    """Whatever ORT's pre-processing drops into the current folder before failing stays out of the user's
+    (a stand-in for its symbolic shape inference, independent of whether a given ORT version gives up)."""
+    import onnxruntime.quantization.shape_inference as si
+
+    calls = []
+
+    def litters(src, dst, skip_symbolic_shape=False, **_):
+        calls.append(skip_symbolic_shape)
+        open("sym_shape_infer_temp.onnx", "wb").close()
+        if not skip_symbolic_shape:
+            raise RuntimeError("Incomplete symbolic shape inference")
+        open(dst, "wb").close()
+
+    monkeypatch.setattr(si, "quant_pre_process", litters)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.onnx").write_bytes(b"")
+    assert _preprocess(tmp_path / "m.onnx", tmp_path / "m_pre.onnx") == tmp_path / "m_pre.onnx"
+    assert calls == [False, True] and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m_pre.onnx"]
