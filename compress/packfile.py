@@ -327,27 +327,35 @@ def pack_state(ckpt: dict) -> tuple[bytes, dict]:
 # -- ONNX models (an int8 PTQ file): the initializers packed as tensors, the rest of the graph as one stream ------
 
 _ONNX_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+# ONNX element types stored as tensors; any other (bfloat16, float8, int4: ml_dtypes arrays that torch cannot
+# take; strings) stays in the graph stream as it is, so the model still reads back to the same bytes.
+_ONNX_PACKED_TYPES = ("FLOAT", "DOUBLE", "FLOAT16", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL")
 
 
-def pack_onnx_state(model_bytes: bytes, meta: dict | None = None) -> tuple[bytes, dict]:
+def pack_onnx_state(model_bytes: bytes, meta: dict | None = None, where: str = "ONNX model") -> tuple[bytes, dict]:
     """(file bytes, stats) of a serialized ONNX model: every numeric initializer is stored like a state_dict
     tensor (an int8 weight gets a sparse index and, with few distinct values, a codebook; then entropy
     coding), and the graph without their data as one more byte stream. Read back, the model serializes to
-    the same bytes (``read_packed(...)["onnx"]``)."""
+    the same bytes (``read_packed(...)["onnx"]``). ``where`` names the model in one-line errors."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.ModelProto.FromString(model_bytes)
+    try:
+        model = onnx.ModelProto.FromString(model_bytes)
+    except Exception as exc:  # protobuf's DecodeError (and others) on a file that is not ONNX
+        raise CompressError(f"{where}: not an ONNX model ({type(exc).__name__})") from None
+    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
+        # the packed file would point at data files beside the source; save the model as one file first
+        raise CompressError(f"{where}: keeps its weights in external data files, which cannot be packed; "
+                            "save it as a single .onnx file (onnx.save(model, path, save_as_external_data=False))")
     payload = bytearray()
     tensors, stats = [], []
     for i, init in enumerate(model.graph.initializer):
-        if init.data_location == onnx.TensorProto.EXTERNAL or init.data_type == onnx.TensorProto.STRING:
+        if onnx.TensorProto.DataType.Name(init.data_type) not in _ONNX_PACKED_TYPES:
             continue  # stays in the graph stream as it is
         arr = numpy_helper.to_array(init)
         t = torch.from_numpy(np.ascontiguousarray(arr).copy()) if arr.dtype != np.float16 else \
             torch.from_numpy(arr.view(np.int16).copy()).view(torch.float16)
-        if t.dtype not in DTYPE_NAMES:
-            continue
         entry, line = _add_tensor(payload, init.name or f"#{i}", t)
         entry.update(initializer=i, raw=init.HasField("raw_data"))
         tensors.append(entry)
@@ -401,7 +409,10 @@ def pack_model(model: nn.Module, path: str | Path, meta: dict | None = None) -> 
 
 def pack_onnx(src: str | Path, path: str | Path, meta: dict | None = None) -> dict:
     """Write the ONNX model ``src`` packed to ``path`` (``pack_onnx_state``); stats as ``pack_model``'s."""
-    blob, stats = pack_onnx_state(Path(src).read_bytes(), meta)
+    src = Path(src)
+    if not src.is_file():
+        raise CompressError(f"{src}: no such ONNX file")
+    blob, stats = pack_onnx_state(src.read_bytes(), meta, where=str(src))
     with atomic_path(Path(path)) as tmp:
         Path(tmp).write_bytes(blob)
     return {"bytes": len(blob), **summary(stats["tensors"]), "tensors": stats["tensors"]}

@@ -294,6 +294,9 @@ class Pipeline:
             return False
         # The row's files are this stage's own, wherever done.json says they are (it is data, not a pointer).
         if row.get("model_file"):
+            old = Path(row["model_file"]).parent  # the stage folder when done.json was written
+            if row.get("artifact") and Path(row["artifact"]).parent == old:  # a file of this stage's own (.onnx)
+                row["artifact"] = str(d / Path(row["artifact"]).name)
             row["model_file"] = str(d / ("teacher.pt" if Path(row["model_file"]).name == "teacher.pt" else "model.pt"))
         state.model, state.teacher = model, teacher
         state.results.append(row)

@@ -249,3 +249,27 @@ def test_pack_cli_packs_an_onnx_file(int8_onnx, tmp_path):
     assert res.exit_code == 0, res.output
     assert "smaller than model_int8.onnx" in res.output
     assert isinstance(load_model(tmp_path / "q.cpk"), OrtModel)
+
+
+@pytest.mark.parametrize("content, message", [(None, "no such ONNX file"), (b"\x00\x01not an onnx model", "not an ONNX model")])
+def test_pack_cli_on_a_missing_or_foreign_onnx_file_is_a_one_line_error(tmp_path, content, message):
+    src = tmp_path / "m.onnx"
+    if content is not None:
+        src.write_bytes(content)
+    res = CliRunner().invoke(cli, ["pack", str(src)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and message in res.output, res.output
+    assert not list(tmp_path.glob("*.cpk*"))
+
+
+def test_onnx_initializers_torch_cannot_hold_stay_in_the_graph_bit_exact(tmp_path):
+    from onnx import TensorProto, helper
+
+    b = helper.make_tensor("b", TensorProto.BFLOAT16, [3], [1.5, -2.0, 0.0])  # numpy_helper gives ml_dtypes arrays
+    k = helper.make_tensor("k", TensorProto.INT8, [3], [0, -7, 7])
+    graph = helper.make_graph([helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT)], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [b, k])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    info = pack_onnx(src, tmp_path / "m.cpk")
+    assert read_packed(tmp_path / "m.cpk")["onnx"] == onnx.load_model(str(src)).SerializeToString()
+    assert [t["name"] for t in info["tensors"]] == ["k", "onnx graph"]

@@ -20,6 +20,7 @@ from compress.errors import CompressError
 from compress.measure.size import saved_size
 from compress.packfile import pack_model
 from compress.stages.base import StageResult, register_stage
+from compress.utils import atomic_path
 
 __all__ = ["EncodeConfig", "encode", "encode_onnx", "same_weights"]
 
@@ -69,11 +70,12 @@ def encode(model: nn.Module, config: EncodeConfig | None = None, data=None, *, o
 
     path = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="compress-encode-")) / "model.cpk"
     cleared = clear_negative_zeros(model)
-    info = pack_model(model, path)
-    back = load_model(path)
-    bad = same_weights(model, back)
-    if bad:
-        raise CompressError(f"{path}: packed model does not read back exactly ({', '.join(bad[:3])})")
+    with atomic_path(path) as tmp:  # kept only once it reads back exactly
+        info = pack_model(model, tmp)
+        back = load_model(tmp)
+        bad = same_weights(model, back)
+        if bad:
+            raise CompressError(f"{path}: packed model does not read back exactly ({', '.join(bad[:3])})")
     (path.parent / f"{path.stem}.layers.json").write_text(json.dumps(info["tensors"], indent=1))
     facts = {"packed_file": str(path), "packed_bytes": info["bytes"], "raw_bytes": saved_size(model),
              "weight_bits_per_weight": info["weight_bits_per_weight"],
@@ -90,10 +92,11 @@ def encode_onnx(src: str | Path, config: EncodeConfig | None = None, *, out: str
     from compress.packfile import pack_onnx
 
     src, out = Path(src), Path(out)
-    info = pack_onnx(src, out)
-    back = load_model(out)
-    if back.model_bytes != onnx.load_model(str(src)).SerializeToString():
-        raise CompressError(f"{out}: packed ONNX model does not read back exactly")
+    with atomic_path(out) as tmp:  # kept only once it reads back exactly
+        info = pack_onnx(src, tmp)
+        back = load_model(tmp)
+        if back.model_bytes != onnx.load_model(str(src)).SerializeToString():
+            raise CompressError(f"{out}: packed ONNX model does not read back exactly")
     (out.parent / f"{out.stem}.layers.json").write_text(json.dumps(info["tensors"], indent=1))
     facts = {"packed_file": str(out), "packed_bytes": info["bytes"], "raw_bytes": src.stat().st_size,
              "weight_bits_per_weight": info["weight_bits_per_weight"],
@@ -113,16 +116,20 @@ def packed_size(model: nn.Module) -> int:
     return len(pack_state(model_state(model))[0])
 
 
-def earlier_packed_sizes(results: list[dict]) -> dict[str, int]:
+def earlier_packed_sizes(results: list[dict], last: int | None = None) -> dict[str, int]:
     """Stage index -> packed size of the model each earlier stage saved (``.pt``): the report's waterfall
     then shows what each step (pruning: sparse indices; clustering: codebooks) did to the packed file,
-    where the ``.pt`` files of a pruned and a clustered model are as large as the dense one's."""
+    where the ``.pt`` files of a pruned and a clustered model are as large as the dense one's.
+    ``last``: the size for the last row's model when already known (the model encode just packed), not
+    loaded and packed again."""
     from compress.checkpoint import load_model
 
     out = {}
-    for r in results:
+    for j, r in enumerate(results):
         f = r.get("model_file")
-        if f and f.endswith(".pt") and Path(f).is_file():
+        if last is not None and j == len(results) - 1:
+            out[str(r["index"])] = last
+        elif f and f.endswith(".pt") and Path(f).is_file():
             try:
                 out[str(r["index"])] = packed_size(load_model(f))
             except CompressError:  # a model the packed format cannot hold: no bar for it
@@ -136,7 +143,11 @@ def _onnx_input(state) -> Path | None:
 
     if state.recipe is None or state.stage is None or kind_before(state.recipe.stages, state.stage.index) != "onnx":
         return None
-    return next(Path(r["artifact"]) for r in reversed(state.results) if str(r.get("artifact", "")).endswith(".onnx"))
+    src = next((Path(r["artifact"]) for r in reversed(state.results) if str(r.get("artifact") or "").endswith(".onnx")), None)
+    if src is None or not src.is_file():
+        raise CompressError(f"{state.stage.path}: the ONNX file the stage before made is missing "
+                            f"({src or 'none in the report'}); start a new run")
+    return src
 
 
 @register_stage("encode", EncodeConfig, "store the model packed: sparse indices, codebooks, entropy coding (reloads bit-exact)",
@@ -147,7 +158,10 @@ def run_encode(state, cfg: EncodeConfig) -> StageResult:
     src = _onnx_input(state)
     if src is None:
         model, facts = encode(state.model, cfg, out=out)
-        facts["packed_bytes_of_stages"] = earlier_packed_sizes(state.results)
+        prev = state.results[-1] if state.results else {}
+        # the stage before saved as model.pt the very model just packed (teacher.pt: a trained teacher, another model)
+        same = Path(prev.get("model_file") or "").name == "model.pt"
+        facts["packed_bytes_of_stages"] = earlier_packed_sizes(state.results, facts["packed_bytes"] if same else None)
         return StageResult(model, artifact=Path(facts.pop("packed_file")), facts=facts)
     # After int8 PTQ the ONNX file ships: it is what gets packed, and this row measures the ONNX model read
     # back from the packed file (written out beside it, the file ONNX Runtime runs); the PyTorch model goes on.
