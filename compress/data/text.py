@@ -289,10 +289,12 @@ class TokenizedText(Dataset):
 class PadCollate:
     """Pads a batch's token ids with the tokenizer's pad id (attention mask 0 there), to the batch's longest
     sequence or to ``length``; the rest of each sample (label, index) goes through torch's default_collate.
-    A class, not a closure, so the loader's worker processes can pickle it."""
+    A class, not a closure, so the loader's worker processes can pickle it. ``fixed_shape``: every batch
+    has one sequence length, so a KD stage may cache teacher hint features (compress.kd.teachers)."""
 
     def __init__(self, pad_id: int, length: Optional[int] = None):
         self.pad_id, self.length = pad_id, length
+        self.fixed_shape = length is not None
 
     def __call__(self, samples: list[tuple]) -> tuple:
         xs = [s[0] for s in samples]
