@@ -205,6 +205,9 @@ def _from_tokenizers(tok, path: str) -> Encoder:
         pad = tok.padding["pad_id"] if tok.padding else None
     if pad is None:
         raise RecipeError(path, "the tokenizer has no [PAD] token and no padding set; add one to tokenizer.json")
+    # A tokenizer.json saved with padding on would pad every text in encode_batch, unmasked; the loader pads
+    # each batch and masks the padding (PadCollate), so samples stay unpadded here.
+    tok.no_padding()
     return Encoder(tok, pad, tok.get_vocab_size(with_added_tokens=True), segments=True)
 
 

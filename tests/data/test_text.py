@@ -113,6 +113,19 @@ def test_a_saved_tokenizer_folder_and_file_read_back(tmp_path):
     assert torch.equal(a[0]["input_ids"][0, :3], torch.tensor(tok.encode(_rows()[int(split_rows(60, DataSpec(name="t"))[2][0])]["text"]).ids[:3]))
 
 
+def test_a_tokenizer_json_saved_with_padding_on_leaves_the_padding_and_mask_to_the_loader(tmp_path):
+    from compress.data.text import TrainTokenizer, train_tokenizer
+
+    tok = train_tokenizer(TrainTokenizer(vocab_size=VOCAB), [r["text"] for r in _rows()])
+    tok.enable_padding(pad_id=PAD, pad_token="[PAD]")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    data = _data(_csv(tmp_path / "t.csv", _rows()), tokenizer=str(tmp_path / "tokenizer.json"))
+    for x, _ in data.loader("train", shuffle=False):
+        real = x["input_ids"] != PAD
+        assert torch.equal(x["attention_mask"], real.long())  # no [PAD] the model attends to
+        assert real[:, -1].any()  # padded to the batch's longest text, not the file's
+
+
 def test_text_pairs_get_segment_ids(tmp_path):
     rows = [{**r, "other": "and more"} for r in _rows(20)]
     data = _data(_jsonl(tmp_path / "t.jsonl", rows), text_pair="other", max_length=32)
