@@ -74,6 +74,11 @@ def test_integer_labels_sort_as_numbers_and_max_length_pads_and_truncates(tmp_pa
     assert x["input_ids"].shape[1] == 8 and (x["input_ids"][:, -1] == 3).all()  # truncated, [SEP] kept
 
 
+def test_labels_int_cannot_read_sort_as_strings(tmp_path):
+    rows = [{"text": f"word {i}", "label": ["²", "--1", "10", "-3"][i % 4]} for i in range(12)]
+    assert _data(_jsonl(tmp_path / "t.jsonl", rows)).classes == ["--1", "-3", "10", "²"]  # int('²') raises
+
+
 def test_the_tokenizer_learns_from_the_training_split_only(tmp_path):
     n, spec = 60, DataSpec(name="text")
     _, _, test_idx = split_rows(n, spec)
@@ -158,6 +163,7 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, monkeypatch):
     assert _error(tmp_path, text="body") == f"data.text: '{tmp_path / 't.csv'}' has no column 'body'; it has text, label"
     assert _error(tmp_path, label="y").startswith("data.label: ") and "it has text, label" in _error(tmp_path, label="y")
     assert "label 'pos' is not one of ['neg', 'other']" in _error(tmp_path, classes=["neg", "other"])
+    assert _error(tmp_path, classes=["neg", "pos", "neg"]) == "data.classes: expected distinct class names, got 'neg' more than once"
     assert _error(tmp_path, tokenizer=str(tmp_path)).startswith("data.tokenizer: ") and "not a tokenizer folder" in _error(tmp_path, tokenizer=str(tmp_path))
     assert "no such file or folder" in _error(tmp_path, tokenizer=str(tmp_path / "nope"))
     assert _error(tmp_path, tokenizer=5).startswith("data.tokenizer: expected a tokenizer folder, a tokenizer.json")
