@@ -5,8 +5,9 @@
 u.item is '|'-separated latin-1 (id|title|release date|video date|IMDb URL|19 genre flags, see the
 ml-100k README), not a csv: this script writes runs/movielens_titles/titles.csv (text = the title,
 label = Drama / other; the data folder and the repo are left as they are), runs the recipe once per
-seed and prints its report table plus two baselines on the same test split: the majority class, and
-scikit-learn's TF-IDF + logistic regression (what the titles say about the genre without a transformer).
+seed and prints its report table plus two baselines on the same test split: the training split's
+majority class (always answered), and scikit-learn's TF-IDF + logistic regression (what the titles say
+about the genre without a transformer).
 """
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ def write_titles(item: Path, out: Path, genre: str = "Drama") -> Path:
     return out
 
 
+def majority_baseline(data) -> float:
+    """Test accuracy of always answering the training split's most common class (the test labels pick nothing)."""
+    train = [int(data.train[i][1]) for i in range(len(data.train))]
+    common = max(set(train), key=train.count)
+    return sum(int(data.test[i][1]) == common for i in range(len(data.test))) / len(data.test)
+
+
 def tfidf_baseline(path: Path, spec) -> float:
     """Test accuracy of scikit-learn's TF-IDF (character 2-4-grams) + logistic regression on the recipe's
     own split, C picked on the validation split: what a title says about the genre without a transformer."""
@@ -79,8 +87,7 @@ def main() -> None:
         overrides = [f"data.path={path}", f"seed={seed}", f"data.split_seed={seed}"]
         pipe = Pipeline.from_yaml(ROOT / "recipes" / "text_bert_tiny.yaml", overrides)
         data = create_data(pipe.recipe.data)
-        test_labels = [int(data.test[i][1]) for i in range(len(data.test))]
-        majority = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
+        majority = majority_baseline(data)
         t0 = time.time()
         report = pipe.run(OUT / f"seed{seed}", force=True)
         print(format_table(report))
@@ -89,7 +96,7 @@ def main() -> None:
         names = [f"{r['index']}: {r['name']}" for r in report["stages"]]
     print()
     print(f"{len(data.test)} test titles; data.vocab_size {data.vocab_size}; classes {data.classes}")
-    print(markdown_table(["seed", "majority class", "TF-IDF + LR"] + names + ["run"], summary))
+    print(markdown_table(["seed", "majority class (train)", "TF-IDF + LR"] + names + ["run"], summary))
     print(machine_line())
 
 

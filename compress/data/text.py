@@ -14,6 +14,7 @@ import csv
 import importlib.util
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -32,6 +33,7 @@ from compress.errors import RecipeError
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+INTEGER = re.compile(r"-?\d+")  # labels that sort as numbers (\d: the digits int() reads)
 
 
 class TrainTokenizer(StrictModel):
@@ -76,6 +78,14 @@ class TextSpec(DataSpec):
         if not isinstance(v, (str, dict, TrainTokenizer)):
             raise ValueError(f"expected a tokenizer folder, a tokenizer.json file or training options "
                              f"({{train: bpe, vocab_size: 8000}}), got {v!r}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        repeated = sorted({c for c in v or [] if v.count(c) > 1})
+        if repeated:
+            raise ValueError(f"expected distinct class names, got {', '.join(map(repr, repeated))} more than once")
         return v
 
     @field_validator("path")
@@ -165,7 +175,7 @@ def _labels(spec: TextSpec, rows: list[dict], lines: list[int]) -> tuple[np.ndar
         classes = list(spec.classes)
     else:
         found = set(raw)
-        numeric = all(s.lstrip("-").isdigit() for s in found)
+        numeric = all(INTEGER.fullmatch(s) for s in found)  # not str.isdigit: '²' is a digit int() refuses
         classes = sorted(found, key=int if numeric else None)
         if len(classes) < 2:
             raise RecipeError("data.label", f"'{spec.path}': every row has label {classes[0]!r}; "
@@ -205,6 +215,9 @@ def _from_tokenizers(tok, path: str) -> Encoder:
         pad = tok.padding["pad_id"] if tok.padding else None
     if pad is None:
         raise RecipeError(path, "the tokenizer has no [PAD] token and no padding set; add one to tokenizer.json")
+    # A tokenizer.json saved with padding on would pad every text in encode_batch, unmasked; the loader pads
+    # each batch and masks the padding (PadCollate), so samples stay unpadded here.
+    tok.no_padding()
     return Encoder(tok, pad, tok.get_vocab_size(with_added_tokens=True), segments=True)
 
 
@@ -289,10 +302,12 @@ class TokenizedText(Dataset):
 class PadCollate:
     """Pads a batch's token ids with the tokenizer's pad id (attention mask 0 there), to the batch's longest
     sequence or to ``length``; the rest of each sample (label, index) goes through torch's default_collate.
-    A class, not a closure, so the loader's worker processes can pickle it."""
+    A class, not a closure, so the loader's worker processes can pickle it. ``fixed_shape``: every batch
+    has one sequence length, so a KD stage may cache teacher hint features (compress.kd.teachers)."""
 
     def __init__(self, pad_id: int, length: Optional[int] = None):
         self.pad_id, self.length = pad_id, length
+        self.fixed_shape = length is not None
 
     def __call__(self, samples: list[tuple]) -> tuple:
         xs = [s[0] for s in samples]

@@ -79,10 +79,20 @@ class IndexedDataset(Dataset):
         return x, y, i
 
 
-def cache_reason(augments: bool, data: DataBundle) -> Optional[str]:
-    """Why cached teacher outputs would be wrong (None: they are exact); ``augments``: the trainer does."""
+# Hint features are [B, T, D] for text: cached per eval batch (its own padded T), they would not line up with
+# a training batch padded to another length. Logits ([B, C]) do not depend on T, so they still cache.
+VARYING_SHAPES = ("hints are set and the data's batches vary in shape (the text dataset pads each batch to its "
+                  "longest text), so cached teacher features would not line up with the student's; "
+                  "data.padding: max_length gives every batch one shape")
+
+
+def cache_reason(augments: bool, data: DataBundle, hints: bool = False) -> Optional[str]:
+    """Why cached teacher outputs would be wrong (None: they are exact); ``augments``: the trainer does;
+    ``hints``: teacher features are cached too (a collate function must mark its batches ``fixed_shape``)."""
     if augments:
         return "the trainer augments the inputs (augment:), so the teacher must see each new batch"
+    if hints and data.collate is not None and not getattr(data.collate, "fixed_shape", False):
+        return VARYING_SHAPES
     if not data.deterministic:
         return "the data pipeline is not deterministic (random augmentation)"
     if data.train is None:

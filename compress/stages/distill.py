@@ -16,8 +16,8 @@ from compress.api import Result, as_data
 from compress.data import DataBundle
 from compress.errors import RecipeError
 from compress.kd.hook import DistillHook, HintConfig, KDLossName, check_kd
-from compress.kd.teachers import (IndexedDataset, cache_reason, check_teacher_epoch, check_teachers, frozen,
-                                  load_teachers, resolve_teacher, teacher_items, teacher_weights)
+from compress.kd.teachers import (VARYING_SHAPES, IndexedDataset, cache_reason, check_teacher_epoch, check_teachers,
+                                  frozen, load_teachers, resolve_teacher, teacher_items, teacher_weights)
 from compress.stages.base import ModelField, StageResult, check_outputs, register_stage
 from compress.trainer import Hook, TrainConfig, Trainer, evaluate
 from compress.utils import resolve_device
@@ -56,7 +56,7 @@ def _fit(student: nn.Module, teachers: Sequence[nn.Module], cfg: DistillConfig, 
     if cfg.hints and len(teachers) > 1:
         raise RecipeError(f"{path}.hints", f"hints need a single teacher; this stage has {len(teachers)}")
     x = check_kd(student, teachers, data, cfg.loss, path, teacher_paths, device, "alpha" in cfg.model_fields_set)
-    reason = cache_reason(_augments(cfg), data)
+    reason = cache_reason(_augments(cfg), data, bool(cfg.hints))
     if cfg.cache_teacher is True and reason:
         raise RecipeError(f"{path}.cache_teacher", f"is true but {reason}")
     use_cache = cfg.cache_teacher is not False and reason is None
@@ -110,6 +110,8 @@ def _check_distill(recipe, index: int, cfg: DistillConfig) -> None:
     if cfg.cache_teacher is True and _augments(cfg):
         raise RecipeError(f"{path}.cache_teacher", "is true but the trainer augments the inputs (augment:); "
                                                    "cached teacher outputs would not match the augmented batches")
+    if cfg.cache_teacher is True and cfg.hints and getattr(recipe.data, "padding", None) == "longest":
+        raise RecipeError(f"{path}.cache_teacher", f"is true but {VARYING_SHAPES}")  # the text dataset's default
     if cfg.teacher_epoch is not None:
         check_teacher_epoch(recipe, index, items, cfg.teacher_epoch, path)
 

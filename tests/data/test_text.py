@@ -74,6 +74,11 @@ def test_integer_labels_sort_as_numbers_and_max_length_pads_and_truncates(tmp_pa
     assert x["input_ids"].shape[1] == 8 and (x["input_ids"][:, -1] == 3).all()  # truncated, [SEP] kept
 
 
+def test_labels_int_cannot_read_sort_as_strings(tmp_path):
+    rows = [{"text": f"word {i}", "label": ["²", "--1", "10", "-3"][i % 4]} for i in range(12)]
+    assert _data(_jsonl(tmp_path / "t.jsonl", rows)).classes == ["--1", "-3", "10", "²"]  # int('²') raises
+
+
 def test_the_tokenizer_learns_from_the_training_split_only(tmp_path):
     n, spec = 60, DataSpec(name="text")
     _, _, test_idx = split_rows(n, spec)
@@ -113,6 +118,19 @@ def test_a_saved_tokenizer_folder_and_file_read_back(tmp_path):
     assert torch.equal(a[0]["input_ids"][0, :3], torch.tensor(tok.encode(_rows()[int(split_rows(60, DataSpec(name="t"))[2][0])]["text"]).ids[:3]))
 
 
+def test_a_tokenizer_json_saved_with_padding_on_leaves_the_padding_and_mask_to_the_loader(tmp_path):
+    from compress.data.text import TrainTokenizer, train_tokenizer
+
+    tok = train_tokenizer(TrainTokenizer(vocab_size=VOCAB), [r["text"] for r in _rows()])
+    tok.enable_padding(pad_id=PAD, pad_token="[PAD]")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    data = _data(_csv(tmp_path / "t.csv", _rows()), tokenizer=str(tmp_path / "tokenizer.json"))
+    for x, _ in data.loader("train", shuffle=False):
+        real = x["input_ids"] != PAD
+        assert torch.equal(x["attention_mask"], real.long())  # no [PAD] the model attends to
+        assert real[:, -1].any()  # padded to the batch's longest text, not the file's
+
+
 def test_text_pairs_get_segment_ids(tmp_path):
     rows = [{**r, "other": "and more"} for r in _rows(20)]
     data = _data(_jsonl(tmp_path / "t.jsonl", rows), text_pair="other", max_length=32)
@@ -145,6 +163,7 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, monkeypatch):
     assert _error(tmp_path, text="body") == f"data.text: '{tmp_path / 't.csv'}' has no column 'body'; it has text, label"
     assert _error(tmp_path, label="y").startswith("data.label: ") and "it has text, label" in _error(tmp_path, label="y")
     assert "label 'pos' is not one of ['neg', 'other']" in _error(tmp_path, classes=["neg", "other"])
+    assert _error(tmp_path, classes=["neg", "pos", "neg"]) == "data.classes: expected distinct class names, got 'neg' more than once"
     assert _error(tmp_path, tokenizer=str(tmp_path)).startswith("data.tokenizer: ") and "not a tokenizer folder" in _error(tmp_path, tokenizer=str(tmp_path))
     assert "no such file or folder" in _error(tmp_path, tokenizer=str(tmp_path / "nope"))
     assert _error(tmp_path, tokenizer=5).startswith("data.tokenizer: expected a tokenizer folder, a tokenizer.json")

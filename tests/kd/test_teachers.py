@@ -63,3 +63,15 @@ def test_frozen_teachers_get_their_flags_back_even_after_an_error(data, mlp):
 def test_cache_reason_names_why_outputs_cannot_be_cached(data):
     assert cache_reason(False, data) is None
     assert "augments" in cache_reason(True, data)
+    assert cache_reason(False, data, hints=True) is None  # default_collate: one shape per batch
+
+
+def test_hints_are_not_cached_when_a_collate_gives_batches_of_varying_shape(data):
+    import dataclasses
+
+    from compress.data.text import PadCollate
+
+    padded = dataclasses.replace(data, collate=PadCollate(0))  # pads to each batch's longest
+    assert "vary in shape" in cache_reason(False, padded, hints=True)
+    assert cache_reason(False, padded) is None  # logits do not depend on the padded length
+    assert cache_reason(False, dataclasses.replace(data, collate=PadCollate(0, 16)), hints=True) is None

@@ -143,3 +143,38 @@ def test_alpha_with_the_regression_loss_warns_that_it_has_no_effect():
     data = create_data({"name": "synthetic", "task": "regression", "num_samples": 32, "num_classes": 2, "shape": [4]})
     with pytest.warns(UserWarning, match=r"^distill\.alpha: has no effect with the regression loss"):
         distill(mlp(data, [8]), mlp(data, [8], 1), DistillConfig(loss="regression", alpha=0.3, epochs=1, progress=False), data)
+
+
+# -- text: hint features are [B, T, D] with T each batch's padded length ------------------------------------
+BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 32, "vocab_size": 300}
+
+
+def _text_csv(path):
+    words = ["good", "bad", "the", "movie", "was", "a", "plot", "dull"]
+    rows = [" ".join(words[(i + j) % 8] for j in range(1 + i % 9)) for i in range(48)]
+    path.write_text("text,label\n" + "".join(f"{t},{'pos' if 'good' in t else 'neg'}\n" for t in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("padding, cached", [("longest", False), ("max_length", True)])
+def test_text_hints_cache_only_with_fixed_length_batches_and_logits_always_cache(tmp_path, padding, cached):
+    pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    text = create_data({"name": "text", "path": _text_csv(tmp_path / "t.csv"), "max_length": 16, "padding": padding,
+                        "batch_size": 8, "tokenizer": {"vocab_size": 300}})
+    torch.manual_seed(0)
+    teacher, student = (create_model({"name": "hf", "config": BERT}, text.input_shape, 2) for _ in range(2))
+    layer = "model.bert.encoder.layer.0"
+    cfg = DistillConfig(epochs=1, hints=[{"student": layer, "teacher": layer}], **QUIET)
+    metrics = distill(student, teacher, cfg, text).metrics  # batches of 9 and 11 tokens used to fail here
+    assert metrics["teacher_cache"] is cached
+    assert cached or "vary in shape" in metrics["teacher_cache_off"]
+    assert distill(student, teacher, DistillConfig(epochs=1, **QUIET), text).metrics["teacher_cache"]  # logits: [B, C]
+    if not cached:
+        with pytest.raises(RecipeError, match=r"^distill\.cache_teacher: is true but hints are set"):
+            distill(student, teacher, cfg.model_copy(update={"cache_teacher": True}), text)
+        recipe = {"name": "t", "data": {"name": "text", "path": _text_csv(tmp_path / "t.csv")},
+                  "teacher": {"name": "hf", "config": BERT}, "model": {"name": "hf", "config": BERT},
+                  "stages": [{"distill": {"cache_teacher": True, "hints": [{"student": layer, "teacher": layer}]}}]}
+        with pytest.raises(RecipeErrors, match=r"^stages\[0\]\.distill\.cache_teacher: is true but hints[^\n]*$"):
+            parse_recipe(recipe)  # one line, before anything runs
