@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from compress.config import MAX_WIDTH, Seed, Width
-from compress.data.bundle import DataBundle, DataSpec, register_dataset, tensor_splits
+from compress.data.bundle import DataBundle, DataSpec, read_utf8, register_dataset, tensor_splits
 from compress.errors import RecipeError
 
 
@@ -118,13 +118,7 @@ class CsvSpec(FileSpec):
 def csv(spec: CsvSpec) -> DataBundle:
     import csv as _csv
 
-    data = spec.path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise RecipeError("data.path", f"'{spec.path}', line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
-                                       "save the table as UTF-8") from None
+    text = read_utf8(spec.path, "table")
     xs, ys, lines = [], [], []
     reader = _csv.reader(io.StringIO(text, newline=""))
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import numpy as np
@@ -147,3 +148,14 @@ def tensor_splits(x: torch.Tensor, y: torch.Tensor, spec: DataSpec, test: tuple 
     train_idx, val_idx, test_idx = split_rows(len(full), spec, with_test=test is None)
     test_ds = Subset(full, test_idx) if test is None else TensorDataset(*test)
     return Subset(full, train_idx), Subset(full, val_idx), test_ds
+
+
+def read_utf8(path: Path, what: str = "file") -> str:
+    """A user's text file as str (a BOM dropped); not UTF-8 is one line naming the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RecipeError("data.path", f"'{path}', line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                                       f"save the {what} as UTF-8") from None

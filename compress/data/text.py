@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from compress.config import StrictModel
-from compress.data.bundle import DataBundle, DataSpec, register_dataset, split_rows
+from compress.data.bundle import DataBundle, DataSpec, read_utf8, register_dataset, split_rows
 from compress.data.inputs import Inputs
 from compress.errors import RecipeError
 
@@ -107,13 +107,7 @@ def _need(module: str, path: str) -> None:
 # -- reading the file -------------------------------------------------------------------------------------
 def read_rows(spec: TextSpec) -> tuple[list[dict], list[int]]:
     """The file's rows as dicts, with the line number of each (for messages)."""
-    data = spec.path.read_bytes()
-    try:
-        content = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise RecipeError("data.path", f"'{spec.path}', line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
-                                       "save the file as UTF-8") from None
+    content = read_utf8(spec.path)
     rows, lines = [], []
     if SUFFIXES[spec.path.suffix.lower()] == "csv":
         reader = csv.DictReader(io.StringIO(content, newline=""))
