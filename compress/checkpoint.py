@@ -42,9 +42,21 @@ def load_model(path: str | Path, *, allow_import: bool | None = None) -> nn.Modu
     if "import" in ckpt["spec"] and not import_allowed(allow_import):
         raise CompressError(f"{path}: its model spec {import_refused(ckpt['spec']['import'])}")
     # The saved weights replace whatever a checkpoint or pretrained file would load: skip reading those.
-    spec = {k: v for k, v in ckpt["spec"].items() if k not in ("checkpoint", "weights")}
+    spec = _environment(path, {k: v for k, v in ckpt["spec"].items() if k not in ("checkpoint", "weights")})
     if "pretrained" in spec or str(spec.get("name", "")).startswith("hf"):
         spec["pretrained"] = False  # nor download them (timm's pretrained, a hub id's weights)
     io = ckpt.get("io") or {}
     model = create_model(spec, tuple(io.get("input_shape", ())), io.get("num_outputs", 0))
     return restore(model, ckpt, str(path))
+
+
+def _environment(path: str | Path, spec: dict) -> dict:
+    """Resolve the ``${VAR}``s a run kept in the saved spec (its values never go into files) from this
+    process's environment."""
+    from compress.errors import RecipeError
+    from compress.recipe import interpolate
+
+    try:
+        return interpolate(spec, path="spec")
+    except RecipeError as exc:
+        raise CompressError(f"{path}: {exc}") from None

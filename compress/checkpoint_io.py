@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from compress.errors import CompressError
 from compress.registry import Registry
+from compress.safety import scrub
 from compress.utils import atomic_path
 
 FORMAT = "compress.checkpoint/1"
@@ -28,14 +29,15 @@ def record_transform(model: nn.Module, kind: str, **params: Any) -> None:
 
 
 def model_state(model: nn.Module, meta: dict | None = None) -> dict:
-    spec = getattr(model, "compress_spec", None)
+    """What a checkpoint or packed file holds; the spec keeps a recipe's ``${VAR}`` as written (``scrub``):
+    ``load_model`` resolves it from the environment of the process that loads."""
     return {
         "format": FORMAT,
-        "spec": spec,
+        "spec": scrub(getattr(model, "compress_spec", None)),
         "io": getattr(model, "compress_io", None),
-        "transforms": copy.deepcopy(getattr(model, "compress_transforms", [])),
+        "transforms": scrub(copy.deepcopy(getattr(model, "compress_transforms", []))),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": meta or {},
+        "meta": scrub(meta or {}),
     }
 
 

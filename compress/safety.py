@@ -91,11 +91,36 @@ def redact_error(exc: CompressError, secrets: dict[str, str]) -> CompressError:
     return exc
 
 
+# The environment values of the run in progress: every file compress writes inside ``redacting()`` goes
+# through ``scrub`` (compress.utils' writers, checkpoint specs, packed headers), so none holds a value.
+_SECRETS: contextvars.ContextVar[dict] = contextvars.ContextVar("compress_secrets", default={})
+
+
 @contextmanager
 def redacting(secrets: dict[str, str]) -> Iterator[None]:
-    """Errors raised inside the block do not echo the values in ``secrets``."""
+    """Inside the block, errors do not echo the values in ``secrets`` and files written do not hold them."""
+    token = _SECRETS.set({**_SECRETS.get(), **secrets})
     try:
         yield
     except CompressError as exc:
         redact_error(exc, secrets)  # in place: the traceback and suppressed context stay as raised
         raise
+    finally:
+        _SECRETS.reset(token)
+
+
+def scrub(obj):
+    """``obj`` with every environment value of the enclosing ``redacting()`` put back as ``${VAR}``
+    (strings and paths inside dicts, lists and tuples; anything else is returned as it is)."""
+    secrets = _SECRETS.get()
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        return redact(obj, secrets)
+    if isinstance(obj, os.PathLike):
+        return type(obj)(redact(os.fspath(obj), secrets))
+    if isinstance(obj, dict):
+        return {scrub(k): scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(scrub(v) for v in obj)
+    return obj

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
+from compress.safety import scrub
 
 
 def seed_everything(seed: int) -> None:
@@ -40,18 +41,24 @@ def atomic_path(path: str | os.PathLike):
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically, and without the environment values of the run (``compress.safety.scrub``)."""
+    _write(path, scrub(text))
+
+
+def _write(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    # Scrubbed as data, not as text: a value replaced inside the JSON text could break its quoting.
+    _write(path, json.dumps(scrub(obj), indent=2, default=_json_default) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     # Appending one line is atomic enough for a log: a crash loses at most the line being written.
     with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_json_default) + "\n")
+        f.write(json.dumps(scrub(obj), default=_json_default) + "\n")
 
 
 def _json_default(o: Any):

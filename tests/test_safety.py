@@ -150,3 +150,36 @@ def test_saved_recipe_keeps_variables_and_errors_do_not_echo_values(tmp_path, ti
 
 def test_redact_longest_value_first():
     assert redact("a /data/x/y b", {"/data": "ROOT", "/data/x": "SUB"}) == "a ${SUB}/y b"
+
+
+def test_saved_files_keep_variables_not_their_values(tmp_path, tiny_recipe, monkeypatch):
+    """Checkpoint specs, packed headers, report.json, metrics.jsonl and done.json hold ``${VAR}``, never the
+    value; a reload resolves it from the loading process's environment."""
+    first = tmp_path / "secret-weights-dir"
+    Pipeline.from_dict({**tiny_recipe, "stages": [{"train": {"epochs": 1, "progress": False}}]}).run(first)
+    monkeypatch.setenv("WEIGHTS", str(first))
+    monkeypatch.setenv("DEPLOY", str(tmp_path / "secret-deploy-dir"))
+    tiny_recipe["model"] = {**tiny_recipe["model"], "checkpoint": "${WEIGHTS}/stages/00_train/model.pt"}
+    tiny_recipe["stages"] = [{"evaluate": {}}, {"encode": {}}, {"export": {"path": "${DEPLOY}/m.onnx"}}]
+    out = tmp_path / "run"
+    Pipeline.from_dict(tiny_recipe).run(out)
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert {"report.json", "metrics.jsonl", "done.json", "model.pt"} <= {f.name for f in files}
+    for f in files:
+        data = f.read_bytes()
+        assert b"secret-weights-dir" not in data and b"secret-deploy-dir" not in data, f
+    assert b"${WEIGHTS}" in (out / "stages/00_evaluate/model.pt").read_bytes()
+    assert "${DEPLOY}/m.onnx" in (out / "report.json").read_text()
+    assert (tmp_path / "secret-deploy-dir/m.onnx").is_file()
+    assert load_model(out / "stages/00_evaluate/model.pt") is not None
+    packed = next(out.glob("stages/01_encode/*.cpk"))
+    assert load_model(packed) is not None
+
+
+def test_reload_resolves_variables_or_names_the_missing_one(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    torch.save({"format": FORMAT, "spec": {"name": "mlp", "hidden": "${HIDDEN}"}, "io": {"input_shape": [4], "num_outputs": 2},
+                "transforms": [], "state_dict": {}, "meta": {}}, path)
+    monkeypatch.delenv("HIDDEN", raising=False)
+    with pytest.raises(CompressError, match=r"m.pt: spec.hidden: environment variable HIDDEN is not set"):
+        load_model(path)
