@@ -201,6 +201,9 @@ def check_output_file(path: Path, key: str, run_dir: Path, *, force: bool, resum
     never replaced without ``--force``, and then only if it is an ``.onnx`` file; on ``--resume``, a file
     written since the run began is its own."""
     path = Path(path)
+    if path.is_symlink():  # writers follow links: the name could be an .onnx while the target is anything
+        raise CompressError(f"{key}: {path} is a symbolic link (to {os.readlink(path)}); compress does not write "
+                            "through links: choose another path")
     try:
         inside = run_dir.resolve() in path.resolve().parents
     except OSError:

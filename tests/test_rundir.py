@@ -83,6 +83,26 @@ def test_export_path_is_checked_before_anything_is_written(tmp_path, quick):
     assert target.read_text() == "an earlier run's export" and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_output_path_that_is_a_link_is_refused_even_with_force(tmp_path, quick, inside):
+    """``deploy/model.onnx`` -> a text file: the writers would follow the link (or, inside the run
+    directory, out of it); the link's name is not what decides."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    out = tmp_path / "run"
+    if inside:  # an earlier run directory, handed over with a link planted in it
+        Pipeline.from_dict(quick).run(out)
+        link = out / "deploy.onnx"
+    else:
+        link = tmp_path / "deploy" / "model.onnx"
+        link.parent.mkdir()
+    link.symlink_to(notes)
+    quick["stages"].append({"export": {"path": str(link)}})
+    with pytest.raises(CompressError, match=r"stages\[2\].export.path: .* is a symbolic link \(to .*notes.txt\)"):
+        Pipeline.from_dict(quick).run(out, force=True)
+    assert notes.read_text() == "mine"
+
+
 def test_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
     (tmp_path / LOCK).write_text("999999999\n")  # left by a killed run: nobody holds it
     with RunLock(tmp_path) as a:
