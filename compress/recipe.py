@@ -23,7 +23,7 @@ from compress.data.bundle import DataSpec, parse_data_spec
 from compress.errors import RecipeError, RecipeErrors
 from compress.models.registry import ImportSpec, ModelSpec, parse_model_spec
 from compress.rundir import check_run_name
-from compress.stages.base import MODEL_SPEC, STAGES, check_chain
+from compress.stages.base import MODEL_LIST, MODEL_SPEC, STAGES, check_chain
 from compress.safety import MIN_SECRET_LEN, checking_only, redacting
 
 class OutputConfig(StrictModel):
@@ -244,6 +244,8 @@ def resolve_model_fields(cfg: StrictModel, path: str) -> None:
         if isinstance(value, dict):
             value = parse_model_spec(value, f"{path}.{fname}")
         elif isinstance(value, list):
+            if MODEL_LIST not in info.metadata:
+                raise RecipeError(f"{path}.{fname}", "expected one model spec (a mapping with a 'name' key), got a list")
             value = [parse_model_spec(v, f"{path}.{fname}[{j}]") if isinstance(v, dict) else v
                      for j, v in enumerate(value)]
         object.__setattr__(cfg, fname, value)

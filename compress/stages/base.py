@@ -23,8 +23,11 @@ if TYPE_CHECKING:  # annotations only
 
 # Mark a stage option as a model spec: ``student: ModelField = None``. The mapping given in the recipe is
 # parsed by the model registry (with the full key path in errors) right after the stage's own options.
+# ``ModelsField`` also takes a list of them (a teacher ensemble); a list given to a ``ModelField`` is an error.
 MODEL_SPEC = "compress:model_spec"
+MODEL_LIST = "compress:model_spec_list"
 ModelField = Annotated[Optional[Any], MODEL_SPEC]
+ModelsField = Annotated[Optional[Any], MODEL_SPEC, MODEL_LIST]
 
 # name -> run(state, config) -> StageResult; each entry's config is its options' pydantic class.
 STAGES: Registry = Registry("stage")

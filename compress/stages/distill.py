@@ -18,7 +18,7 @@ from compress.errors import RecipeError
 from compress.kd.hook import DistillHook, HintConfig, KDLossName, check_kd
 from compress.kd.teachers import (VARYING_SHAPES, IndexedDataset, cache_reason, check_teacher_epoch, check_teachers,
                                   frozen, load_teachers, resolve_teacher, teacher_items, teacher_weights)
-from compress.stages.base import ModelField, StageResult, check_outputs, register_stage
+from compress.stages.base import ModelField, ModelsField, StageResult, check_outputs, register_stage
 from compress.trainer import Hook, TrainConfig, Trainer, evaluate
 from compress.utils import resolve_device
 
@@ -34,7 +34,7 @@ class DistillConfig(TrainConfig):
     hints: list[HintConfig] = []
     # 'recipe' (the recipe's teacher), 'previous' (the model the previous stage produced), a model spec
     # with a checkpoint, or a list of these (an ensemble).
-    teacher: ModelField = "recipe"
+    teacher: ModelsField = "recipe"
     teacher_weights: Optional[list[Annotated[float, Field(ge=0)]]] = None
     teacher_epoch: Optional[int] = Field(None, ge=1)  # early-stopped teacher: that epoch's checkpoint
     kd_until_epoch: Optional[int] = Field(None, ge=0)  # KD term for epochs 1..k, hard labels after
