@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,49 @@ def tiny_recipe() -> dict:
         "stages": [{"train": {"epochs": 2, "progress": False}}, {"evaluate": {}}],
         "benchmark": {"latency": False},  # timing is for benchmarks/, not unit tests
     }
+
+
+# The documentation: README.md (the front door) and the pages under docs/ (built with MkDocs).
+DOC_FILES = ["README.md"] + sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+
+
+def read_doc(name: str, heading: str | None = None) -> str:
+    """The text of README.md or of a page under docs/ ("recipes.md"); with ``heading`` ("## Your models"),
+    only the section that starts with it, up to the next heading of its level or above (code blocks skipped)."""
+    text = (ROOT / name if name == "README.md" else ROOT / "docs" / name).read_text()
+    if heading is None:
+        return text
+    level, out, fence = len(heading) - len(heading.lstrip("#")), None, False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and re.match(r"#+ ", line):
+            n = len(line) - len(line.lstrip("#"))
+            if out is not None and n <= level:
+                break
+            if out is None and line.startswith(heading):
+                out = []
+        if out is not None:
+            out.append(line)
+    if out is None:
+        raise LookupError(f"{name} has no heading {heading!r}")
+    return "".join(out)
+
+
+def code_blocks(text: str, lang: str) -> list[tuple[int, str]]:
+    """``(line, code)`` of every fenced block of ``lang`` in ``text``."""
+    return [(text[:m.start()].count("\n") + 1, m.group(1))
+            for m in re.finditer(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)]
+
+
+@pytest.fixture
+def doc():
+    """read_doc: a documentation file's text, or one of its sections."""
+    return read_doc
+
+
+def pytest_generate_tests(metafunc):
+    """``doc_yaml``: every ```yaml block of README.md and docs/*.md, as (file, line, text)."""
+    if "doc_yaml" in metafunc.fixturenames:
+        blocks = [(name, line, code) for name in DOC_FILES for line, code in code_blocks(read_doc(name), "yaml")]
+        metafunc.parametrize("doc_yaml", blocks, ids=[f"{name}:{line}" for name, line, _ in blocks])
