@@ -58,10 +58,13 @@ class SearchResult:
 
 
 # -- rows read back from study.db ---------------------------------------------------------------------
-class _Row(StrictModel):
-    """A measured trial row as the search stores it in the study's user attributes."""
+_STORED = ConfigDict(**{**StrictModel.model_config, "extra": "allow", "strict": True})  # JSON types as written
 
-    model_config = ConfigDict(**{**StrictModel.model_config, "extra": "allow", "strict": True, "allow_inf_nan": True})
+
+class _Row(StrictModel):
+    """A measured trial row as the search stores it in the study's user attributes (finite numbers)."""
+
+    model_config = _STORED
     trial: int
     fidelity: Literal["low", "full"]
     params: dict[str, Any]
@@ -79,7 +82,7 @@ class _Row(StrictModel):
 
 
 class _TrialAttrs(StrictModel):
-    model_config = ConfigDict(**{**StrictModel.model_config, "extra": "allow", "strict": True})
+    model_config = _STORED
     rows: list[_Row] = Field(default_factory=list, max_length=2)
     violation: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=1)
 

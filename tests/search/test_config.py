@@ -94,6 +94,8 @@ def test_mnist_search_recipe_is_valid(tmp_path, monkeypatch):
     ("objectives", 3, "search.objectives"),
     ("trials", float("nan"), "search.trials"),
     ("bogus", 1, "search.bogus"),
+    ("time_limit", float("nan"), "search.time_limit"),
+    ("time_limit", [1], "search.time_limit"),
     ("space", {"stages.2.prune.sparsity": "0.3"}, "search.space.stages.2.prune.sparsity"),
     ("space", {"stages.9.prune.sparsity": [0.3]}, "search.space.stages.9.prune.sparsity"),
 ])
