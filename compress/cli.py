@@ -47,7 +47,8 @@ def run(recipe, overrides, out, resume, force, threads, allow_import):
 @set_opt
 @friendly_errors
 def validate(recipe, overrides):
-    """Check RECIPE (keys, types, names, files, model/data shapes) without running or writing anything.
+    """Check RECIPE (keys, types, names, files, model/data shapes, the search: section) without running or
+    writing anything.
 
     Model specs that import user code (import: pkg.module:factory) are checked for syntax only, never imported."""
     from compress.pipeline import Pipeline
@@ -55,9 +56,18 @@ def validate(recipe, overrides):
 
     p = Pipeline.from_yaml(recipe, overrides)
     state = p.validate(allow_import=False)
+    searched = p.validate_search()
     stages = " -> ".join(s.name for s in p.recipe.stages)
     click.echo(f"ok: {p.recipe.name}: {state.data.task} on {p.recipe.data.name} "
                f"(input {tuple(state.data.input_shape)}, {state.data.num_outputs} outputs); stages: {stages}")
+    if searched is not None:
+        import importlib.util
+
+        from compress.search.engine import INSTALL
+
+        click.echo(f"ok: search: {len(searched.space)} key path(s), {searched.trials} trials")
+        if importlib.util.find_spec("optuna") is None:
+            click.echo(f"note: 'compress search' needs Optuna, which is not installed: {INSTALL}")
     for path, target in p.recipe.imports():
         click.echo(f"note: {path}: imports {target!r} (not imported or checked here); "
                    f"'compress run' needs --allow-import or {ALLOW_IMPORT_ENV}=1")

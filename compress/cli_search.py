@@ -13,15 +13,17 @@ from compress.errors import RecipeError
 @recipe_arg
 @set_opt
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Search directory (default: runs/<recipe name>-search).")
+              help="Search directory (default: runs/<recipe name>-search, made unique).")
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Trials in all (default: search.trials).")
 @click.option("--time-limit", default=None, help="Stop starting trials after this long (45m, 90s, 2h).")
-@click.option("--resume", is_flag=True, help="Continue the search in --out (its finished trials are kept).")
+@click.option("--resume", is_flag=True, help="Continue the search in --out (default: the newest of "
+              "runs/<recipe name>-search*); its finished trials are kept.")
+@click.option("--force", is_flag=True, help="Replace an existing search directory made by compress (under runs/ or --out).")
 @click.option("--compare", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="A hand-written recipe to run and measure side by side with the chosen model.")
 @allow_import_opt
 @friendly_errors
-def search(recipe, overrides, out, trials, time_limit, resume, compare, allow_import):
+def search(recipe, overrides, out, trials, time_limit, resume, force, compare, allow_import):
     """Search RECIPE's search.space for the best model meeting search.constraints; write trials.jsonl,
     front.json, result.json, chosen/ and search.html."""
     from compress.recipe import apply_override, read_yaml
@@ -41,8 +43,8 @@ def search(recipe, overrides, out, trials, time_limit, resume, compare, allow_im
     for o in overrides:
         apply_override(doc, o)
     with allowing_imports(allow_import):
-        res = run_search(doc, out=out or Path("runs") / f"{doc.get('name', 'search')}-search", resume=resume,
-                         trials=trials, time_limit=limit, compare=compare, log=click.echo)
+        res = run_search(doc, out=out, resume=resume, force=force, trials=trials, time_limit=limit, compare=compare,
+                         log=click.echo)
     click.echo(res.message)
     click.echo(f"stage reuse: {res.reuse['hits']} cached prefixes loaded, about {res.reuse['saved_seconds']} s saved")
     click.echo(f"search directory: {res.out}  (search.html, trials.jsonl, front.json, chosen/)")

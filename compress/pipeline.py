@@ -123,6 +123,16 @@ class Pipeline:
         with redacting(self.recipe.secrets):
             return build_state(self.recipe, build_imports=import_allowed(allow_import))
 
+    def validate_search(self):
+        """The recipe's ``search:`` section as ``compress search`` reads it (None when there is none): a run
+        ignores it, but ``compress validate`` vouches for every section (Optuna is not needed for this)."""
+        if self.recipe.raw.get("search") is None:
+            return None
+        from compress.search.config import parse_search
+
+        with redacting(self.recipe.secrets):
+            return parse_search(self.recipe.raw)
+
     def require_imports(self, allow_import: bool | None = None) -> None:
         """Refuse, naming the key path, a recipe that imports user code without the opt-in."""
         found = self.recipe.imports()

@@ -108,6 +108,21 @@ def is_run_dir(d: Path) -> bool:
         return False
 
 
+def is_inside(root: Path, path: Path) -> bool:
+    """True if ``path``, symlinks resolved, lies under ``root`` (a link out of it is not inside)."""
+    try:
+        return Path(root).resolve() in Path(path).resolve().parents
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def check_inside(root: Path, path: Path, what: str) -> Path:
+    """``path`` if it stays inside ``root`` (symlinks resolved), else one line naming ``what`` and the path."""
+    if not is_inside(root, path):
+        raise CompressError(f"{what}: {path} resolves outside {root}; refusing to read or write it")
+    return Path(path)
+
+
 def _under_runs(d: Path) -> bool:
     runs, target = RUNS.resolve(), d.resolve()
     return target != runs and runs in target.parents
@@ -138,18 +153,19 @@ def latest_run(default: Path) -> Path:
 
 
 def open_run_dir(out: Optional[Path], default: Path, name: str, *, resume: bool = False,
-                 force: bool = False) -> tuple[Path, RunLock]:
+                 force: bool = False, saved: str = "recipe.yaml") -> tuple[Path, RunLock]:
     """Pick the run directory, lock it, and empty it for ``force``; the caller releases the lock.
 
     ``out``: the directory the caller named (``--out``, ``run(out=...)``); ``default``: the recipe's
-    (``output.dir`` or ``runs/<name>``), made unique for a new run unless ``force``.
+    (``output.dir`` or ``runs/<name>``), made unique for a new run unless ``force``; ``saved``: the file
+    an earlier run left that ``resume`` needs (``compress search`` keeps ``search.yaml``).
     """
     if resume and force:
         raise CompressError("--resume and --force exclude each other")
     if resume:
         d = out if out is not None else latest_run(default)
-        if not (d / "recipe.yaml").is_file():
-            raise CompressError(f"{d}: nothing to resume (no recipe.yaml from an earlier run)")
+        if not (d / saved).is_file():
+            raise CompressError(f"{d}: nothing to resume (no {saved} from an earlier run)")
         return d, _locked(d)
     if out is None and not force:
         return _new_default(default, name)

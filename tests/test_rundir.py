@@ -6,7 +6,8 @@ import pytest
 
 from compress.errors import CompressError, RecipeErrors
 from compress.pipeline import Pipeline
-from compress.rundir import LOCK, MARKER, RunLock, check_output_file, check_run_name
+from compress.rundir import (LOCK, MARKER, RunLock, check_inside, check_output_file, check_run_name, is_inside,
+                             open_run_dir)
 
 
 @pytest.fixture
@@ -209,3 +210,29 @@ def test_resume_logs_no_epoch_twice(tmp_path, tiny_recipe, monkeypatch):
     Pipeline.from_dict(tiny_recipe).run(out, resume=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r.get("stage") == "train:model"] == [1, 2, 3]
+
+
+def test_is_inside_follows_links_and_check_inside_refuses_in_one_line(tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    (run / "out").symlink_to(elsewhere)
+    (run / "loop").symlink_to(run / "loop")
+    assert is_inside(run, run / "a" / "b.pt") and not is_inside(run, run)
+    for path in (run / "out" / "b.pt", run / ".." / "elsewhere", run / "loop"):
+        assert not is_inside(run, path)
+    with pytest.raises(CompressError, match=r"^row\.file: .* resolves outside") as e:
+        check_inside(run, run / "out" / "b.pt", "row.file")
+    assert "\n" not in str(e.value)
+
+
+def test_resume_needs_the_file_the_command_saved(tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(CompressError, match="no search.yaml"):
+        open_run_dir(d, d, "x", resume=True, saved="search.yaml")
+    (d / "search.yaml").write_text("name: x\n")
+    got, lock = open_run_dir(d, d, "x", resume=True, saved="search.yaml")
+    lock.release()
+    assert got == d

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from compress.checkpoint import load_model, save_model
+from compress.rundir import check_inside
 from compress.utils import write_json
 
 
@@ -34,29 +35,34 @@ class StageCache:
         self.saved_seconds = 0.0  # compute time the hits would have cost (the prefix's own run time)
         self.ran: Counter = Counter()  # "index:name" -> times that stage actually ran
 
-    def load(self, doc: dict, n_stages: int, state) -> int:
-        """Put the longest cached prefix's models into ``state``; return how many stages it covers."""
+    def entry(self, doc: dict, k: int) -> Path:
+        """The folder of the prefix ending at stage ``k``; a link out of the cache is refused."""
+        return check_inside(self.root, self.root / prefix_key(doc, k), "search cache entry")
+
+    def load(self, doc: dict, n_stages: int, state) -> tuple[int, float]:
+        """Put the longest cached prefix's models into ``state``; return how many stages it covers and
+        the seconds they took to compute."""
         for k in reversed(range(n_stages)):
-            d = self.root / prefix_key(doc, k)
+            d = self.entry(doc, k)
             entry = d / "entry.json"
             if not entry.is_file():
                 continue
             try:
-                info = json.loads(entry.read_text())
+                seconds = float(json.loads(entry.read_text())["seconds"])
                 model = load_model(d / "model.pt")
                 teacher = load_model(d / "teacher.pt") if (d / "teacher.pt").is_file() else None
-            except Exception:  # a cache entry cut short by a kill: run the prefix again
+            except Exception:  # a cache entry cut short by a kill (or not written by compress): run the prefix again
                 continue
             state.model = model
             if teacher is not None:
                 state.teacher = teacher
             self.hits += 1
-            self.saved_seconds += float(info.get("seconds", 0.0))
-            return k + 1
-        return 0
+            self.saved_seconds += seconds
+            return k + 1, seconds
+        return 0, 0.0
 
     def put(self, doc: dict, k: int, state, seconds: float) -> None:
-        d = self.root / prefix_key(doc, k)
+        d = self.entry(doc, k)
         d.mkdir(parents=True, exist_ok=True)
         save_model(state.model, d / "model.pt")
         if state.teacher is not None:
@@ -78,10 +84,8 @@ def run_cached(doc: dict, run_dir: Path, cache: Optional[StageCache]):
     recipe = parse_recipe(doc)
     state = build_state(recipe)
     state.run_dir = Path(run_dir)
-    start = cache.load(doc, len(recipe.stages), state) if cache else 0
-    spent, caching, result = 0.0, cache is not None, None
-    if start and cache:
-        spent = json.loads((cache.root / prefix_key(doc, start - 1) / "entry.json").read_text())["seconds"]
+    start, spent = cache.load(doc, len(recipe.stages), state) if cache else (0, 0.0)
+    caching, result = cache is not None, None
     for spec in recipe.stages[start:]:
         t0 = time.time()
         result = run_stage(state, spec)

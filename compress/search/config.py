@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from compress.config import StrictModel, validate
 from compress.errors import RecipeError, RecipeErrors
@@ -69,23 +69,22 @@ class SearchConfig(StrictModel):
     constraints: ConstraintsConfig = ConstraintsConfig()
     backend: BackendConfig = BackendConfig()
     trials: int = Field(40, ge=1)
-    time_limit: Optional[Union[float, str]] = None  # seconds, or '45m', '2h'
+    time_limit: Optional[float] = None  # seconds, or '45m', '2h' (read as seconds)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: Optional[int] = None  # default: the recipe's seed
     fidelity: FidelityConfig = FidelityConfig()
     space: dict[str, Any] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _limit(self):
-        if self.time_limit is not None:
-            self.__dict__["time_limit"] = parse_duration(self.time_limit)
-        return self
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Optional[float]:
+        return None if v is None else parse_duration(v)  # a ValueError names search.time_limit
 
 
 def parse_duration(v: Union[float, str]) -> float:
     """'45m', '90s', '1.5h' or a number of seconds."""
-    if isinstance(v, (int, float)):
-        if v <= 0:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not v > 0:  # nan too
             raise ValueError(f"expected a positive duration, got {v}")
         return float(v)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(v))

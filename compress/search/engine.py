@@ -14,16 +14,23 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
+from pydantic import ConfigDict, Field
 
-from compress.errors import CompressError, RecipeError
+from compress.config import StrictModel, validate
+from compress.errors import CompressError, RecipeError, RecipeErrors
+from compress.rundir import check_inside, open_run_dir
 from compress.search.cache import StageCache, run_cached
 from compress.search.config import SearchConfig, parse_search, range_spec, stage_of, strip_search, trial_doc
 from compress.utils import write_json, write_text
 
 INSTALL = "pip install compress[search]"
+SAVED = "search.yaml"  # the recipe of the search, beside its study: what --resume needs
+# What a search writes at the top of its folder: each must resolve inside it (a link out is refused).
+OWN = ("study.db", SAVED, "trials.jsonl", "front.json", "result.json", "search.html",
+       "baseline", "cache", "trials", "chosen", "compare")
 
 
 def require_optuna():
@@ -48,6 +55,65 @@ class SearchResult:
     reuse: dict = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+
+
+# -- rows read back from study.db ---------------------------------------------------------------------
+_STORED = ConfigDict(**{**StrictModel.model_config, "extra": "allow", "strict": True})  # JSON types as written
+
+
+class _Row(StrictModel):
+    """A measured trial row as the search stores it in the study's user attributes (finite numbers)."""
+
+    model_config = _STORED
+    trial: int
+    fidelity: Literal["low", "full"]
+    params: dict[str, Any]
+    accuracy: float
+    size: float
+    n_params: Optional[int] = None
+    macs: Optional[float] = None
+    latency: Optional[float] = None
+    speedup: Optional[float] = None
+    seconds: float = 0.0
+    file: str
+    dir: str
+    misses: dict[Literal["max_drop", "speedup", "max_size", "max_latency_ms"], float]
+    feasible: bool
+
+
+class _TrialAttrs(StrictModel):
+    model_config = _STORED
+    rows: list[_Row] = Field(default_factory=list, max_length=2)
+    violation: list[float] = Field(default_factory=lambda: [0.0], min_length=1, max_length=1)
+
+
+def open_study(optuna, db: Path, out: Path, cfg: SearchConfig):
+    """The study in ``db``, every stored trial checked: a database is input (a resumed folder may come from
+    anywhere), so a corrupt file, a row that is not a measured trial, or a path that leaves the search
+    directory is one line naming the file, before anything trains."""
+    directions = ["maximize" if d == "max" else "minimize" for d in cfg.objectives.values()]
+    try:
+        study = optuna.create_study(storage=f"sqlite:///{db}", study_name="search", directions=directions,
+                                    load_if_exists=True)
+        stored = study.get_trials(deepcopy=False)
+    except Exception as exc:  # SQLAlchemy, sqlite3 and Optuna raise many types for a file that is not their database
+        detail = (str(exc).splitlines() or [""])[0]
+        raise CompressError(f"{db}: not a readable Optuna study database ({type(exc).__name__}: {detail})") from None
+    if [d.name.lower() for d in study.directions] != directions:
+        raise CompressError(f"{db}: the study's objectives differ from search.objectives ({list(cfg.objectives)})")
+    for t in stored:
+        where = f"{db}: trial {t.number}"
+        try:
+            attrs = validate(_TrialAttrs, t.user_attrs, "user_attrs")
+        except RecipeErrors as exc:
+            raise CompressError(f"{where}: {exc.errors[0]}") from None
+        for i, row in enumerate(attrs.rows):
+            missing = [k for k in cfg.objectives if getattr(row, k, None) is None]
+            if missing:
+                raise CompressError(f"{where}: user_attrs.rows[{i}] has no {missing[0]} (an objective)")
+            check_inside(out, Path(row.file), f"{where}: user_attrs.rows[{i}].file")
+            check_inside(out, Path(row.dir) / "recipe.yaml", f"{where}: user_attrs.rows[{i}].dir")
+    return study
 
 
 # -- objectives and constraints ------------------------------------------------------------------------
@@ -151,8 +217,9 @@ def measure_subject(subject, data, cfg: SearchConfig, baseline, metric: str, spl
 # -- the search -----------------------------------------------------------------------------------------
 class Search:
     def __init__(self, doc: dict, cfg: SearchConfig, out: Path, compare: Optional[dict] = None, log=print):
-        self.doc, self.cfg, self.out, self.compare_doc, self.log = doc, cfg, Path(out), compare, log
-        self.base_doc = strip_search(doc)
+        self.doc, self.cfg, self.out, self.log = doc, cfg, Path(out), log
+        self.base_doc = own_files(strip_search(doc), log)
+        self.compare_doc = own_files(strip_search(compare), log) if compare is not None else None
         self.base_doc.setdefault("benchmark", {})
         self.base_doc["benchmark"] = {**(self.base_doc["benchmark"] or {}), "split": "val", "progress": False}
         self.first_varied = min((stage_of(k) for k in cfg.space if stage_of(k) is not None), default=0)
@@ -181,7 +248,7 @@ class Search:
         doc = trial_doc(self.base_doc, params)
         if fidelity == "low":
             doc = scale_epochs(doc, self.first_varied, self.cfg.fidelity.low)
-        d = self.out / "trials" / f"{number:04d}" / fidelity
+        d = check_inside(self.out, self.out / "trials" / f"{number:04d}" / fidelity, "trial folder")
         shutil.rmtree(d, ignore_errors=True)  # what a killed attempt of this trial left
         t0 = time.time()
         state, result = run_cached(doc, d, self.cache)
@@ -212,6 +279,18 @@ class Search:
         return True
 
 
+def own_files(doc: dict, log) -> dict:
+    """Without the stages' ``path`` options (``export.path``): every trial would write that one file outside
+    the search directory; a trial's file stays in its trial folder (chosen/ gets the chosen one)."""
+    for i, stage in enumerate(doc["stages"]):
+        for name, options in stage.items() if isinstance(stage, dict) else ():
+            if isinstance(options, dict) and "path" in options:
+                stage[name] = {k: v for k, v in options.items() if k != "path"}
+                log(f"[search] stages.{i}.{name}.path is not written by a search: each trial's file stays in "
+                    "its trial folder, the chosen one in chosen/")
+    return doc
+
+
 def _sampler(optuna, name: str, seed: int, constraints):
     if hasattr(optuna.trial.Trial, "set_constraint"):  # Optuna 5: constraints travel with the trial
         constraints = None
@@ -240,12 +319,14 @@ def _rows(study) -> list[dict]:
 
 
 def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Optional[str | Path] = None,
-           resume: bool = False, trials: Optional[int] = None, time_limit: Optional[float] = None,
-           compare: Any = None, log=print) -> SearchResult:
+           resume: bool = False, force: bool = False, trials: Optional[int] = None,
+           time_limit: Optional[float] = None, compare: Any = None, log=print) -> SearchResult:
     """Search the recipe's ``search.space`` for the best model meeting ``search.constraints``.
 
     ``recipe_or_doc``: a recipe path or document with a ``search:`` section (``config`` replaces that
-    section). Writes ``trials.jsonl``, ``front.json``, ``result.json``, ``chosen/`` and ``search.html`` to ``out``.
+    section). Writes ``trials.jsonl``, ``front.json``, ``result.json``, ``chosen/`` and ``search.html`` to ``out``
+    (default: ``runs/<name>-search``, made unique), a folder with the rules of a run directory: marked as
+    compress's, locked while the search lives, replaced by ``force`` only if compress made it.
     """
     optuna = require_optuna()
     from compress.recipe import read_yaml
@@ -261,18 +342,30 @@ def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Op
     if compare is not None:
         cmp_doc = read_yaml(compare) if isinstance(compare, (str, Path)) else dict(compare)
         trial_doc(strip_search(cmp_doc), {}, where="--compare")
-    out = Path(out or Path("runs") / f"{doc.get('name', 'search')}-search")
+    name = str(doc.get("name", "search"))
+    out, lock = open_run_dir(Path(out) if out is not None else None, Path("runs") / f"{name}-search", name,
+                             resume=resume, force=force, saved=SAVED)
+    try:
+        return _search(optuna, doc, cfg, out, resume, limit, cmp_doc, log)
+    finally:
+        lock.release()
+
+
+def _search(optuna, doc: dict, cfg: SearchConfig, out: Path, resume: bool, limit: Optional[float],
+            cmp_doc: Optional[dict], log) -> SearchResult:
+    """The search in ``out``, which this process has locked."""
+    from compress.recipe import read_yaml
+
+    for name in OWN:
+        check_inside(out, out / name, f"{out}: {name}")
     db = out / "study.db"
-    if db.exists() and not resume:
-        raise CompressError(f"{out} already holds a search; give --resume to continue it, or another --out")
-    if resume and not db.exists():
-        raise CompressError(f"{out}: no search to resume (no study.db)")
     if resume:
-        saved = yaml.safe_load((out / "search.yaml").read_text())
-        if saved != doc:
+        if not db.is_file():
+            raise CompressError(f"{out}: no search to resume (no study.db)")
+        if read_yaml(out / SAVED) != doc:
             raise RecipeError("search", f"the recipe differs from the one of the search being resumed in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "search.yaml", yaml.safe_dump(doc, sort_keys=False))
+    write_text(out / SAVED, yaml.safe_dump(doc, sort_keys=False))
+    study = open_study(optuna, db, out, cfg)
 
     started = time.time()
     s = Search(doc, cfg, out, cmp_doc, log)
@@ -282,9 +375,6 @@ def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Op
     def constraints(t):  # Optuna's feasibility-aware sampling: <= 0 means met
         return t.user_attrs.get("violation", [0.0])
 
-    directions = ["maximize" if d == "max" else "minimize" for d in cfg.objectives.values()]
-    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="search", directions=directions,
-                                load_if_exists=True)
     TS = optuna.trial.TrialState
     for t in study.get_trials(deepcopy=False, states=(TS.RUNNING, TS.WAITING)):  # killed mid-trial
         study.tell(t.number, state=TS.FAIL)
@@ -375,6 +465,8 @@ def _finish(s: Search, study, started: float, stopped: str) -> SearchResult:
     shutil.rmtree(chosen_dir, ignore_errors=True)
     for i, r in enumerate(picked):
         src = Path(r["file"])
+        if not src.is_file():
+            raise CompressError(f"{src}: trial {r['trial']}'s model file is missing; run the search again with --force")
         dest = chosen_dir if chosen else chosen_dir / f"closest_{i}"
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / src.name)

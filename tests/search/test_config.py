@@ -88,3 +88,29 @@ def test_mnist_search_recipe_is_valid(tmp_path, monkeypatch):
     (tmp_path / "mnist-t10k").mkdir()
     cfg = parse_search(read_yaml(Path(__file__).resolve().parents[2] / "recipes" / "mnist_search.yaml"))
     assert cfg.trials == 40 and cfg.constraints.speedup == 10 and cfg.constraints.max_drop == 0.005
+
+
+@pytest.mark.parametrize("key, value, path", [
+    ("objectives", 3, "search.objectives"),
+    ("trials", float("nan"), "search.trials"),
+    ("bogus", 1, "search.bogus"),
+    ("time_limit", float("nan"), "search.time_limit"),
+    ("time_limit", [1], "search.time_limit"),
+    ("space", {"stages.2.prune.sparsity": "0.3"}, "search.space.stages.2.prune.sparsity"),
+    ("space", {"stages.9.prune.sparsity": [0.3]}, "search.space.stages.9.prune.sparsity"),
+])
+def test_validate_checks_the_search_section(search_doc, tmp_path, key, value, path):
+    search_doc["search"][key] = value
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(dumps(search_doc))
+    res = CliRunner().invoke(cli, ["validate", str(recipe)])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: {path}") and "Traceback" not in res.output, res.output
+
+
+def test_validate_checks_a_search_section_that_is_not_a_mapping(search_doc, tmp_path):
+    search_doc["search"] = ["space"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(dumps(search_doc))
+    res = CliRunner().invoke(cli, ["validate", str(recipe)])
+    assert res.exit_code == 2 and res.output.startswith("error: search"), res.output
