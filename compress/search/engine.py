@@ -24,6 +24,7 @@ from compress.errors import CompressError, RecipeError, RecipeErrors
 from compress.rundir import check_inside, open_run_dir
 from compress.search.cache import StageCache, run_cached
 from compress.search.config import SearchConfig, parse_search, range_spec, stage_of, strip_search, trial_doc
+from compress.safety import redacting
 from compress.utils import write_json, write_text
 
 INSTALL = "pip install compress[search]"
@@ -346,9 +347,21 @@ def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Op
     out, lock = open_run_dir(Path(out) if out is not None else None, Path("runs") / f"{name}-search", name,
                              resume=resume, force=force, saved=SAVED)
     try:
-        return _search(optuna, doc, cfg, out, resume, limit, cmp_doc, log)
+        with redacting(_environment_values(doc, cmp_doc)):  # baseline/, cache/, trials/ keep ${VAR}
+            return _search(optuna, doc, cfg, out, resume, limit, cmp_doc, log)
     finally:
         lock.release()
+
+
+def _environment_values(*docs: Optional[dict]) -> dict[str, str]:
+    """value -> variable for the ``${VAR}``s the recipes read (what no saved file may hold)."""
+    from compress.recipe import interpolate
+
+    used: dict[str, str] = {}
+    for d in docs:
+        if d is not None:
+            interpolate(d, used=used)
+    return used
 
 
 def _search(optuna, doc: dict, cfg: SearchConfig, out: Path, resume: bool, limit: Optional[float],

@@ -203,3 +203,19 @@ def test_a_stage_path_out_of_the_search_directory_is_not_written(search_doc):
     said = []
     doc = own_files(search_doc, said.append)
     assert doc["stages"][3] == {"export": {"opset": 17}} and "stages.3.export.path" in said[0]
+
+
+def test_saved_search_files_keep_variables_not_their_values(search_doc, tmp_path, monkeypatch):
+    from compress import create_data, create_model
+    from compress.checkpoint import save_model
+
+    secret = tmp_path / "secret-weights-dir"
+    data = create_data({"name": "digits"})
+    save_model(create_model({"name": "mlp", "hidden": [32]}, data.input_shape, data.num_outputs), secret / "t.pt")
+    monkeypatch.setenv("WEIGHTS", str(secret))
+    search_doc["teacher"]["checkpoint"] = "${WEIGHTS}/t.pt"
+    res = _cli(_quick(search_doc, tmp_path), "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    files = [f for f in (tmp_path / "o").rglob("*") if f.is_file()]
+    assert any(f.name == "model.pt" for f in files)
+    assert not [f for f in files if b"secret-weights-dir" in f.read_bytes()]
