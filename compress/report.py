@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
-import html
 import io
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional, Union
 
-from compress.errors import CompressError
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.errors import CompressError, RecipeErrors
 
 
 # -- formatting --------------------------------------------------------------------------------------
@@ -62,20 +64,31 @@ def latency_keys(rows: list[dict]) -> list[tuple[str, str]]:
                     if (backend, bs) not in keys:
                         keys.append((backend, bs))
     order = {"pytorch": 0, "onnxruntime": 1, "cuda": 2}
-    return sorted(keys, key=lambda k: (order.get(k[0], 9), int(k[1]) if k[1].isdigit() else 0))
+    return sorted(keys, key=lambda k: (order.get(k[0], 9), int(k[1]) if k[1].isdecimal() else 0))
 
 
 SHORT = {"pytorch": "PyTorch", "onnxruntime": "ORT", "cuda": "CUDA"}
+LONG = {"pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "cuda": "CUDA"}
+# Column headers name the row each ratio is taken against: one baseline per cell.
+SMALLER = "x smaller vs first"
+SLOW_COLUMN = "x speed vs its input"
+Plot = tuple[str, str]  # (alt text: what it shows, base64 PNG drawn here)
 
 
-def _latency_cell(r: dict, key: tuple[str, str], slow: Optional[float] = None) -> str:
+def _latency_cell(r: dict, key: tuple[str, str]) -> str:
+    """Median ms and x faster than the first row (the column's baseline)."""
     cell = ((r.get("latency") or {}).get(key[0]) or {}).get(key[1])
     if not cell:
         return "-"
     ms = cell["median_ms"]
     text = f"{ms:.3f} ms" if ms < 10 else f"{ms:.1f} ms"
-    text = f"{text} ({cell['speedup']:.2f}x)" if cell.get("speedup") is not None else text
-    return f"{text} SLOWER {slow:.2f}x" if slow is not None else text
+    return f"{text} ({cell['speedup']:.2f}x)" if cell.get("speedup") is not None else text
+
+
+def _slow_cell(slow: dict, i: int) -> str:
+    """Speed against the stage's own input, for the latencies where it made its model slower."""
+    out = [f"{SHORT.get(k[0], k[0])} b{k[1]} {ratio:.2f}x" for (j, k), ratio in slow.items() if j == i]
+    return f"SLOWER: {', '.join(out)}" if out else "-"
 
 
 SLOWER = 0.9  # a stage running below this share of its input's speed is flagged (10%: above timing noise)
@@ -123,34 +136,37 @@ def _runs(report_or_reports) -> list[dict]:
 
 
 def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
-    """Header and cells shared by the Markdown and HTML tables. Ratios are to each run's first row."""
+    """Header and cells shared by the Markdown and HTML tables. Ratios are to each run's first row, except the
+    last column's (to each stage's input); each header says which."""
     reports = _runs(report_or_reports)
     many = len(reports) > 1
     all_rows = [r for rep in reports for r in rep.get("stages", [])]
     metric = metric_name(all_rows)
     lkeys = latency_keys(all_rows)
     header = (["run"] if many else []) + [
-        "stage", "top-1 (top-5)" if metric == "accuracy" else "RMSE", "size", "zipped", "x smaller",
+        "stage", "top-1 (top-5)" if metric == "accuracy" else "RMSE", "size", "zipped", SMALLER,
         "params", "non-zero", "bits/w", "MACs"]
     packed = any(r.get("packed_bytes") for r in all_rows)
     if packed:  # a packed (.cpk) row: its raw checkpoint beside it, and bits per non-zero weight
         header[header.index("zipped") + 1:header.index("zipped") + 1] = ["raw file"]
         header[header.index("bits/w") + 1:header.index("bits/w") + 1] = ["bits/nz"]
-    header += [f"{SHORT.get(b, b)} b{bs} (x faster)" for b, bs in lkeys]
+    header += [f"{SHORT.get(b, b)} b{bs} (x faster vs first)" for b, bs in lkeys]
+    slows = [slower_than_input(rep.get("stages", [])) for rep in reports]
+    if any(slows):
+        header.append(SLOW_COLUMN)
     int8 = any(r.get("int8_check") for r in all_rows)
     if int8:
         header.append("int8 vs float")
     cells = []
-    for rep in reports:
+    for rep, slow in zip(reports, slows):
         rows = rep.get("stages", [])
         if not rows:
             continue
         base = rows[0]
-        slow = slower_than_input(rows)
         for i, r in enumerate(rows):
             size = r.get("size_bytes")
             ratio = f"{base['size_bytes'] / max(size, 1):.2f}x" if size and base.get("size_bytes") else "-"
-            bpw = r.get("bits_per_weight")
+            bpw = r.get("weight_bits_per_weight")  # rows before it had only a file's bits/param: not shown
             line = ([run_label(rep)] if many else []) + [
                 stage_label(r), _fmt_metrics(r.get("metrics") or {}),
                 fmt_bytes(size), fmt_bytes(r.get("zipped_bytes")), ratio,
@@ -160,7 +176,9 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
             if packed:
                 line.insert(header.index("raw file"), fmt_bytes(r.get("raw_bytes")))
                 line.insert(header.index("bits/nz"), _bits_nz(r))
-            line += [_latency_cell(r, k, slow.get((i, k))) for k in lkeys]
+            line += [_latency_cell(r, k) for k in lkeys]
+            if SLOW_COLUMN in header:
+                line.append(_slow_cell(slow, i))
             if int8:
                 line.append(_int8_cell(r))
             cells.append(line)
@@ -168,11 +186,11 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
 
 
 def _bits_nz(r: dict) -> str:
-    """Bits per non-zero weight: the packed file's own count, else the file's bits over the non-zeros."""
+    """Bits per non-zero weight: the packed file's own count, else the weights' bits over the non-zeros."""
     if r.get("weight_bits_per_nonzero") is not None:
         return f"{r['weight_bits_per_nonzero']:.1f}"
-    if r.get("size_bytes") and r.get("nonzero_params"):
-        return f"{8 * r['size_bytes'] / r['nonzero_params']:.1f}"
+    if r.get("weight_bits_per_weight") is not None and r.get("params") and r.get("nonzero_params"):
+        return f"{r['weight_bits_per_weight'] * r['params'] / r['nonzero_params']:.1f}"
     return "-"
 
 
@@ -212,7 +230,7 @@ def _packed_sizes(rows: list[dict]) -> list[Optional[int]]:
     return [None if r.get("packed_bytes") else known.get(str(r.get("index"))) for r in rows]
 
 
-def _waterfall_plot(reports: list[dict]) -> Optional[str]:
+def _waterfall_plot(reports: list[dict]) -> Optional[Plot]:
     """Per-stage file size of each run that packed its model: a bar per stage, top to bottom, on a log axis
     whose ticks are file sizes: the stage's file (blue; green where it is the packed .cpk) and, where the
     encode stage measured it, what that stage's model takes packed (light green: pruning and clustering do
@@ -259,18 +277,67 @@ def _waterfall_plot(reports: list[dict]) -> Optional[str]:
         if two:
             handles.append(Patch(color="#9ed39e", label="that stage's model, packed"))
         ax.legend(handles=handles, fontsize=7, loc="lower right")
-    return _png(fig)
+    return "size waterfall: file size per stage", _png(fig)
 
 
 def format_table(report) -> str:
-    """A Markdown table: each stage against the first one (the baseline). Accepts a list of reports."""
+    """What the chain bought overall, then a Markdown table: each stage against the first one (the baseline).
+    Accepts a list of reports."""
     header, cells = table_rows(report)
     if not cells:
         return "(no stages)"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
-    notes = "\n\n".join(n for n in (_latency_note(_runs(report)), _slow_note(_runs(report)), _int8_note(_runs(report))) if n)
-    return "\n".join(lines) + (f"\n\n{notes}" if notes else "")
+    summary = "\n".join(summary_lines(_runs(report)))
+    notes = "\n\n".join(text for text, _ in _notes(_runs(report)))
+    return (f"{summary}\n\n" if summary else "") + "\n".join(lines) + (f"\n\n{notes}" if notes else "")
+
+
+def _notes(reports: list[dict]) -> list[tuple[str, bool]]:
+    """(sentence, whether it flags a slowdown) for the notes under the table."""
+    notes = [(_latency_note(reports), False), (_slow_note(reports), True), (_skipped_note(reports), False),
+             (_int8_note(reports), False)]
+    return [(text, slow) for text, slow in notes if text]
+
+
+def summary_lines(reports: list[dict]) -> list[str]:
+    """One line per run: what the whole chain bought, its last row against its first, in file size, speed
+    (the runtime and batch the accuracy-vs-latency plot uses) and quality."""
+    out = []
+    for rep in reports:
+        rows = rep.get("stages", [])
+        if len(rows) < 2:
+            continue
+        first, last = rows[0], rows[-1]
+        parts = []
+        if first.get("size_bytes") and last.get("size_bytes"):
+            x = first["size_bytes"] / last["size_bytes"]
+            parts.append(f"{_ratio(x)} smaller" if x >= 1 else f"{_ratio(1 / x)} larger")
+        key = _latency_key(rows)
+        speedup = _speedup(last, key) if key else None
+        if speedup:  # the last row was timed interleaved with the first row's model: the ratio is to it
+            pace = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+            parts.append(f"{pace} in {LONG.get(key[0], key[0])} at batch {key[1]}")
+        metric = metric_name(rows)
+        before, after = _quality(first, metric), _quality(last, metric)
+        if before is not None and after is not None:
+            parts.append(f"{after - before:+.2f} points top-1" if metric == "accuracy"
+                         else f"{after - before:+.4f} RMSE")
+        if parts:
+            run = f" ({run_label(rep)})" if len(reports) > 1 else ""
+            out.append(f"Overall{run}: {', '.join(parts)} ({stage_label(last)} against {stage_label(first)}).")
+    return out
+
+
+def _skipped_note(reports: list[dict]) -> str:
+    """Why a backend has no latency column (``latency.notes``: not available here, or it failed)."""
+    notes = []
+    for rep in reports:
+        for r in rep.get("stages", []):
+            for n in (r.get("latency") or {}).get("notes") or []:
+                if n not in notes:
+                    notes.append(n)
+    return ("Latency not measured: " + "; ".join(notes) + ".") if notes else ""
 
 
 def _slow_note(reports: list[dict]) -> str:
@@ -279,7 +346,7 @@ def _slow_note(reports: list[dict]) -> str:
     for rep in reports:
         rows = rep.get("stages", [])
         for (i, key), ratio in slower_than_input(rows).items():
-            out.append(f"{stage_label(rows[i])} runs at {ratio:.2f}x the speed of its input in {SHORT.get(key[0], key[0])} "
+            out.append(f"{stage_label(rows[i])} runs at {ratio:.2f}x the speed of its input in {LONG.get(key[0], key[0])} "
                        f"at batch {key[1]} (SLOWER)")
     return ("Stages slower than their input: " + "; ".join(out) + ".") if out else ""
 
@@ -290,8 +357,8 @@ def _int8_note(reports: list[dict]) -> str:
             c = r.get("int8_check")
             if c:
                 return (f"int8 vs float: the int8 file in ONNX Runtime's kernels against its float reference on "
-                        f"{c['samples']} {c['split']} samples (share of predicted classes that agree; largest difference "
-                        f"as a share of the largest output), on {c['cpu']}; format: {c.get('format', '?')}.")
+                        f"{c.get('samples', '?')} {c.get('split', '?')} samples (share of predicted classes that agree; largest difference "
+                        f"as a share of the largest output), on {c.get('cpu', '?')}; format: {c.get('format', '?')}.")
     return ""
 
 
@@ -347,7 +414,7 @@ def _labelled(reports: list[dict]):
             yield (f"{run_label(rep)}/{label}" if many else label), r
 
 
-def _tradeoff_plot(reports: list[dict], metric: str, cost_of, xlabel: str, title: str, logx: bool = True) -> Optional[str]:
+def _tradeoff_plot(reports: list[dict], metric: str, cost_of, xlabel: str, title: str, logx: bool = True) -> Optional[Plot]:
     from matplotlib.figure import Figure
 
     maximize = metric == "accuracy"
@@ -400,7 +467,7 @@ def _tradeoff_plot(reports: list[dict], metric: str, cost_of, xlabel: str, title
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return title, _png(fig)
 
 
 def _latency_key(rows: list[dict]) -> Optional[tuple[str, str]]:
@@ -416,8 +483,22 @@ def _relative_latency(r: dict, key: tuple[str, str]) -> Optional[float]:
     return 1 / cell["speedup"] if cell.get("speedup") else None
 
 
-def _layers_plot(reports: list[dict]) -> Optional[str]:
-    """Per-layer sparsity (or bit width) of every row that has non-trivial values."""
+MAX_LAYERS = 64  # bars per series in the per-layer plot: more are unreadable (and a huge figure)
+
+
+def _layer_label(layer: dict, i: int) -> str:
+    """'1 (Linear 64x64)': the module path, with type and weight shape where recorded (a Sequential's paths are
+    bare indices)."""
+    name = str(layer.get("name", i))
+    if not layer.get("type"):
+        return name
+    shape = "x".join(str(n) for n in layer.get("shape") or [])
+    return f"{name} ({layer['type']}{' ' + shape if shape else ''})"
+
+
+def _layers_plot(reports: list[dict]) -> Optional[Plot]:
+    """Per-layer sparsity (or bit width) of every row that has non-trivial values. Layers at 0% sparsity in
+    every row shown (the classifier pruning leaves alone, say) are named in the title, not drawn as empty slots."""
     from matplotlib.figure import Figure
 
     series = []
@@ -428,7 +509,7 @@ def _layers_plot(reports: list[dict]) -> Optional[str]:
         if not layers:
             continue
         for key in ("bits", "sparsity", "value"):
-            vals = [(layer.get("name", str(i)), layer.get(key)) for i, layer in enumerate(layers)]
+            vals = [(_layer_label(layer, i), layer.get(key)) for i, layer in enumerate(layers)]
             if all(v is not None for _, v in vals) and any(v for _, v in vals):
                 series.append((label, key, vals))
                 break
@@ -439,6 +520,16 @@ def _layers_plot(reports: list[dict]) -> Optional[str]:
     names = []
     for _, _, vals in series:
         names += [n for n, _ in vals if n not in names]
+    title = f"Per-layer {kind}"
+    if kind == "sparsity":
+        untouched = [n for n in names if not any(dict(vals).get(n) for _, _, vals in series)]
+        names = [n for n in names if n not in untouched]
+        if untouched:
+            more = f" and {len(untouched) - 3} more" if len(untouched) > 3 else ""
+            title += f"\nnot shown, 0% in every row: {', '.join(untouched[:3])}{more}"
+    if len(names) > MAX_LAYERS:
+        title += f"\nfirst {MAX_LAYERS} of {len(names)} layers"
+        names = names[:MAX_LAYERS]
     fig = Figure(figsize=(max(7, 0.5 * len(names) + 3), 4.5), layout="tight")
     ax = fig.add_subplot()
     width = 0.8 / len(series)
@@ -449,13 +540,13 @@ def _layers_plot(reports: list[dict]) -> Optional[str]:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel({"sparsity": "zeros (%)", "bits": "bits per weight"}.get(kind, kind))
-    ax.set_title(f"Per-layer {kind}")
+    ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return f"{title.replace(chr(10), '; ')}; layers: {', '.join(names)}", _png(fig)
 
 
-def _speed_plot(reports: list[dict]) -> Optional[str]:
+def _speed_plot(reports: list[dict]) -> Optional[Plot]:
     """x faster than the first stage, per backend and batch size."""
     from matplotlib.figure import Figure
 
@@ -463,7 +554,7 @@ def _speed_plot(reports: list[dict]) -> Optional[str]:
     keys = latency_keys([r for _, r in rows])
     if not keys or len(rows) < 2:
         return None
-    fig = Figure(figsize=(max(7, 0.9 * len(rows) + 3), 4), layout="tight")
+    fig = Figure(figsize=(min(60, max(7, 0.9 * len(rows) + 3)), 4), layout="tight")  # many compared runs: capped
     ax = fig.add_subplot()
     width = 0.8 / len(keys)
     for j, k in enumerate(keys):
@@ -476,11 +567,17 @@ def _speed_plot(reports: list[dict]) -> Optional[str]:
     ax.set_title("Latency ratio (interleaved with the baseline)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return "x faster than the first stage, per backend and batch size", _png(fig)
 
 
-def _latency_detail(reports: list[dict]) -> str:
-    """HTML rows with every latency statistic (the Markdown table shows medians only)."""
+DETAIL = ("stage", "backend", "batch", "median ms", "p90 ms", "p99 ms", "x faster vs first", "samples", "clock")
+
+
+def _latency_detail(reports: list[dict]) -> list[list[str]]:
+    """Rows with every latency statistic (the Markdown table shows medians only)."""
+    def ms(v):
+        return f"{v:.4f}" if v is not None else "-"
+
     out = []
     for label, r in _labelled(reports):
         for backend, per in (r.get("latency") or {}).items():
@@ -488,74 +585,70 @@ def _latency_detail(reports: list[dict]) -> str:
                 continue
             for bs, c in per.items():
                 if isinstance(c, dict) and "median_ms" in c:
-                    cells = [label, SHORT.get(backend, backend), bs, f"{c['median_ms']:.4f}", f"{c['p90_ms']:.4f}",
-                             f"{c['p99_ms']:.4f}", f"{c['speedup']:.2f}x" if c.get("speedup") is not None else "-",
-                             str(c.get("runs", "-")), str(c.get("clock", "-"))]
-                    out.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
-    if not out:
-        return ""
-    head = "".join(f"<th>{h}</th>" for h in ("stage", "backend", "batch", "median ms", "p90 ms", "p99 ms",
-                                             "x faster", "samples", "clock"))
-    return f"<h3>Latency detail</h3><table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
+                    out.append([label, SHORT.get(backend, backend), bs, ms(c["median_ms"]), ms(c.get("p90_ms")),
+                                ms(c.get("p99_ms")), f"{c['speedup']:.2f}x" if c.get("speedup") is not None else "-",
+                                str(c.get("runs", "-")), str(c.get("clock", "-"))])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _templates():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    # autoescape: every value of a page comes from data (a report.json, a study) and is text, never markup.
+    return Environment(loader=PackageLoader("compress", "templates"), undefined=StrictUndefined,
+                       autoescape=select_autoescape(default=True, default_for_string=True))
+
+
+def render_page(template: str, **context) -> str:
+    """A page from ``compress/templates``, every value HTML-escaped."""
+    return _templates().get_template(template).render(**context)
+
+
+def text_labels():
+    """Plot text from data is literal: a '$' in a stage or layer name would start mathtext, and a bad formula
+    fails the whole page when the figure is drawn. Wrap figure building and saving in it."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False})
+
+
+def _machine_line(m: dict) -> str:
+    flags = ", ".join(m.get("int8_flags") or []) or "none"
+    vnni = "" if m.get("vnni") is None else (" (VNNI)" if m.get("vnni") else " (no VNNI)")
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m.get('cpu', '?')}, {m.get('cores')} cores{gpu}; int8 features: {flags}{vnni}; "
+            f"torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}")
 
 
 def render_html(report_or_reports) -> str:
-    """One self-contained page: table, machine, and plots as base64 PNG."""
+    """One self-contained page: summary, table, machine, and plots as base64 PNG (data: URIs drawn here)."""
     reports = _runs(report_or_reports)
     rows = [r for rep in reports for r in rep.get("stages", [])]
     metric = metric_name(rows)
     header, cells = table_rows(reports)
+    slow_at = header.index(SLOW_COLUMN) if SLOW_COLUMN in header else None
     lk = _latency_key(rows)
-    plots = [
-        _tradeoff_plot(reports, metric, lambda r: r.get("size_bytes") and r["size_bytes"] / 1024,
-                       "size on disk (KiB)", f"{metric} vs size"),
-        # Relative latency (1 / x faster) from interleaved runs: absolute ms of different rows drift with load.
-        _tradeoff_plot(reports, metric, lambda r: _relative_latency(r, lk),
-                       f"latency relative to the first stage ({SHORT.get(lk[0], lk[0])}, batch {lk[1]}; lower is faster)",
-                       f"{metric} vs latency", logx=False) if lk else None,
-        _speed_plot(reports),
-        _layers_plot(reports),
-        _waterfall_plot(reports),
-    ]
-    title = " vs ".join(html.escape(run_label(rep)) for rep in reports)
+    with text_labels():
+        plots = [
+            _tradeoff_plot(reports, metric, lambda r: r.get("size_bytes") and r["size_bytes"] / 1024,
+                           "size on disk (KiB)", f"{metric} vs size"),
+            # Relative latency (1 / x faster) from interleaved runs: absolute ms of different rows drift with load.
+            _tradeoff_plot(reports, metric, lambda r: _relative_latency(r, lk),
+                           f"latency relative to the first stage ({SHORT.get(lk[0], lk[0])}, batch {lk[1]}; lower is faster)",
+                           f"{metric} vs latency", logx=False) if lk else None,
+            _speed_plot(reports),
+            _layers_plot(reports),
+            _waterfall_plot(reports),
+        ]
     machines = {json.dumps(rep.get("machine"), sort_keys=True): rep.get("machine") for rep in reports if rep.get("machine")}
-    mlines = "".join(
-        f"<li>{html.escape(m.get('cpu', '?'))}, {m.get('cores')} cores{', GPU ' + html.escape(m['gpu']) if m.get('gpu') else ''}; "
-        f"int8 features: {html.escape(', '.join(m.get('int8_flags') or []) or 'none')}"
-        f"{'' if m.get('vnni') is None else (' (VNNI)' if m.get('vnni') else ' (no VNNI)')}; "
-        f"torch {html.escape(str(m.get('torch')))}, onnxruntime {html.escape(str(m.get('onnxruntime')))}</li>"
-        for m in machines.values())
-    thead = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    slow_td = '<td class="slow">'
-    tbody = "".join("<tr>" + "".join(f"{slow_td if 'SLOWER' in c else '<td>'}{html.escape(c)}</td>" for c in row)
-                    + "</tr>" for row in cells)
-    imgs = "".join(f'<figure><img alt="plot" src="data:image/png;base64,{p}"></figure>' for p in plots if p)
-    note = html.escape(_latency_note(reports))
-    slow_note = _slow_note(reports)
-    note += f'</p><p class="slow"><strong>{html.escape(slow_note)}</strong>' if slow_note else ""
-    int8_note = _int8_note(reports)
-    note += f"</p><p>{html.escape(int8_note)}" if int8_note else ""
-    runs = "".join(f"<li><code>{html.escape(str(rep.get('run_dir', '')))}</code> ({rep.get('seconds', '?')} s)</li>" for rep in reports)
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>compress report: {title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 13px; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f0f0f0; }} .slow {{ color: #b00000; font-weight: bold; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
-figure {{ display: inline-block; margin: 1em 1em 0 0; }} img {{ max-width: 100%; }}
-.small {{ color: #666; font-size: 12px; }}
-</style></head><body>
-<h1>compress report: {title}</h1>
-<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>
-<p class="small">{note}</p>
-<div>{imgs}</div>
-{_latency_detail(reports)}
-<h3>Runs</h3><ul class="small">{runs}</ul>
-<h3>Machine</h3><ul class="small">{mlines or '<li>not recorded</li>'}</ul>
-<p class="small">generated {datetime.datetime.now().isoformat(timespec='seconds')} from report.json</p>
-</body></html>
-"""
+    return render_page(
+        "report.html", title=" vs ".join(run_label(rep) for rep in reports), summary=summary_lines(reports),
+        header=header, cells=[[(c, j == slow_at and c != "-") for j, c in enumerate(row)] for row in cells],
+        notes=_notes(reports), plots=[p for p in plots if p], detail_header=DETAIL, detail=_latency_detail(reports),
+        runs=[(str(rep.get("run_dir", "")), rep.get("seconds", "?")) for rep in reports],
+        machines=[_machine_line(m) for m in machines.values()],
+        generated=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
 def write_html(report_or_reports, path: str | Path, force: bool = False) -> Path:
@@ -573,16 +666,127 @@ def write_html(report_or_reports, path: str | Path, force: bool = False) -> Path
     return path
 
 
+# -- reading a report.json -----------------------------------------------------------------------------
+# A report.json may come from anyone (a CI artifact, a colleague): the keys the page and table read are
+# checked here, so a wrong type is one line naming the file and key, not a traceback in a plot.
+
+MAX_REPORT_BYTES = 64 << 20
+MAX_STAGES = 256  # per run: a real chain has a handful; each row is a bar in plots sized by the row count
+
+Text = Annotated[str, Field(max_length=4096)]
+Number = Annotated[float, Field(allow_inf_nan=False, ge=-1e15, le=1e15)]  # plots refuse inf; 1e15: no overflow
+Amount = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e15)]
+Ratio = Annotated[float, Field(allow_inf_nan=False, gt=0, le=1e15)]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+Batch = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+
+
+class _Read(BaseModel):
+    """Keys the report reads, typed; other keys are dropped on reading (they are never shown)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Cell(_Read):
+    median_ms: Amount
+    p90_ms: Optional[Amount] = None
+    p99_ms: Optional[Amount] = None
+    speedup: Optional[Ratio] = None
+    runs: Optional[Count] = None
+    clock: Optional[Text] = None
+
+
+class _Int8(_Read):
+    rel_diff: Amount
+    top1_agreement: Optional[Amount] = None
+    samples: Optional[Count] = None
+    split: Optional[Text] = None
+    cpu: Optional[Text] = None
+    format: Optional[Text] = None
+
+
+class _Layer(_Read):
+    name: Optional[Text] = None
+    type: Optional[Text] = None
+    shape: Optional[list[Count]] = Field(None, max_length=8)
+    params: Optional[Count] = None
+    sparsity: Optional[Number] = None
+    bits: Optional[Number] = None
+    value: Optional[Number] = None
+
+
+class _Metrics(_Read):
+    accuracy: Optional[Number] = None
+    top5: Optional[Number] = None
+    rmse: Optional[Number] = None
+
+
+class _Row(_Read):
+    name: Optional[Text] = None
+    index: Optional[Count] = None
+    role: Optional[Text] = None
+    metrics: Optional[_Metrics] = None
+    size_bytes: Optional[Count] = None
+    zipped_bytes: Optional[Count] = None
+    raw_bytes: Optional[Count] = None
+    packed_bytes: Optional[Count] = None
+    packed_bytes_of_stages: Optional[dict[Text, Count]] = None
+    params: Optional[Count] = None
+    nonzero_params: Optional[Count] = None
+    macs: Optional[Count] = None
+    weight_bits_per_weight: Optional[Amount] = None
+    weight_bits_per_nonzero: Optional[Amount] = None
+    # backend -> batch -> cell, beside "threads", "runs" and "notes"
+    latency: Optional[dict[Text, Union[dict[Batch, _Cell], Count, list[Text], None]]] = None
+    int8_check: Optional[_Int8] = None
+    layers: Optional[Union[list[_Layer], dict[Text, Union[_Layer, Number]]]] = None
+
+
+class _Machine(_Read):
+    cpu: Optional[Text] = None
+    cores: Optional[Count] = None
+    gpu: Optional[Text] = None
+    int8_flags: Optional[list[Text]] = None
+    vnni: Optional[bool] = None
+    torch: Optional[Text] = None
+    onnxruntime: Optional[Text] = None
+
+
+class _Report(_Read):
+    recipe: Optional[Text] = None
+    run_dir: Optional[Text] = None
+    seconds: Optional[Amount] = None
+    machine: Optional[_Machine] = None
+    stages: list[_Row] = Field(max_length=MAX_STAGES)
+
+
+def _one_line(f: Path, what: str) -> CompressError:
+    what = what if len(what) <= 300 else what[:300] + "..."  # a hostile value may be megabytes long
+    return CompressError(f"{f}: {what}")
+
+
 def load_report(run_dir: str | Path) -> dict:
-    """A run's saved report (``RUN_DIR/report.json``, or the JSON file itself)."""
+    """A run's saved report (``RUN_DIR/report.json``, or the JSON file itself), with the keys the report reads
+    checked (and only those kept)."""
+    from compress.config import validate
+
     p = Path(run_dir)
     f = p / "report.json" if p.is_dir() else p
     if not f.is_file():
         raise CompressError(f"{p}: no report.json (is it a run directory of 'compress run'?)")
+    if f.stat().st_size > MAX_REPORT_BYTES:
+        raise _one_line(f, f"{f.stat().st_size:,} bytes; a compress report is at most {MAX_REPORT_BYTES >> 20} MiB")
     try:
-        rep = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise CompressError(f"{f}: not valid JSON ({exc})") from None
+        rep = json.loads(f.read_bytes())
+    except RecursionError:
+        raise _one_line(f, "nested too deeply to be a compress report") from None
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise _one_line(f, f"not valid JSON ({exc})") from None
     if not isinstance(rep, dict) or not isinstance(rep.get("stages"), list):
-        raise CompressError(f"{f}: not a compress report (expected a 'stages' list)")
-    return rep
+        raise _one_line(f, "not a compress report (expected a 'stages' list)")
+    try:
+        checked = validate(_Report, rep)
+    except RecipeErrors as exc:
+        more = f" (and {len(exc.errors) - 1} more)" if len(exc.errors) > 1 else ""
+        raise _one_line(f, f"{exc.errors[0]}{more}") from None
+    return checked.model_dump(exclude_none=True)

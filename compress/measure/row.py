@@ -10,8 +10,8 @@ from compress.errors import CompressError
 from compress.evaluation import evaluate
 from compress.measure.config import BenchmarkConfig
 from compress.measure.latency import measure_latency
-from compress.measure.size import (bits_per_weight, count_macs, count_params, file_size, layer_stats, onnx_params,
-                                   saved_size, saved_zipped_size, zipped_size)
+from compress.measure.size import (bits_per_weight, count_macs, count_params, file_size, layer_stats, onnx_weights,
+                                   saved_size, saved_zipped_size, weight_bytes, zipped_size)
 from compress.measure.subject import Subject, batch_of
 from compress.runtime.onnx import evaluate_onnx
 
@@ -34,13 +34,20 @@ def measure(subject: Subject, data, cfg: BenchmarkConfig | None = None, *, metri
             raise CompressError("nothing to measure: no model and no ONNX file")
     f = subject.file
     size = file_size(f) if f else saved_size(model)
-    params, nonzero = count_params(model) if model is not None else onnx_params(subject.onnx)
+    # Counts of the file that is sized and shipped: an int8 ONNX file's weights, not its float model's
+    # (weights rounded to zero are zeros there), so `compress bench` of the file agrees with the run's row.
+    if subject.onnx is not None:
+        params, nonzero, wbytes = onnx_weights(subject.onnx)
+    else:
+        (params, nonzero), wbytes = count_params(model), weight_bytes(model)
     row: dict[str, Any] = {"metrics": metrics, "split": split, "size_bytes": size}
     if cfg.zipped:
         row["zipped_bytes"] = zipped_size(f) if f else saved_zipped_size(model)
-    row.update(params=params, nonzero_params=nonzero, bits_per_weight=bits_per_weight(size, params))
+    # bits/weight counts the weights' bits alone (32 for float32); the file's bits/param include its overhead.
+    row.update(params=params, nonzero_params=nonzero, weight_bits_per_weight=bits_per_weight(wbytes, params),
+               file_bits_per_param=bits_per_weight(size, params))
     if cfg.zipped:
-        row["zipped_bits_per_weight"] = bits_per_weight(row["zipped_bytes"], params)
+        row["zipped_bits_per_param"] = bits_per_weight(row["zipped_bytes"], params)
     if cfg.macs and model is not None:
         row["macs"] = count_macs(model, batch_of(data, 1))[0]
     if model is not None:

@@ -20,16 +20,23 @@ def stored_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [t for m in model.modules() if callable(getattr(m, "stored_tensors", None)) for t in m.stored_tensors()]
 
 
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and stored tensors, each shared tensor once: what the counts below count."""
+    seen: dict[int, torch.Tensor] = {}
+    for p in list(model.parameters()) + stored_tensors(model):
+        seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters), counting each shared tensor once; stored tensors count as parameters."""
-    seen, total, nonzero = set(), 0, 0
-    for p in list(model.parameters()) + stored_tensors(model):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        nonzero += int(torch.count_nonzero(p.detach()))
-    return total, nonzero
+    weights = _weights(model)
+    return sum(p.numel() for p in weights), sum(int(torch.count_nonzero(p.detach())) for p in weights)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the counted parameters as their dtype stores them (4 per float32 weight), no file overhead."""
+    return sum(p.numel() * p.element_size() for p in _weights(model))
 
 
 def file_size(path: str | Path) -> int:
@@ -59,24 +66,36 @@ def saved_zipped_size(model: nn.Module) -> int:
         return zipped_size(save_model(model, Path(d) / "model.pt"))
 
 
-def bits_per_weight(size_bytes: int, params: int) -> Optional[float]:
-    """Storage bits per parameter, file overhead included (32+ for float32, ~8 for int8 weights)."""
-    return round(8 * size_bytes / params, 3) if params else None
+def bits_per_weight(nbytes: int, params: int) -> Optional[float]:
+    """``nbytes`` in bits per parameter: of the weights' own bytes (``weight_bytes``), bits/weight (32 for
+    float32, 8 for int8 codes); of a file's size, the file's bits/param (its overhead included)."""
+    return round(8 * nbytes / params, 3) if params else None
 
 
-def onnx_params(path: str | Path) -> tuple[int, int]:
-    """(parameters, non-zeros) of an ONNX file: its initializers, less scalars (scales, zero points)."""
+# Inputs of quantized ONNX ops that are scales and zero points, not weights (ONNX and ORT's com.microsoft ops).
+QPARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3), "ConvInteger": (2, 3),
+                 "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7), "QGemm": (1, 2, 4, 5, 7, 8),
+                 "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7), "MatMulNBits": (2, 3)}
+
+
+def onnx_weights(path: str | Path) -> tuple[int, int, int]:
+    """(parameters, non-zeros, bytes as stored) of an ONNX file's weights: its initializers, less scalars and the
+    scales and zero points of quantized ops (per-channel ones are vectors), so an int8 file counts what its float
+    model counts."""
     import onnx
     from onnx import numpy_helper
 
-    total = nonzero = 0
-    for init in onnx.load(str(path)).graph.initializer:
+    graph = onnx.load(str(path)).graph
+    qparams = {n.input[i] for n in graph.node for i in QPARAM_INPUTS.get(n.op_type, ()) if i < len(n.input)}
+    total = nonzero = nbytes = 0
+    for init in graph.initializer:
         arr = numpy_helper.to_array(init)
-        if arr.ndim == 0 or arr.dtype.kind not in "fiu":
+        if arr.ndim == 0 or arr.dtype.kind not in "fiu" or init.name in qparams:
             continue
         total += arr.size
         nonzero += int(np.count_nonzero(arr))
-    return total, nonzero
+        nbytes += arr.nbytes
+    return total, nonzero, nbytes
 
 
 def count_macs(model: nn.Module, example: torch.Tensor, *, strict: bool = False) -> tuple[Optional[int], int]:
@@ -105,11 +124,13 @@ def count_macs(model: nn.Module, example: torch.Tensor, *, strict: bool = False)
 
 
 def layer_stats(model: nn.Module) -> list[dict]:
-    """Per weight tensor (2-D and up): parameters and the share of zeros, for per-layer plots."""
+    """Per layer with a weight (2-D and up): its module path, type and weight shape, parameters and the share
+    of zeros, for per-layer plots (the type and shape tell apart layers of a ``Sequential``, named '1', '3')."""
     out = []
-    for name, p in model.named_parameters():
-        if p.ndim >= 2 and name.endswith("weight"):
+    for name, m in model.named_modules():
+        p = dict(m.named_parameters(recurse=False)).get("weight")  # its own weight, not its children's
+        if p is not None and p.ndim >= 2:
             n = p.numel()
-            out.append({"name": name.removesuffix(".weight"), "params": n,
-                        "sparsity": round(1 - int(torch.count_nonzero(p.detach())) / n, 4)})
+            out.append({"name": name or type(m).__name__, "type": type(m).__name__, "shape": list(p.shape),
+                        "params": n, "sparsity": round(1 - int(torch.count_nonzero(p.detach())) / n, 4)})
     return out

@@ -1,10 +1,9 @@
 """``search.html``: the trials, the Pareto front and the constraint lines (accuracy vs latency, vs size)."""
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
-from compress.report import _png
+from compress.report import _png, render_page, text_labels
 from compress.utils import write_text
 
 
@@ -52,19 +51,15 @@ def _plot(res, cfg, cost: str, xlabel: str):
 
 
 def write_page(res, cfg, path: Path) -> Path:
+    """The page, every value from the study escaped (rows, messages and paths are data, not markup)."""
     b = cfg.backend
-    plots = [_plot(res, cfg, "latency", f"{b.name} latency at batch {b.batch_size} (ms)"),
-             _plot(res, cfg, "size", "deployable file size (bytes)")]
-    imgs = "".join(f'<img src="data:image/png;base64,{p}">' for p in plots if p)
+    with text_labels():
+        plots = [_plot(res, cfg, "latency", f"{b.name} latency at batch {b.batch_size} (ms)"),
+                 _plot(res, cfg, "size", "deployable file size (bytes)")]
     keys = ["trial", "fidelity", "accuracy", "latency", "speedup", "size", "feasible", "misses", "params"]
-    head = "".join(f"<th>{k}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(k)))}</td>" for k in keys) + "</tr>" for r in res.rows)
-    extra = f"<p>test: {html.escape(str(res.test))}</p>" if res.test else ""
-    if res.compare:
-        extra += f"<p>hand-written recipe: {html.escape(str(res.compare))}</p>"
-    text = (f"<!doctype html><html><head><meta charset='utf-8'><title>compress search</title></head><body>"
-            f"<h1>compress search: {html.escape(str(res.out))}</h1><p>{html.escape(res.message)}</p>"
-            f"<p>baseline: {html.escape(str(res.baseline))}; stage reuse: {html.escape(str(res.reuse))}; "
-            f"{res.seconds} s</p>{extra}{imgs}<table border=1><tr>{head}</tr>{body}</table></body></html>")
+    text = render_page("search.html", out=str(res.out), message=res.message, baseline=str(res.baseline),
+                       reuse=str(res.reuse), seconds=res.seconds, test=str(res.test) if res.test else "",
+                       compare=str(res.compare) if res.compare else "", plots=[p for p in plots if p], keys=keys,
+                       rows=[[str(r.get(k)) for k in keys] for r in res.rows])
     write_text(path, text)
     return path

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.measure.size import (bits_per_weight, count_macs, count_params, file_size, onnx_params, saved_size,
-                                   zipped_size)
+from compress.measure.size import (bits_per_weight, count_macs, count_params, file_size, layer_stats, onnx_weights,
+                                   saved_size, weight_bytes, zipped_size)
 from compress.runtime.onnx import to_onnx
 
 
@@ -20,6 +20,8 @@ def test_params_nonzeros_and_sizes_on_a_known_model(tmp_path):
     assert saved_size(m) > 67 * 4  # float32 weights plus the checkpoint's metadata
     assert bits_per_weight(1000, 250) == 32.0
     assert bits_per_weight(10, 0) is None
+    assert weight_bytes(m) == 67 * 4 and bits_per_weight(weight_bytes(m), 67) == 32.0  # float32: 32, no overhead
+    assert weight_bytes(m.half()) == 67 * 2
 
 
 def test_stored_tensors_count_as_parameters_once():
@@ -77,9 +79,36 @@ def test_macs_of_an_untraceable_model_warn_or_raise_when_strict():
         count_macs(Odd(), torch.zeros(1, 4), strict=True)
 
 
-def test_onnx_params_count_initializers(tmp_path):
+def test_onnx_weights_count_initializers(tmp_path):
     m = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
     with torch.no_grad():
         m[1].weight[0] = 0
     p = to_onnx(m, torch.zeros(2, 1, 4, 4), tmp_path / "m.onnx")
-    assert onnx_params(p) == (85, 85 - 16)
+    assert onnx_weights(p) == (85, 85 - 16, 85 * 4)
+
+
+def test_onnx_weights_of_an_int8_file_leave_out_scales_and_zero_points(tmp_path):
+    """Per-channel scales and zero points are vectors, not weights: an int8 file counts what its float model does."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = np.array([[1, 0, -3], [4, 5, 0], [0, 0, 7], [2, 2, 2]], dtype=np.int8)  # 4 outputs x 3 inputs
+    inits = [numpy_helper.from_array(codes, "w_quantized"), numpy_helper.from_array(np.full(4, 0.1, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "w_zero_point"),
+             numpy_helper.from_array(np.ones(4, np.float32), "bias")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_quantized", "w_scale", "w_zero_point"], ["w"], axis=0),
+             helper.make_node("Gemm", ["x", "w", "bias"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "q.onnx")
+    params, nonzero, nbytes = onnx_weights(tmp_path / "q.onnx")
+    assert (params, nonzero) == (12 + 4, 8 + 4)
+    assert bits_per_weight(nbytes, params) == (12 * 8 + 4 * 32) / 16  # int8 codes, float32 biases: at most 32
+
+
+def test_layer_stats_name_layers_by_module_path_with_type_and_shape():
+    m = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), nn.Flatten(), nn.Linear(8, 2))
+    m.add_module("norm", nn.LayerNorm(2))  # a 1-D weight: no layer of the plot
+    assert [(s["name"], s["type"], s["shape"]) for s in layer_stats(m)] == [
+        ("0.0", "Conv2d", [2, 1, 3, 3]), ("2", "Linear", [2, 8])]
