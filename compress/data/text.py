@@ -30,6 +30,7 @@ from compress.config import StrictModel
 from compress.data.bundle import DataBundle, DataSpec, read_utf8, register_dataset, split_rows
 from compress.data.inputs import Inputs
 from compress.errors import RecipeError
+from compress.safety import trust_remote_code
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -264,8 +265,9 @@ def load_tokenizer(spec: TextSpec, train_texts: list[str]) -> Encoder:
     _need("transformers", "data.tokenizer")
     from transformers import AutoTokenizer
 
+    code = trust_remote_code(where, "data.tokenizer")  # passed explicitly: transformers never asks on stdin
     try:
-        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RecipeError("data.tokenizer", f"transformers cannot read the tokenizer in '{where}': "
                                             f"{str(exc).strip().splitlines()[0]}") from None
