@@ -271,3 +271,25 @@ def test_a_tokenizer_folder_asking_to_run_its_code_is_refused_without_asking(tmp
     assert said.startswith(f"data.tokenizer: '{folder}' asks to run its own Python (auto_map in tokenizer_config.json)")
     assert "--allow-import" in said and asked == [] and not marker.exists()
 
+
+# -- MovieLens-100K titles: the shipped text recipe's data, read in place --------------------------------
+def _u_item(folder, n=60):
+    """A u.item in ml-100k's format: id|title|date|video date|url|19 genre flags; odd ids are dramas."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{i}|{FILL[i % 5].title()} {GOOD[i % 3]} ({1990 + i % 9})|01-Jan-1995||http://x|"
+             + "|".join("1" if (k == 8 and i % 2) or (k == 5 and not i % 2) else "0" for k in range(19)) for i in range(1, n + 1)]
+    (folder / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    return folder / "u.item"
+
+
+def test_movielens_titles_reads_u_item_in_place_and_the_shipped_recipe_validates(tmp_path):
+    path = _u_item(tmp_path / "ml-100k")
+    data = create_data({"name": "movielens_titles", "path": str(path), "tokenizer": {"vocab_size": VOCAB}})
+    assert data.classes == ["Drama", "other"] and len(data.train) + len(data.val) + len(data.test) == 60
+    assert create_data({"name": "movielens_titles", "path": str(path), "genre": "Comedy"}).classes == ["Comedy", "other"]
+    with pytest.raises(CompressError, match="data.genre: expected one of u.item's genres"):
+        create_data({"name": "movielens_titles", "path": str(path), "genre": "drama"})
+    pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "text_bert_tiny.yaml")
+    result = CliRunner().invoke(cli, ["validate", recipe], env={"COMPRESS_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 0 and result.output.startswith("ok: text_bert_tiny: classification"), result.output
