@@ -2,49 +2,26 @@
 
     .venv/bin/python -m benchmarks.movielens_titles [--seeds 0 1 2] [--threads 1]
 
-u.item is '|'-separated latin-1 (id|title|release date|video date|IMDb URL|19 genre flags, see the
-ml-100k README), not a csv: this script writes runs/movielens_titles/titles.csv (text = the title,
-label = Drama / other; the data folder and the repo are left as they are), runs the recipe once per
-seed and prints its report table plus two baselines on the same test split: the training split's
-majority class (always answered), and scikit-learn's TF-IDF + logistic regression (what the titles say
-about the genre without a transformer).
+The recipe's ``movielens_titles`` dataset reads u.item in place (text = the title, label = Drama / other).
+This script runs the recipe once per seed and prints its report table plus two baselines on the same
+test split: the training split's majority class (always answered), and scikit-learn's TF-IDF + logistic
+regression (what the titles say about the genre without a transformer).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import time
-from pathlib import Path
 
 import torch
 
 from benchmarks.common import ROOT, data_dir, machine_line, markdown_table
 from compress.data import create_data
 from compress.data.bundle import split_rows
+from compress.data.text import read_titles
 from compress.pipeline import Pipeline
 from compress.report import format_table
 
-GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
 OUT = ROOT / "runs" / "movielens_titles"
-
-
-def write_titles(item: Path, out: Path, genre: str = "Drama") -> Path:
-    """u.item -> a csv of (text: title, label: genre / other)."""
-    k = GENRES.index(genre)
-    rows = []
-    with open(item, encoding="latin-1") as f:
-        for line in f:
-            parts = line.rstrip("\n").split("|")
-            if len(parts) != 5 + len(GENRES) or not parts[1].strip():
-                continue  # the one 'unknown' movie has an empty title
-            rows.append((parts[1].strip(), genre if parts[5 + k] == "1" else "other"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(rows)
-    return out
 
 
 def majority_baseline(data) -> float:
@@ -54,14 +31,13 @@ def majority_baseline(data) -> float:
     return sum(int(data.test[i][1]) == common for i in range(len(data.test))) / len(data.test)
 
 
-def tfidf_baseline(path: Path, spec) -> float:
+def tfidf_baseline(spec) -> float:
     """Test accuracy of scikit-learn's TF-IDF (character 2-4-grams) + logistic regression on the recipe's
     own split, C picked on the validation split: what a title says about the genre without a transformer."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_titles(spec.path, spec.genre)[0]
     train, val, test = split_rows(len(rows), spec)
     texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
     vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4))
@@ -81,10 +57,10 @@ def main() -> None:
                     help="torch threads (1: on a shared 2-core machine more threads thrash and run far slower)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = write_titles(data_dir() / "ml-100k" / "u.item", OUT / "titles.csv")
+    data_dir()  # exports COMPRESS_DATA_DIR, which the recipe's data.path names
     summary = []
     for seed in args.seeds:
-        overrides = [f"data.path={path}", f"seed={seed}", f"data.split_seed={seed}"]
+        overrides = [f"seed={seed}", f"data.split_seed={seed}"]
         pipe = Pipeline.from_yaml(ROOT / "recipes" / "text_bert_tiny.yaml", overrides)
         data = create_data(pipe.recipe.data)
         majority = majority_baseline(data)
@@ -92,7 +68,7 @@ def main() -> None:
         report = pipe.run(OUT / f"seed{seed}", force=True)
         print(format_table(report))
         accs = [r["metrics"]["accuracy"] for r in report["stages"]]
-        summary.append([seed, f"{100 * majority:.1f}%", f"{100 * tfidf_baseline(path, pipe.recipe.data):.1f}%"] + [f"{100 * a:.1f}%" for a in accs] + [f"{time.time() - t0:.0f} s"])
+        summary.append([seed, f"{100 * majority:.1f}%", f"{100 * tfidf_baseline(pipe.recipe.data):.1f}%"] + [f"{100 * a:.1f}%" for a in accs] + [f"{time.time() - t0:.0f} s"])
         names = [f"{r['index']}: {r['name']}" for r in report["stages"]]
     print()
     print(f"{len(data.test)} test titles; data.vocab_size {data.vocab_size}; classes {data.classes}")

@@ -18,7 +18,7 @@ from compress.checkpoint_io import (FORMAT, TRANSFORMS, _load, load_weights_into
 from compress.errors import CompressError
 from compress.models import create_model
 from compress.packfile import ONNX_FORMAT, is_packed, read_packed  # packed files (.cpk): a checkpoint's contents, Deep Compression storage
-from compress.safety import import_allowed, import_refused
+from compress.safety import allowing_imports, import_allowed, import_refused, offline
 
 
 def load_model(path: str | Path, *, allow_import: bool | None = None) -> nn.Module:
@@ -46,7 +46,9 @@ def load_model(path: str | Path, *, allow_import: bool | None = None) -> nn.Modu
     if "pretrained" in spec or str(spec.get("name", "")).startswith("hf"):
         spec["pretrained"] = False  # nor download them (timm's pretrained, a hub id's weights)
     io = ckpt.get("io") or {}
-    model = create_model(spec, tuple(io.get("input_shape", ())), io.get("num_outputs", 0))
+    # A hub id's config comes from the cache (its weights from the file); a folder's own code needs the opt-in.
+    with offline(f"while {path} is loaded"), allowing_imports(allow_import):
+        model = create_model(spec, tuple(io.get("input_shape", ())), io.get("num_outputs", 0))
     return restore(model, ckpt, str(path))
 
 

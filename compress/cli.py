@@ -52,10 +52,11 @@ def validate(recipe, overrides):
 
     Model specs that import user code (import: pkg.module:factory) are checked for syntax only, never imported."""
     from compress.pipeline import Pipeline
-    from compress.safety import ALLOW_IMPORT_ENV
+    from compress.safety import ALLOW_IMPORT_ENV, checking_only
 
     p = Pipeline.from_yaml(recipe, overrides)
-    state = p.validate(allow_import=False)
+    with checking_only():  # no folder's own Python runs, nothing is downloaded, whatever the environment says
+        state = p.validate(allow_import=False)
     searched = p.validate_search()
     stages = " -> ".join(s.name for s in p.recipe.stages)
     click.echo(f"ok: {p.recipe.name}: {state.data.task} on {p.recipe.data.name} "

@@ -22,6 +22,7 @@ def pack(model, out, layers, allow_import):
     from compress.checkpoint import load_model
     from compress.errors import CompressError
     from compress.report import fmt_bytes
+    from compress.safety import allowing_imports
     from compress.stages.encode import encode, encode_onnx
 
     out = out or model.with_suffix(".cpk")
@@ -30,13 +31,14 @@ def pack(model, out, layers, allow_import):
     if model.suffix == ".onnx":  # an ONNX model (int8 PTQ): initializers packed, the graph kept as it is
         _, facts = encode_onnx(model, out=out)
     else:
-        m = load_model(model, allow_import=allow_import or None)
-        if getattr(m, "model_bytes", None) is not None:  # a packed ONNX model, repacked
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "m.onnx").write_bytes(m.model_bytes)
-                _, facts = encode_onnx(Path(tmp) / "m.onnx", out=out)
-        else:
-            _, facts = encode(m, out=out)
+        with allowing_imports(allow_import or None):  # the opt-in holds for the read-back of the packed file too
+            m = load_model(model)
+            if getattr(m, "model_bytes", None) is not None:  # a packed ONNX model, repacked
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / "m.onnx").write_bytes(m.model_bytes)
+                    _, facts = encode_onnx(Path(tmp) / "m.onnx", out=out)
+            else:
+                _, facts = encode(m, out=out)
     raw = model.stat().st_size
     click.echo(f"{out}: {fmt_bytes(facts['packed_bytes'])} ({raw / facts['packed_bytes']:.1f}x smaller than "
                f"{model.name}, {fmt_bytes(raw)}); weights: {facts['weight_bits_per_weight']} bits each, "

@@ -1,17 +1,24 @@
-"""What compress may import and echo: the opt-in for user code named in data, and secret redaction.
+"""What compress may import, download and echo: the opt-in for user code named in data (``import:``
+specs, and a model or tokenizer folder's own Python), when the network may be used, and secret redaction.
 
 A recipe or a checkpoint is data, but a model spec ``import: pkg.module:factory`` makes compress import
 that module and call the factory with the file's keyword arguments: loading such a file runs code. That
 happens only with an explicit opt-in: ``allow_import=True`` in the API, ``--allow-import`` on the command
 line, or ``COMPRESS_ALLOW_IMPORT=1`` in the environment. Built-in registry names (and torchvision
-classifiers) need none.
+classifiers) need none. A transformers folder whose config names classes in ``auto_map`` asks to run
+the Python files beside it: the same opt-in applies, and it is asked for here, never on stdin.
+
+Only a recipe being run (``compress run``, ``search``) may download (a hub id, timm's ``pretrained``);
+loading a checkpoint or packed file and checking a recipe read local files and the library caches only.
 """
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import ContextManager, Iterator, Optional
 
 from compress.errors import CompressError, RecipeError, RecipeErrors
 
@@ -31,13 +38,19 @@ def import_allowed(flag: Optional[bool] = None) -> bool:
 
 
 @contextmanager
+def _setting(var: contextvars.ContextVar, value: object) -> Iterator[None]:
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+@contextmanager
 def allowing_imports(flag: Optional[bool] = None) -> Iterator[bool]:
     """Make ``import_allowed()`` answer ``flag`` (resolved as above) inside the block."""
-    token = _ALLOWED.set(import_allowed(flag))
-    try:
+    with _setting(_ALLOWED, import_allowed(flag)):
         yield _ALLOWED.get()
-    finally:
-        _ALLOWED.reset(token)
 
 
 # Set while a recipe is only parsed and checked (stage checks may build models to look at layer names):
@@ -45,13 +58,8 @@ def allowing_imports(flag: Optional[bool] = None) -> Iterator[bool]:
 _CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("compress_checking_recipe", default=False)
 
 
-@contextmanager
-def checking_only() -> Iterator[None]:
-    token = _CHECKING.set(True)
-    try:
-        yield
-    finally:
-        _CHECKING.reset(token)
+def checking_only() -> ContextManager[None]:
+    return _setting(_CHECKING, True)
 
 
 def imports_blocked() -> bool:
@@ -62,6 +70,54 @@ def import_refused(target: object) -> str:
     """Why an ``import:`` spec is not resolved, in one line (the names are escaped: they are data)."""
     module = str(target).partition(":")[0]
     return f"imports module {module!r} ({str(target)!r}) and so would run code from it; {ALLOW_IMPORT_HINT}"
+
+
+# -- a model or tokenizer folder's own Python ----------------------------------------------------------
+CODE_FILES = ("config.json", "tokenizer_config.json")  # where transformers looks for auto_map on our paths
+
+
+def asks_for_code(folder: str | Path) -> Optional[str]:
+    """The file in ``folder`` whose ``auto_map`` names Python classes to load from the folder, or None.
+
+    Read here (plain JSON) so the refusal comes before transformers, which would ask on stdin."""
+    for name in CODE_FILES:
+        try:
+            doc = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent or unreadable: transformers reports that itself
+            continue
+        if isinstance(doc, dict) and doc.get("auto_map"):
+            return name
+    return None
+
+
+def code_refused(source: str, where: str) -> str:
+    """Why a folder's (or hub id's) own Python is not run, in one line."""
+    why = "it is never run while a recipe is only checked" if imports_blocked() else ALLOW_IMPORT_HINT
+    return f"'{source}' asks to run its own Python (auto_map in {where}); {why}"
+
+
+def trust_remote_code(folder: Optional[str | Path], key: str) -> bool:
+    """transformers' ``trust_remote_code``: the import opt-in, never while a recipe is only checked. Without
+    it a local ``folder`` that asks for its code is refused here (``key``: the recipe key path)."""
+    allowed = import_allowed() and not imports_blocked()
+    where = None if allowed or not folder else asks_for_code(folder)
+    if where:
+        raise RecipeError(key, code_refused(str(folder), where))
+    return allowed
+
+
+# -- downloads ------------------------------------------------------------------------------------------
+_OFFLINE: contextvars.ContextVar[str] = contextvars.ContextVar("compress_offline", default="")
+
+
+def offline(why: str) -> ContextManager[None]:
+    """No downloads inside the block; ``why`` ('while m.pt is loaded') ends the message of what is refused."""
+    return _setting(_OFFLINE, why)
+
+
+def offline_reason() -> str:
+    """'' when a download may happen (a recipe being run), else why not."""
+    return _OFFLINE.get() or ("while a recipe is only checked" if _CHECKING.get() else "")
 
 
 # -- secrets ------------------------------------------------------------------------------------------

@@ -183,3 +183,43 @@ def test_reload_resolves_variables_or_names_the_missing_one(tmp_path, monkeypatc
     monkeypatch.delenv("HIDDEN", raising=False)
     with pytest.raises(CompressError, match=r"m.pt: spec.hidden: environment variable HIDDEN is not set"):
         load_model(path)
+
+
+# -- a model or tokenizer folder's own Python, and downloads (issue 24) ----------------------------------
+@pytest.mark.parametrize("files,asks", [
+    ({"config.json": {"model_type": "bert"}}, None),
+    ({"config.json": {"auto_map": {"AutoConfig": "evil.Config"}}}, "config.json"),
+    ({"tokenizer_config.json": {"auto_map": {"AutoTokenizer": [None, "evil.Tok"]}}}, "tokenizer_config.json"),
+    ({"config.json": "{not json", "tokenizer_config.json": {"auto_map": {}}}, None),  # transformers reports bad JSON
+], ids=["plain", "config", "tokenizer", "unreadable"])
+def test_a_folder_asking_for_its_code_is_refused_unless_opted_in_and_never_while_checking(tmp_path, files, asks):
+    from compress.safety import asks_for_code, checking_only, trust_remote_code
+
+    for name, doc in files.items():
+        (tmp_path / name).write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    assert asks_for_code(tmp_path) == asks
+    if asks is None:
+        assert trust_remote_code(tmp_path, "model.name") is False
+    else:
+        with pytest.raises(RecipeError, match=rf"^model.name: '.*' asks to run its own Python \(auto_map in {asks}\); "
+                                              r"pass --allow-import"):
+            trust_remote_code(tmp_path, "model.name")
+    with allowing_imports(True):
+        assert trust_remote_code(tmp_path, "model.name") is True
+        with checking_only():
+            if asks:
+                with pytest.raises(RecipeError, match="never run while a recipe is only checked"):
+                    trust_remote_code(tmp_path, "data.tokenizer")
+            else:
+                assert trust_remote_code(tmp_path, "data.tokenizer") is False
+
+
+def test_downloads_are_refused_while_loading_or_checking():
+    from compress.safety import checking_only, offline, offline_reason
+
+    assert offline_reason() == ""
+    with offline("while m.pt is loaded"):
+        assert offline_reason() == "while m.pt is loaded"
+    with checking_only():
+        assert offline_reason() == "while a recipe is only checked"
+    assert offline_reason() == ""

@@ -1,5 +1,5 @@
-"""Text classification data: a .csv (with a header) or .jsonl file of text + label, tokenised for
-Hugging Face transformer classifiers.
+"""Text classification data: a .csv (with a header) or .jsonl file of text + label (or MovieLens-100K's
+movie titles by genre, ``movielens_titles``), tokenised for Hugging Face transformer classifiers.
 
 The tokenizer is a local transformers tokenizer folder, a ``tokenizer.json`` file (the ``tokenizers``
 library), or one trained here with ``tokenizers`` on the training split only (so validation and test
@@ -30,6 +30,7 @@ from compress.config import StrictModel
 from compress.data.bundle import DataBundle, DataSpec, read_utf8, register_dataset, split_rows
 from compress.data.inputs import Inputs
 from compress.errors import RecipeError
+from compress.safety import trust_remote_code
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -98,6 +99,33 @@ class TextSpec(DataSpec):
         return p
 
 
+# MovieLens-100K's genres, in u.item's flag order (the ml-100k README, u.genre).
+GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+class MovieLensTitlesSpec(TextSpec):
+    """Real text every MovieLens-100K folder holds: ``u.item``'s titles as column text, labelled ``genre``
+    or 'other' (column label) from the movie's genre flags. Read in place: nothing is written first."""
+
+    path: Path  # ml-100k/u.item: '|'-separated latin-1, id|title|release date|video date|IMDb URL|19 flags
+    genre: str = "Drama"
+
+    @field_validator("path")
+    @classmethod
+    def _readable(cls, p: Path) -> Path:
+        if not p.is_file():
+            raise ValueError(f"expected MovieLens-100K's u.item file, got '{p}' (no such file)")
+        return p
+
+    @field_validator("genre")
+    @classmethod
+    def _known(cls, g: str) -> str:
+        if g not in GENRES:
+            raise ValueError(f"expected one of u.item's genres ({', '.join(GENRES)}), got {g!r}")
+        return g
+
+
 def _need(module: str, path: str) -> None:
     """One line naming the install command when an optional package is missing."""
     if importlib.util.find_spec(module) is None:
@@ -105,8 +133,41 @@ def _need(module: str, path: str) -> None:
 
 
 # -- reading the file -------------------------------------------------------------------------------------
+def read_titles(path: Path, genre: str) -> tuple[list[dict], list[int], list[str]]:
+    """u.item's rows as {text: title, label: genre / 'other'}, their line numbers, and the two columns."""
+    flag = 5 + GENRES.index(genre)
+    # latin-1 (the ml-100k README): every byte decodes. QUOTE_NONE: a quote in a title is a character.
+    reader = csv.reader(io.StringIO(path.read_text(encoding="latin-1"), newline=""), delimiter="|",
+                        quoting=csv.QUOTE_NONE)
+    rows, lines = [], []
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) != 5 + len(GENRES) or fields[flag] not in ("0", "1"):
+            raise RecipeError("data.path", f"'{path}', line {reader.line_num}: expected a u.item row (id|title|release "
+                                           f"date|video date|IMDb URL|{len(GENRES)} genre flags 0/1), got {fields[:2]}...")
+        rows.append({"text": fields[1].strip(), "label": genre if fields[flag] == "1" else "other"})
+        lines.append(reader.line_num)
+    return rows, lines, ["text", "label"]
+
+
 def read_rows(spec: TextSpec) -> tuple[list[dict], list[int]]:
     """The file's rows as dicts, with the line number of each (for messages)."""
+    if isinstance(spec, MovieLensTitlesSpec):
+        rows, lines, columns = read_titles(spec.path, spec.genre)
+    else:
+        rows, lines, columns = _read_table(spec)
+    if not rows:
+        raise RecipeError("data.path", f"'{spec.path}' has no data rows")
+    for key in ("text", "label", "text_pair"):
+        col = getattr(spec, key)
+        if col is not None and col not in columns:
+            raise RecipeError(f"data.{key}", f"'{spec.path}' has no column '{col}'; it has {', '.join(map(str, columns))}")
+    return rows, lines
+
+
+def _read_table(spec: TextSpec) -> tuple[list[dict], list[int], list[str]]:
+    """A .csv's or .jsonl's rows, their line numbers, and the columns found."""
     content = read_utf8(spec.path)
     rows, lines = [], []
     if SUFFIXES[spec.path.suffix.lower()] == "csv":
@@ -135,13 +196,7 @@ def read_rows(spec: TextSpec) -> tuple[list[dict], list[int]]:
             columns += [k for k in row if k not in columns]
             rows.append(row)
             lines.append(lineno)
-    if not rows:
-        raise RecipeError("data.path", f"'{spec.path}' has no data rows")
-    for key in ("text", "label", "text_pair"):
-        col = getattr(spec, key)
-        if col is not None and col not in columns:
-            raise RecipeError(f"data.{key}", f"'{spec.path}' has no column '{col}'; it has {', '.join(map(str, columns))}")
-    return rows, lines
+    return rows, lines, columns
 
 
 def _texts(spec: TextSpec, rows: list[dict], lines: list[int], key: str) -> list[str]:
@@ -264,8 +319,9 @@ def load_tokenizer(spec: TextSpec, train_texts: list[str]) -> Encoder:
     _need("transformers", "data.tokenizer")
     from transformers import AutoTokenizer
 
+    code = trust_remote_code(where, "data.tokenizer")  # passed explicitly: transformers never asks on stdin
     try:
-        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RecipeError("data.tokenizer", f"transformers cannot read the tokenizer in '{where}': "
                                             f"{str(exc).strip().splitlines()[0]}") from None
@@ -335,6 +391,10 @@ def text(spec: TextSpec) -> DataBundle:
                       eval_batch_size=spec.eval_batch_size, num_workers=spec.num_workers, classes=classes,
                       collate=PadCollate(encoder.pad_id, spec.max_length if spec.padding == "max_length" else None),
                       vocab_size=encoder.vocab_size)
+
+
+register_dataset("movielens_titles", config=MovieLensTitlesSpec,
+                 description="MovieLens-100K u.item titles labelled by one genre or 'other' (text classification)")(text)
 
 
 # -- the model must fit the tokenizer -----------------------------------------------------------------

@@ -189,17 +189,7 @@ def _read_state_dict(spec: TorchvisionSpec) -> tuple[dict, str]:
     w = spec.weights
     if _is_path(w):
         path = Path(w).expanduser()
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for corrupt or unsafe files
-            raise CompressError(f"weights '{path}': not a loadable weights file "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-        for key in ("state_dict", "model"):  # compress checkpoints and common training wrappers
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
-        if not isinstance(sd, dict):
-            raise CompressError(f"weights '{path}': expected a state_dict, got {type(sd).__name__}")
-        return sd, str(path)
+        return read_weights_file(path), str(path)
     member = _weights_enum(spec.name, w)
     try:
         return member.get_state_dict(progress=True, weights_only=True), str(member)
@@ -208,6 +198,36 @@ def _read_state_dict(spec: TorchvisionSpec) -> tuple[dict, str]:
         raise CompressError(f"weights '{w}': could not get {member} from {member.url} "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); without internet, "
                             f"download that file elsewhere and put it at {cache}, or pass its path as weights") from None
+
+
+def weights_error(path: str | Path, exc: BaseException):
+    """One line for a weights file ``torch.load(weights_only=True)`` refused (``exc``): a pickle of other
+    objects is named as such, since its own message is paragraphs of how to load it unsafely."""
+    import pickle
+
+    from compress.errors import CompressError
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return CompressError(f"weights '{path}': not a loadable weights file: not weights-only (it pickles Python "
+                             "objects besides tensors, which compress never unpickles)")
+    detail = (str(exc).strip().splitlines() or [""])[0]
+    return CompressError(f"weights '{path}': not a loadable weights file ({type(exc).__name__}: {detail})")
+
+
+def read_weights_file(path: Path) -> dict:
+    """A state_dict from a local file (plain, a compress checkpoint or a common training wrapper)."""
+    from compress.errors import CompressError
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise weights_error(path, exc) from None
+    for key in ("state_dict", "model"):  # compress checkpoints and common training wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise CompressError(f"weights '{path}': expected a state_dict, got {type(sd).__name__}")
+    return sd
 
 
 def load_pretrained(model: nn.Module, sd: dict, num_outputs: int, source: str = "weights") -> list[str]:

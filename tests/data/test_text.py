@@ -247,3 +247,49 @@ def test_cli_runs_distill_head_prune_export_and_dynamic_int8_on_text(tmp_path):
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
     x = Inputs(input_ids=torch.tensor([[2, 5, 6, 7, 3]] * 3), attention_mask=torch.ones(3, 5, dtype=torch.long))
     assert onnx_run(sess, x).shape == (3, 2)  # dynamic batch and sequence axes
+
+
+# -- a tokenizer folder is data too (issue 24) ------------------------------------------------------------
+def test_a_tokenizer_folder_asking_to_run_its_code_is_refused_without_asking(tmp_path, monkeypatch):
+    pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    from transformers import PreTrainedTokenizerFast
+
+    from compress.data.text import TrainTokenizer, train_tokenizer
+
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")  # a prompt says yes
+    monkeypatch.delenv("COMPRESS_ALLOW_IMPORT", raising=False)
+    folder, marker = tmp_path / "tok", tmp_path / "ran"
+    tok = train_tokenizer(TrainTokenizer(vocab_size=VOCAB), [r["text"] for r in _rows()])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]").save_pretrained(folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                    "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    said = _error(tmp_path, path=_csv(tmp_path / "t.csv", _rows()), tokenizer=str(folder))
+    assert said.startswith(f"data.tokenizer: '{folder}' asks to run its own Python (auto_map in tokenizer_config.json)")
+    assert "--allow-import" in said and asked == [] and not marker.exists()
+
+
+# -- MovieLens-100K titles: the shipped text recipe's data, read in place --------------------------------
+def _u_item(folder, n=60):
+    """A u.item in ml-100k's format: id|title|date|video date|url|19 genre flags; odd ids are dramas."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{i}|{FILL[i % 5].title()} {GOOD[i % 3]} ({1990 + i % 9})|01-Jan-1995||http://x|"
+             + "|".join("1" if (k == 8 and i % 2) or (k == 5 and not i % 2) else "0" for k in range(19)) for i in range(1, n + 1)]
+    (folder / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    return folder / "u.item"
+
+
+def test_movielens_titles_reads_u_item_in_place_and_the_shipped_recipe_validates(tmp_path):
+    path = _u_item(tmp_path / "ml-100k")
+    data = create_data({"name": "movielens_titles", "path": str(path), "tokenizer": {"vocab_size": VOCAB}})
+    assert data.classes == ["Drama", "other"] and len(data.train) + len(data.val) + len(data.test) == 60
+    assert create_data({"name": "movielens_titles", "path": str(path), "genre": "Comedy"}).classes == ["Comedy", "other"]
+    with pytest.raises(CompressError, match="data.genre: expected one of u.item's genres"):
+        create_data({"name": "movielens_titles", "path": str(path), "genre": "drama"})
+    pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "text_bert_tiny.yaml")
+    result = CliRunner().invoke(cli, ["validate", recipe], env={"COMPRESS_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 0 and result.output.startswith("ok: text_bert_tiny: classification"), result.output
