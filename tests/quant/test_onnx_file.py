@@ -62,9 +62,11 @@ def test_python_api_takes_a_path_and_reports_agreement_and_latency(files, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # scratch files stay out of the output folder
 
 
-def test_a_file_fixed_to_batch_1_with_any_input_name_and_a_data_block(files, tmp_path):
-    data = {"name": "synthetic", "num_samples": 200, "num_classes": 4, "shape": [1, 12, 12]}
-    _, m = compress.quantize(files["fixed"], data=data, out=tmp_path / "q.onnx",
+def test_a_file_fixed_to_batch_1_with_any_input_name_and_a_recipes_data_block(files, tmp_path):
+    recipe = tmp_path / "r.yaml"  # a whole recipe: its data: section is used
+    recipe.write_text("name: r\ndata: {name: synthetic, num_samples: 200, num_classes: 4, shape: [1, 12, 12]}\n"
+                      "model: {name: mlp}\nstages: [{train: {epochs: 1}}]\n")
+    _, m = compress.quantize(files["fixed"], data=recipe, out=tmp_path / "q.onnx",
                              benchmark=BenchmarkConfig(latency=False))
     assert _is_int8(tmp_path / "q.onnx") and m["latency"] is None
     assert "accuracy" in m and "accuracy" in m["fp32_onnx_metrics"]  # the data block has labels

@@ -178,7 +178,7 @@ def _bundle(source):
 
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith((".yaml", ".yml")):
         doc = read_yaml(source)
-        source = doc["data"] if "name" not in doc and isinstance(doc.get("data"), dict) else doc
+        source = doc["data"] if isinstance(doc.get("data"), dict) else doc  # a recipe: its data: section
     if isinstance(source, dict):
         return create_data(interpolate(source, path="data"))
     return as_data(source)
