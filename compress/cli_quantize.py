@@ -61,25 +61,31 @@ def quantize(model, data, method, out, samples, options, latency, force):
 
 
 def _data(text: str):
-    """--data: a file (.npz, YAML) as a Path, else inline YAML: a data block (mapping) or a dataset name."""
+    """--data: an .npz as a Path; a YAML file (a data block or a recipe) or inline YAML as a data block or name."""
     import yaml
 
     from compress import yamlsafe
     from compress.errors import CompressError
 
+    from compress.recipe import interpolate, read_yaml
+
     path = Path(text)
     if path.suffix.lower() in (".npz", ".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise CompressError(f"--data: no such file '{text}'")
-        return path
-    try:
-        value = yamlsafe.loads(text)
-    except yaml.YAMLError:
-        value = None
+        if path.suffix.lower() == ".npz":
+            return path
+        value = read_yaml(path)
+        value = value["data"] if isinstance(value.get("data"), dict) else value  # a recipe: its data: section
+    else:
+        try:
+            value = yamlsafe.loads(text)
+        except yaml.YAMLError:
+            value = None
     if not isinstance(value, (dict, str)):
         raise CompressError(f"--data: expected a YAML or .npz file, or an inline data block like "
                             f"'{{name: mnist, root: data/mnist-t10k}}', got '{text}'")
-    return value
+    return interpolate(value, path="data")  # ${COMPRESS_DATA_DIR} and the like, as in a recipe
 
 
 def table(model: Path, out: Path, m: dict) -> str:

@@ -49,7 +49,7 @@ def quantize(model: nn.Module | str | Path, config: QuantizeConfig | None = None
     ``out_dir`` to keep them.
 
     ``model`` may be the path of a float ``.onnx`` file (``ptq_static``/``ptq_dynamic``): ``data`` is then
-    a DataBundle, a dataset name or data block, a YAML file holding one, or an ``.npz`` of inputs; the
+    a DataBundle, a dataset name, a data block (dict, as a recipe's ``data:``) or an ``.npz`` of inputs; the
     int8 file goes to ``out`` (default: ``<out_dir>/<stem>_int8.onnx``) and the metrics add its agreement
     with the file and, unless ``benchmark`` (a BenchmarkConfig) says ``latency: false``, both latencies.
     """

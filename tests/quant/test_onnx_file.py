@@ -62,14 +62,22 @@ def test_python_api_takes_a_path_and_reports_agreement_and_latency(files, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # scratch files stay out of the output folder
 
 
-def test_a_file_fixed_to_batch_1_with_any_input_name_and_a_recipes_data_block(files, tmp_path):
-    recipe = tmp_path / "r.yaml"  # a whole recipe: its data: section is used
-    recipe.write_text("name: r\ndata: {name: synthetic, num_samples: 200, num_classes: 4, shape: [1, 12, 12]}\n"
-                      "model: {name: mlp}\nstages: [{train: {epochs: 1}}]\n")
-    _, m = compress.quantize(files["fixed"], data=recipe, out=tmp_path / "q.onnx",
-                             benchmark=BenchmarkConfig(latency=False))
+def test_a_file_fixed_to_batch_1_with_any_input_name_and_a_data_block(files, tmp_path):
+    data = {"name": "synthetic", "num_samples": 200, "num_classes": 4, "shape": [1, 12, 12]}
+    _, m = compress.quantize(files["fixed"], data=data, out=tmp_path / "q.onnx", benchmark=BenchmarkConfig(latency=False))
     assert _is_int8(tmp_path / "q.onnx") and m["latency"] is None
     assert "accuracy" in m and "accuracy" in m["fp32_onnx_metrics"]  # the data block has labels
+
+
+def test_cli_takes_a_recipes_data_section(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMPLES", "200")
+    recipe = tmp_path / "r.yaml"  # a whole recipe, named: its data: section is used, ${VARS} resolved
+    recipe.write_text("name: r\ndata:\n  name: synthetic\n  num_samples: ${SAMPLES}\n  num_classes: 4\n"
+                      "  shape: [1, 12, 12]\nmodel: {name: mlp}\nstages: [{train: {epochs: 1}}]\n")
+    res = CliRunner().invoke(cli, ["quantize", str(files["fixed"]), "--data", str(recipe), "-o", str(tmp_path / "q.onnx"),
+                                   "--no-latency"])
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.output and "top-1 agreement" in res.output and _is_int8(tmp_path / "q.onnx")
 
 
 def test_qat_is_no_method_for_a_file(files):

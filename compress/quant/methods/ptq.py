@@ -171,17 +171,11 @@ def _file_samples(source, inp: ptq_onnx.FloatInput, src: Path, samples: Optional
 
 
 def _bundle(source):
-    """The user's data: a DataBundle, a dataset name or data block, or a YAML file holding one (or a recipe)."""
+    """The user's data: a DataBundle, a dataset name, a data block (dict) or loaders."""
     from compress.api import as_data
     from compress.data import create_data
-    from compress.recipe import interpolate, read_yaml
 
-    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith((".yaml", ".yml")):
-        doc = read_yaml(source)
-        source = doc["data"] if isinstance(doc.get("data"), dict) else doc  # a recipe: its data: section
-    if isinstance(source, dict):
-        return create_data(interpolate(source, path="data"))
-    return as_data(source)
+    return create_data(source) if isinstance(source, dict) else as_data(source)
 
 
 def _take(data, split: str, n: int) -> tuple:
