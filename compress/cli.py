@@ -102,6 +102,8 @@ from compress.cli_search import search as _search  # noqa: E402
 cli.add_command(_search)
 from compress.cli_pack import pack as _pack  # noqa: E402
 cli.add_command(_pack)
+from compress.cli_quantize import quantize as _quantize  # noqa: E402
+cli.add_command(_quantize)
 
 
 def main():

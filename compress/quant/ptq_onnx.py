@@ -8,13 +8,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.runtime.onnx import to_onnx
+from compress.errors import CompressError
+from compress.runtime.onnx import onnx_session, to_onnx
 from compress.quant.int8 import Int8Format
 
 CALIBRATION = ("minmax", "entropy", "percentile")
@@ -70,17 +73,21 @@ def _preprocess(src: Path, dst: Path) -> Path:
 
 def quantize_static_onnx(fp32: Path, out: Path, loader, fmt: Int8Format = Int8Format(), *, batches: int,
                          method: str = "minmax", percentile: float = 99.999, preprocess: bool = True,
-                         quantize_bias: bool = False, op_types: list[str] | None = None) -> Path:
+                         quantize_bias: bool = False, op_types: list[str] | None = None,
+                         scratch: Optional[Path] = None, input_name: str = "input") -> Path:
+    """``scratch``: the folder for the pre-processed copy (default: beside ``out``), never the source's;
+    ``input_name``: the graph input a single-tensor batch feeds."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-    src = _preprocess(fp32, fp32.with_name(fp32.stem + "_pre.onnx")) if preprocess else fp32
+    pre = Path(scratch or out.parent) / (fp32.stem + "_pre.onnx")
+    src = _preprocess(fp32, pre) if preprocess else fp32
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     extra = {"QuantizeBias": quantize_bias}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     with _quiet_per_channel_fallback():
-        quantize_static(str(src), str(out), LoaderReader(loader, batches), quant_format=QuantFormat.QDQ,
+        quantize_static(str(src), str(out), LoaderReader(loader, batches, input_name), quant_format=QuantFormat.QDQ,
                         per_channel=fmt.per_channel, reduce_range=fmt.reduce_range, calibrate_method=methods[method],
                         weight_type=_qtype(fmt.weight_type), activation_type=_qtype(fmt.activation_type),
                         op_types_to_quantize=op_types or None, extra_options=extra)
@@ -122,6 +129,72 @@ def quantize_dynamic_onnx(fp32: Path, out: Path, fmt: Int8Format = Int8Format(),
     quantize_dynamic(str(fp32), str(out), per_channel=fmt.per_channel, reduce_range=fmt.reduce_range,
                      weight_type=_qtype(fmt.weight_type), op_types_to_quantize=op_types or None)
     return out
+
+
+# Nodes of a file that is already quantized (QDQ, QOperator or dynamic): quantizing it again means nothing.
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd", "QLinearMul")
+
+
+@dataclass(frozen=True)
+class FloatInput:
+    """The one input of a user's float32 ONNX file; ``shape`` holds None for a named (dynamic) axis."""
+
+    name: str
+    shape: Optional[tuple]  # None: the file does not say its rank
+
+    @property
+    def batch(self) -> Optional[int]:
+        """The batch size the file is fixed to (``torch.onnx.export`` without dynamic axes), or None."""
+        return self.shape[0] if self.shape and self.shape[0] else None
+
+    def words(self) -> str:
+        dims = "?" if self.shape is None else ", ".join("batch" if i == 0 and d is None else "?" if d is None else str(d)
+                                                        for i, d in enumerate(self.shape))
+        return f"float32 ({dims})"
+
+    def fits(self, sample_shape: tuple) -> bool:
+        """Whether samples of ``sample_shape`` (no batch axis) fit the input's fixed axes."""
+        if self.shape is None:
+            return True
+        return len(sample_shape) == len(self.shape) - 1 and all(d is None or d == s for d, s in zip(self.shape[1:], sample_shape))
+
+
+def float_input(path: Path) -> FloatInput:
+    """The input of a float32 ONNX model compress can quantize, or one CompressError line saying why not:
+    not ONNX, external data, already quantized, not exactly one float32 input, or ONNX Runtime cannot load it."""
+    import onnx
+
+    if not path.is_file():
+        raise CompressError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError on anything that is not an ONNX protobuf
+        raise CompressError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    graph = model.graph
+    if not graph.node:
+        raise CompressError(f"{path}: not an ONNX model (no graph nodes)")
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer):
+        raise CompressError(f"{path}: keeps its weights in external data files, which ONNX Runtime's quantizer does not "
+                            "read here; save it as one file (onnx.save(model, path, save_as_external_data=False))")
+    quantized = sorted({n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized:
+        raise CompressError(f"{path}: already quantized ({', '.join(quantized)} nodes); give the float model")
+    weights = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]  # older exporters list weights as inputs too
+    if len(inputs) != 1:
+        raise CompressError(f"{path}: {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                            "expected one float32 input (images, features)")
+    inp = inputs[0]
+    t = inp.type.tensor_type if inp.type.HasField("tensor_type") else None
+    if t is None or t.elem_type != onnx.TensorProto.FLOAT:
+        kind = onnx.TensorProto.DataType.Name(t.elem_type).lower() if t is not None else inp.type.WhichOneof("value")
+        raise CompressError(f"{path}: no float input (input '{inp.name}' is {kind}); expected one float32 input "
+                            "(images, features): int8 calibration runs the model on float data")
+    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim) \
+        if t.HasField("shape") else None
+    onnx_session(path, 1)  # malformed graphs: ONNX Runtime's own one-line reason
+    return FloatInput(inp.name, shape)
 
 
 def _qtype(name: str):

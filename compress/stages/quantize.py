@@ -3,9 +3,11 @@ dispatched by type: int8 PTQ in ONNX Runtime, weight-only k-bit, QAT (8/4/2 bits
 
     from compress import quantize, QuantizeConfig
     model, metrics = quantize(model, QuantizeConfig(method="qat", bits=4), data)
+    int8, metrics = quantize("model.onnx", data="calibration.npz")   # a float .onnx file you already have
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -17,6 +19,7 @@ from compress.api import Result, as_data
 from compress.errors import RecipeError
 from compress.metrics import split_metrics
 from compress.quant.methods import QUANT_METHODS, QuantContext, QuantizeConfig, handler_for
+from compress.quant.methods.base import file_handler_for
 from compress.stages.base import StageResult, register_stage
 
 __all__ = ["QuantizeConfig", "quantize", "check_config"]
@@ -34,32 +37,43 @@ def _check(recipe, index: int, cfg: QuantizeConfig) -> None:
         raise RecipeError(f"{path}.kd", "needs a teacher: the recipe has no 'teacher:' section")
 
 
-def quantize(model: nn.Module, config: QuantizeConfig | None = None, data=None, teacher: nn.Module | None = None,
-             *, out_dir: str | Path | None = None, split: str | None = None, trainer_kwargs: dict | None = None,
-             path: str = "quantize") -> Result:
+def quantize(model: nn.Module | str | Path, config: QuantizeConfig | None = None, data=None,
+             teacher: nn.Module | None = None, *, out_dir: str | Path | None = None, split: str | None = None,
+             trainer_kwargs: dict | None = None, path: str = "quantize", out: str | Path | None = None,
+             benchmark=None) -> Result:
     """Quantize ``model`` with the handler registered for ``type(config)`` (``path``: the key path errors name).
 
     ONNX PTQ leaves ``model`` untouched and returns an ``OrtModel`` running the int8 .onnx (path in
     ``metrics['artifact']``); the other methods change ``model`` in place (packed weights) and return it.
     Without ``out_dir`` the files go to a temporary folder removed with the returned model: pass
     ``out_dir`` to keep them.
+
+    ``model`` may be the path of a float ``.onnx`` file (``ptq_static``/``ptq_dynamic``): ``data`` is then
+    a DataBundle, a dataset name, a data block (dict, as a recipe's ``data:``) or an ``.npz`` of inputs; the
+    int8 file goes to ``out`` (default: ``<out_dir>/<stem>_int8.onnx``) and the metrics add its agreement
+    with the file and, unless ``benchmark`` (a BenchmarkConfig) says ``latency: false``, both latencies.
     """
     config = config or QuantizeConfig()
     check_config(config, path)
-    data = as_data(data)
-    split = split or ("test" if data.has("test") else "val")
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="compress-quantize-"))
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = QuantContext(data, out, split, path, teacher, trainer_kwargs or {"name": "quantize"})
+    is_file = isinstance(model, (str, os.PathLike))
+    handler = file_handler_for(config, path) if is_file else handler_for(config)
+    if not is_file:  # a file's handler reads the data itself: an .npz of inputs is no DataBundle
+        data = as_data(data)
+        split = split or ("test" if data.has("test") else "val")
+    out_dir_given = out_dir is not None
+    out_dir = Path(out_dir) if out_dir_given else Path(tempfile.mkdtemp(prefix="compress-quantize-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = QuantContext(data, out_dir, split or "val", path, teacher, trainer_kwargs or {"name": "quantize"},
+                       artifact=Path(out) if out is not None else None, benchmark=benchmark)
     try:
-        result, metrics, facts = handler_for(config)(model, config, ctx)
+        result, metrics, facts = handler(model, config, ctx)
     except BaseException:
-        if out_dir is None:
-            shutil.rmtree(out, ignore_errors=True)
+        if not out_dir_given:
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    if out_dir is None:
+    if not out_dir_given:
         # No folder given: the files live as long as the returned model (or the process), then go.
-        weakref.finalize(result, shutil.rmtree, str(out), True)
+        weakref.finalize(result, shutil.rmtree, str(out_dir), True)
     return Result(result, {**metrics, **facts})
 
 

@@ -32,9 +32,12 @@ class QuantContext:
     path: str = "quantize"  # the recipe key path errors name
     teacher: Optional[nn.Module] = None
     trainer_kwargs: dict = field(default_factory=lambda: {"name": "quantize"})
+    artifact: Optional[Path] = None  # an .onnx file's int8 result (default: out_dir/<stem>_int8.onnx)
+    benchmark: object = None  # an .onnx file: the BenchmarkConfig of its latency comparison (None: defaults)
 
 
-# handler(model, config, ctx) -> (model or OrtModel, task metrics, facts for the report)
+# handler(model, config, ctx) -> (model or OrtModel, task metrics, facts for the report); a file handler
+# gets the path of a float .onnx file instead of the model, and ctx.data as the user gave it.
 Handler = Callable[[nn.Module, "QuantizeConfig", QuantContext], tuple]
 
 
@@ -61,16 +64,18 @@ class QuantizeConfig(MethodConfig):
         """Cross-key rules, shared by the recipe check and the Python entry point."""
 
 
-def register_method(config: type[QuantizeConfig], *, produces: str, description: str = ""):
+def register_method(config: type[QuantizeConfig], *, produces: str, description: str = "",
+                    onnx_file: Optional[Handler] = None):
     """Register ``config``'s method (its ``method`` default) with the decorated handler.
 
     ``produces``: the model kind the stage hands on ("onnx", "fakequant", "packed"; see stages.base).
+    ``onnx_file``: the handler for a float ``.onnx`` file the user already has (methods that quantize ONNX).
     """
     name = config.model_fields["method"].default
 
     def deco(handler: Handler) -> Handler:
         QUANT_METHODS.register(name, config=config, description=description or (config.__doc__ or "").strip(),
-                               handler=handler, produces=produces)(config)
+                               handler=handler, produces=produces, onnx_file=onnx_file)(config)
         return handler
 
     return deco
@@ -78,6 +83,16 @@ def register_method(config: type[QuantizeConfig], *, produces: str, description:
 
 def handler_for(cfg: QuantizeConfig) -> Handler:
     return QUANT_METHODS.get(cfg.method).extra["handler"]
+
+
+def file_handler_for(cfg: QuantizeConfig, path: str) -> Handler:
+    """The handler of ``cfg``'s method for an existing .onnx file; one line naming those that have one."""
+    handler = QUANT_METHODS.get(cfg.method).extra.get("onnx_file")
+    if handler is None:
+        takes = [e.name for e in QUANT_METHODS if e.extra.get("onnx_file")]
+        raise RecipeError(f"{path}.method", f"{cfg.method} quantizes a PyTorch model; an .onnx file takes "
+                                            f"{' or '.join(takes)}")
+    return handler
 
 
 # -- option blocks shared by several methods -----------------------------------------------------------
