@@ -56,7 +56,7 @@ def _environment(path: str | Path, spec: dict) -> dict:
     """Resolve the ``${VAR}``s a run kept in the saved spec (its values never go into files) from this
     process's environment."""
     from compress.errors import RecipeError
-    from compress.recipe import interpolate
+    from compress.variables import interpolate
 
     try:
         return interpolate(spec, path="spec")

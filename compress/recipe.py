@@ -8,8 +8,6 @@ beside a run keeps ``${VAR}`` as written, and error messages show ``${VAR}`` ins
 from __future__ import annotations
 
 import copy
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +22,8 @@ from compress.errors import RecipeError, RecipeErrors
 from compress.models.registry import ImportSpec, ModelSpec, parse_model_spec
 from compress.rundir import check_run_name
 from compress.stages.base import MODEL_LIST, MODEL_SPEC, STAGES, check_chain
-from compress.safety import MIN_SECRET_LEN, checking_only, redacting
+from compress.safety import checking_only, redacting
+from compress.variables import interpolate  # noqa: F401  (re-exported: recipe users resolve ${VAR}s here)
 
 class OutputConfig(StrictModel):
     dir: Optional[OutputDir] = None  # default: runs/<recipe name>
@@ -83,37 +82,6 @@ class Recipe:
     def imports(self) -> list[tuple[str, str]]:
         """``(key path, 'pkg.module:factory')`` for every model spec that imports user code."""
         return [(f"{path}.import", spec.import_) for path, spec in self.import_specs()]
-
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def interpolate(node: Any, env: dict | None = None, path: str = "", used: dict | None = None) -> Any:
-    """Resolve ``${VAR}``s; ``used`` (if given) collects value -> variable for every value taken from ``env``."""
-    env = os.environ if env is None else env
-    if isinstance(node, dict):
-        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k), used) for k, v in node.items()}
-    if isinstance(node, list):
-        return [interpolate(v, env, f"{path}[{i}]", used) for i, v in enumerate(node)]
-    if isinstance(node, str) and "${" in node:
-        def sub(m):
-            var, default = m.group(1), m.group(2)
-            if var in env and env[var] != "":
-                if used is not None and len(env[var]) >= MIN_SECRET_LEN:
-                    used[env[var]] = var
-                return env[var]
-            if default is not None:
-                return default
-            raise RecipeError(path, f"environment variable {var} is not set (write ${{{var}:-default}} for a default)")
-
-        value = _VAR.sub(sub, node)
-        if _VAR.fullmatch(node):  # a whole-value variable takes the type YAML gives its text
-            try:
-                return yamlsafe.loads(value) if value.strip() else value
-            except yaml.YAMLError:
-                return value
-        return value
-    return node
 
 
 def apply_override(doc: dict, assignment: str) -> None:

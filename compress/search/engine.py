@@ -355,7 +355,7 @@ def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Op
 
 def _environment_values(*docs: Optional[dict]) -> dict[str, str]:
     """value -> variable for the ``${VAR}``s the recipes read (what no saved file may hold)."""
-    from compress.recipe import interpolate
+    from compress.variables import interpolate
 
     used: dict[str, str] = {}
     for d in docs:
