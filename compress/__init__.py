@@ -9,23 +9,78 @@
     student, metrics = compress.prune(student, compress.PruneConfig(sparsity=0.7, steps=3), data)
     int8, metrics = compress.quantize(student, compress.QuantizeConfig(method="ptq_static"), data)
 """
-from compress.api import Result
-from compress.checkpoint import load_model, save_model
-from compress.data import DataBundle, create_data
-from compress.errors import CompressError, RecipeError
-from compress.measure.config import BenchmarkConfig
-from compress.measure.row import benchmark
-from compress.models import create_model
-from compress.pipeline import Pipeline
-from compress.search import SearchConfig, SearchResult, search  # Optuna itself is imported only when a search runs
-from compress.stages.bake import BakeConfig, bake
-from compress.stages.cluster import ClusterConfig, cluster
-from compress.stages.encode import EncodeConfig, encode
-from compress.stages.distill import DistillConfig, distill
-from compress.stages.export import ExportConfig, export
-from compress.stages.prune import PruneConfig, prune
-from compress.stages.quantize import QuantizeConfig, quantize
-from compress.trainer import Hook, TrainConfig, Trainer, evaluate, train
+import sys
+import types
+
+# The public names are imported on first use (PEP 562): ``compress --help`` and ``import compress.errors``
+# must not pay for torch, torch-pruning and every stage (seconds) before they answer.
+_LAZY = {
+    "Result": "compress.api",
+    "load_model": "compress.checkpoint",
+    "save_model": "compress.checkpoint",
+    "DataBundle": "compress.data",
+    "create_data": "compress.data",
+    "CompressError": "compress.errors",
+    "RecipeError": "compress.errors",
+    "BenchmarkConfig": "compress.measure.config",
+    "benchmark": "compress.measure.row",
+    "create_model": "compress.models",
+    "Pipeline": "compress.pipeline",
+    "SearchConfig": "compress.search",
+    "SearchResult": "compress.search",
+    "BakeConfig": "compress.stages.bake",
+    "bake": "compress.stages.bake",
+    "ClusterConfig": "compress.stages.cluster",
+    "cluster": "compress.stages.cluster",
+    "EncodeConfig": "compress.stages.encode",
+    "encode": "compress.stages.encode",
+    "DistillConfig": "compress.stages.distill",
+    "distill": "compress.stages.distill",
+    "ExportConfig": "compress.stages.export",
+    "export": "compress.stages.export",
+    "PruneConfig": "compress.stages.prune",
+    "prune": "compress.stages.prune",
+    "QuantizeConfig": "compress.stages.quantize",
+    "quantize": "compress.stages.quantize",
+    "Hook": "compress.trainer",
+    "TrainConfig": "compress.trainer",
+    "Trainer": "compress.trainer",
+    "evaluate": "compress.trainer",
+    "train": "compress.trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once: later lookups do not come back here
+        return value
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY, "search"])
+
+
+class _Compress(types.ModuleType):
+    """``compress.search`` is the function, as the eager imports made it, though the subpackage of that
+    name binds itself here when it is first imported."""
+
+    @property
+    def search(self):
+        from compress.search.engine import search
+
+        return search
+
+    @search.setter
+    def search(self, module) -> None:
+        pass  # the import system's binding of the subpackage: the public name stays the function
+
+
+sys.modules[__name__].__class__ = _Compress
+
 
 __version__ = "0.1.0"
 

@@ -74,6 +74,16 @@ def validate(recipe, overrides):
                    f"'compress run' needs --allow-import or {ALLOW_IMPORT_ENV}=1")
 
 
+# Model sources that are not registry names (compress.models.external resolves them).
+MODEL_SOURCES = (
+    ("<torchvision>", "any torchvision.models classifier by name (resnet50, mobilenet_v3_small, ...)"),
+    ("timm:<name>", "any timm model (pip install 'compress[timm]'); kwargs, weights: <file>, pretrained: true"),
+    ("hf:<folder>", "a local Hugging Face folder, or hf:<org>/<name> from the hub when a run may download "
+                    "(pip install 'compress[hf]'); inline config: {name: hf, config: {...}}"),
+    ("import:", "import: pkg.module:factory, your own model factory (runs code: needs --allow-import)"),
+)
+
+
 @cli.command("list")
 @click.argument("what", required=False, type=click.Choice(["stages", "models", "datasets"]))
 def list_(what):
@@ -90,7 +100,8 @@ def list_(what):
         for e in reg:
             click.echo(f"  {e.name:<14} {e.description}")
         if title == "models":
-            click.echo(f"  {'<torchvision>':<14} any torchvision.models classifier by name (resnet50, mobilenet_v3_small, ...)")
+            for source, what in MODEL_SOURCES:
+                click.echo(f"  {source:<14} {what}")
 
 
 from compress import cli_report  # noqa: E402  (commands live beside; shared options in cli_options)
