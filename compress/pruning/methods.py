@@ -118,8 +118,9 @@ class PruneConfig(MethodConfig):
     @classmethod
     def _old_keys(cls, data, info: ValidationInfo):
         data = rename_keys(data, {"distill": "kd"}, info, "prune")
-        if isinstance(data, dict) and data.get("kd") is False:  # `kd: false`: plain fine-tuning
-            data = {**{k: v for k, v in data.items() if k != "kd"}, "self_distill": False}
+        if isinstance(data, dict) and isinstance(data.get("kd"), bool):  # `kd: false`: plain; `kd: true`: the defaults
+            kd = data["kd"]
+            data = {**{k: v for k, v in data.items() if k != "kd"}, **({"kd": {}} if kd else {"self_distill": False})}
         return data
 
     def check_rules(self, path: str) -> None:

@@ -239,7 +239,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
         history: list[dict] = []
         good = copy.deepcopy(model)
         stop = "schedule finished"
-        last = cfg.initial_sparsity
+        last = 0.0  # the ratio of the last kept step (bisection's lower end)
         for t, target in enumerate(targets, 1):
             if cfg.budget is not None:
                 target = _landing_ratio(pruner, model, t, last, target, budget_of, cfg.budget, base_budget)
@@ -298,7 +298,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
         "weight_sparsity": None, "channel_ratio": None, **pruner.summary(kept),
         "unpruned_params": base_params, "unpruned_nonzero": base_nonzero, "params": total, "nonzero": nonzero,
         "unpruned_macs": base_macs, "macs": macs, "macs_reduction": round(base_macs / max(macs, 1), 2),
-        # the gate's reference: the unpruned model after one step's fine-tune, scored like every step
+        # the gate's reference: the unpruned model, fine-tuned like every step when max_drop is set
         f"unpruned_{split}_{metric}": ref.value,
         **storage_report(model),
         "steps": history,

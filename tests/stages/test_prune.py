@@ -178,6 +178,7 @@ def test_fine_tunes_distil_from_the_unpruned_model_unless_told_otherwise(data, m
     assert len(made) == 1 and m["fine_tune"] == "plain"
     off = parse_recipe(_recipe({"sparsity": 0.5, "kd": False})).stages[1].config
     assert off.kd is None and off.self_distill is False
+    assert parse_recipe(_recipe({"sparsity": 0.5, "kd": True})).stages[1].config.kd.teacher == "unpruned"  # the defaults
     _, m = prune(model, off.model_copy(update={"finetune": ft}), data)
     assert len(made) == 1 and m["fine_tune"] == "plain"
 
