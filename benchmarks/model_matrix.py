@@ -13,6 +13,11 @@ each image student's last features: CNN maps and ViT tokens alike, pooled where 
 model distils from a copy of itself.
 
     .venv/bin/python -m benchmarks.model_matrix [--rows tv_resnet18 hf_bert] [--cols channel ptq_dynamic] [--quick]
+    .venv/bin/python -m benchmarks.model_matrix --defaults --cols channel [--scope layer|global]
+
+``--defaults``: the channel cell as a user writes it, ``{method: channel, budget: {kind: macs, reduction: 2}}``
+and nothing else (round_to from the latency backends, the default scope, one step shrunk to land on the
+budget); realized/ideal = ORT speed-up / MACs reduction (issue 25's bar: >= 0.85 at batch 32).
 """
 from __future__ import annotations
 
@@ -168,9 +173,16 @@ class Row:
         return self._prune("magnitude", sparsity=0.5, steps=1)
 
     def channel(self) -> dict:
-        return self._prune("channel", sparsity=0.8, steps=8, schedule="linear", scope="layer",
-                           round_to=self.args.round_to if self.args.round_to > 1 else None,
-                           budget={"kind": "macs", "reduction": 2})
+        scope = {"scope": self.args.scope} if self.args.scope else {}
+        if self.args.defaults:  # what a user gets from `{method: channel, budget: {kind: macs, reduction: 2}}`
+            cell = self._prune("channel", budget={"kind": "macs", "reduction": 2}, **scope)
+        else:
+            cell = self._prune("channel", sparsity=0.8, steps=8, schedule="linear", **{"scope": "layer", **scope},
+                               round_to=self.args.round_to, budget={"kind": "macs", "reduction": 2})
+        for bs in self.args.batches:  # speed-up / MACs ratio: 1.0 when the runtime turns every MAC saved into time
+            if cell.get(f"speedup_bs{bs}") and cell.get("macs_reduction"):
+                cell[f"realized_ideal_bs{bs}"] = round(cell[f"speedup_bs{bs}"] / cell["macs_reduction"], 3)
+        return cell
 
     def _quantize(self, method: str, **opts) -> dict:
         from compress.stages.quantize import QuantizeConfig, quantize
@@ -224,6 +236,7 @@ def run_row(row: Row, cols: list[str], teachers: dict) -> dict:
 
 
 def cell_text(cell: dict, batches: list[int]) -> str:
+    """``ok``, MACs before -> after, the speed-ups per batch size and (channel) realized/ideal at the largest."""
     if cell["status"] != "ok":
         return f"no: {cell['reason'][:160]}"
     parts = ["ok"]
@@ -234,6 +247,8 @@ def cell_text(cell: dict, batches: list[int]) -> str:
         ups = [f"{cell[f'speedup_bs{bs}']:.2f}x" for bs in batches if cell.get(f"speedup_bs{bs}")]
         if ups:
             parts.append("/".join(ups))
+        if cell.get(f"realized_ideal_bs{batches[-1]}"):
+            parts.append(f"(realized/ideal {cell[f'realized_ideal_bs{batches[-1]}']:.2f})")
     return " ".join(parts)
 
 
@@ -247,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=10, help="interleaved timed samples (fewer for slow models: --max-seconds)")
     ap.add_argument("--max-seconds", type=float, default=4.0)
     ap.add_argument("--round-to", type=int, default=8, help="channel pruning's round_to (1: off)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="channel cell with default settings and a 2x MACs budget only (round_to from the backends)")
+    ap.add_argument("--scope", choices=["layer", "global"], default=None, help="channel pruning's scope (default: layer, "
+                    "or the PruneConfig default with --defaults)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--verbose", action="store_true")
@@ -293,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # only a full, timed matrix replaces the results the README quotes
-    if set(args.rows) == set(ROWS) and set(args.cols) == set(COLS) and args.round_to == 8 and not args.no_latency:
+    full = set(args.rows) == set(ROWS) and set(args.cols) == set(COLS) and args.round_to == 8 and not args.scope
+    if full and not args.no_latency and not args.defaults:
         out.with_suffix(".md").write_text(f"{md}\n\n{note}\n\n{machine_line()}\n\nCommand: python -m benchmarks.model_matrix"
                                           "\n")
         out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": results, "machine": machine_line()},

@@ -107,6 +107,15 @@ class _Pruner(tp.pruner.BasePruner):
         sync_attention_heads(self.model)
         return out
 
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        """torch-pruning rounds the kept count down to a multiple of ``round_to``; below one multiple that asks
+        for every channel, and the layer is then left unpruned (6 channels, round_to 8: never pruned). Keep at
+        least one multiple, and prune layers narrower than ``round_to`` by the plain count: no multiple fits them."""
+        if current_channels < round_to:
+            return n_pruned
+        keep = max(round_to, (current_channels - n_pruned) // round_to * round_to)
+        return current_channels - keep
+
     def get_target_head_pruning_ratio(self, module) -> float:
         """This step's share of the *current* heads. torch-pruning's layer scope removes ceil(ratio x current
         heads) with the schedule's cumulative ratio, so iterative steps overshoot (3 heads, 3 steps of 0.1,

@@ -29,12 +29,22 @@ def test_channel_pruning_makes_a_smaller_model_that_runs(data, importance):
     x = data.example_input(3)
     macs0, params0 = count_macs(model, x[:1])
     pruned, metrics = prune(model, PruneConfig(method="channel", sparsity=0.5, importance=importance, steps=2,
-                                               finetune=NO_TRAIN), data)
+                                               round_to=1, finetune=NO_TRAIN), data)  # free widths: 8 has no half in 8s
     assert pruned(x).shape == (3, data.num_outputs)
     assert metrics["params"] < params0 * 0.5 and metrics["macs"] < macs0 * 0.5
     assert pruned.fc.out_features == data.num_outputs  # the classifier is ignored by default
     # the stem's channels are tied to the first block's residual add: pruned together
     assert pruned.stem[0].out_channels == pruned.layers[0].conv2.out_channels < 8
+
+
+def test_round_to_prunes_a_layer_narrower_than_it_by_the_plain_count(data):
+    """torch-pruning rounds the kept count down: 6 channels with round_to 8 asked for all 6, so the layer was
+    never pruned (now a default: round_to comes from the latency backend)."""
+    model = create_model("lenet5", data.input_shape, data.num_outputs)  # 6 and 16 conv channels
+    pruned, _ = prune(model, PruneConfig(method="channel", sparsity=0.25, round_to=8, scope="layer", finetune=NO_TRAIN), data)
+    assert pruned.features[0].out_channels == 4  # narrower than 8: the plain count (int(6 x 0.75))
+    assert pruned.features[3].out_channels == 8  # 16 x 0.75 = 12 -> 8, a multiple
+    assert pruned(data.example_input(2)).shape == (2, data.num_outputs)
 
 
 def test_bn_scale_needs_batchnorm(data):

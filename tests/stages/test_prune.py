@@ -55,24 +55,72 @@ def test_python_api_checks_layer_names(data):
         prune(model, PruneConfig(ignored_layers=["nope"], finetune=NO_TRAIN), data)
 
 
-def test_stops_at_the_first_step_that_breaks_the_floor(data, monkeypatch):
-    real = prune_mod.evaluate
-    vals = iter([0.90, 0.899, 0.895, 0.85, 0.95])  # unpruned, steps 1-4: step 3 drops 5 points > max_drop
+def _fake_scores(monkeypatch, hits: list[torch.Tensor]) -> list[str]:
+    """The gate scores these constructed predictions (reference first, then step 1, 2...); returns which
+    fine-tune each scored model had last (the names of its Trainer fits)."""
+    from compress.pruning.gate import Scores
 
-    def fake(model, data_, split="test", *a, **k):
-        out = real(model, data_, split, *a, **k)
-        if split == "val":
-            out["accuracy"] = next(vals)
-        return out
+    seen, queue, real_trainer = [], iter(hits), prune_mod.Trainer
 
-    monkeypatch.setattr(prune_mod, "evaluate", fake)
+    class Spy(real_trainer):
+        def fit(self):
+            self.model._last_fit = (self.name.split(":")[-1], self.cfg)
+            return super().fit()
+
+    def fake(model, data_, split, device):
+        seen.append(getattr(model, "_last_fit", None))
+        h = next(queue)
+        return Scores(h.float().mean().item(), h)
+
+    monkeypatch.setattr(prune_mod, "Trainer", Spy)
+    monkeypatch.setattr(prune_mod.gate, "score", fake)
+    return seen
+
+
+def _hits(n: int, wrong: int) -> torch.Tensor:
+    h = torch.ones(n, dtype=torch.bool)
+    h[:wrong] = False
+    return h
+
+
+def test_stops_at_the_first_step_whose_drop_is_beyond_max_drop_and_noise(data, monkeypatch):
+    # 800 samples: reference 8 wrong; step 1: 9; step 2: 14 (6 newly wrong: 0.0075 > max_drop, p = 1/64 < 0.05);
+    # step 3: 60. Constructed predictions, so the rule is what is tested, not this tiny model's accuracy.
+    _fake_scores(monkeypatch, [_hits(800, 8), _hits(800, 9), _hits(800, 14), _hits(800, 60)])
     model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[64])
-    pruned, m = prune(model, PruneConfig(sparsity=0.8, steps=4, schedule="linear", max_drop=0.01, finetune=NO_TRAIN), data)
-    assert [s["kept"] for s in m["steps"]] == [True, True, False]  # step 4 never ran
-    assert m["steps_done"] == 2 and m["stop_reason"].startswith("step 3: val accuracy fell 0.0500")
-    # the model of the last good step (2 of 4 linear steps: 40% of the prunable weights)
-    assert m["weight_sparsity"] == pytest.approx(0.4, abs=0.01)
+    pruned, m = prune(model, PruneConfig(sparsity=0.8, steps=4, schedule="linear", max_drop=0.005, finetune=NO_TRAIN), data)
+    assert [s["kept"] for s in m["steps"]] == [True, False]  # steps 3-4 never ran
+    assert m["steps_done"] == 1
+    assert m["stop_reason"] == ("kept 1 of 4 steps; step 2 undone: val accuracy fell 0.0075 (max_drop 0.005) on 800 "
+                                "samples: 6 newly wrong vs 0 newly right, one-sided exact McNemar p=0.0156 (< 0.05) "
+                                "below the unpruned model's 0.9900")
+    row = m["steps"][1]
+    assert (row["gate_n"], row["gate_worse"], row["gate_better"]) == (800, 6, 0) and row["p_value"] == pytest.approx(1 / 64)
+    # the model of the last good step (1 of 4 linear steps: 20% of the prunable weights)
+    assert m["weight_sparsity"] == pytest.approx(0.2, abs=0.01)
     assert pruned(data.example_input(2)).shape == (2, data.num_outputs)
+
+
+def test_a_drop_past_max_drop_within_noise_is_kept(data, monkeypatch):
+    # step 1 loses 6 of 800 samples but also gains 4: 10 vs 4 disagreements, p = 0.09, a coin does that
+    ref = _hits(800, 8)
+    step = ref.clone()
+    step[:4], step[8:18] = True, False
+    _fake_scores(monkeypatch, [ref, step])
+    model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[64])
+    _, m = prune(model, PruneConfig(sparsity=0.5, steps=1, max_drop=0.005, finetune=NO_TRAIN), data)
+    assert m["steps"][0]["kept"] and m["steps"][0]["drop"] == pytest.approx(0.0075)
+    assert m["steps"][0]["p_value"] == pytest.approx(0.0898, abs=1e-4) and m["stop_reason"] == "schedule finished"
+
+
+def test_the_reference_is_fine_tuned_and_scored_like_every_step(data, monkeypatch):
+    """Not the unpruned model as it came (an earlier stage's best epoch, chosen on these same samples)."""
+    seen = _fake_scores(monkeypatch, [_hits(100, 0)] * 3)
+    ft = TrainConfig(epochs=1, progress=False, optimizer={"lr": 1e-4})
+    model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[64])
+    _, m = prune(model, PruneConfig(sparsity=0.5, steps=2, max_drop=0.01, finetune=ft), data)
+    assert seen == [("reference", ft), ("step1", ft), ("step2", ft)]
+    assert m["unpruned_val_accuracy"] == 1.0  # the fine-tuned reference's score
 
 
 def test_budget_stops_pruning_once_met(data):
@@ -83,6 +131,56 @@ def test_budget_stops_pruning_once_met(data):
     assert m["macs_reduction"] >= 2
     # it stopped at the first step that met the budget: every earlier step was still above it
     assert all(s["macs"] > m["unpruned_macs"] / 2 for s in m["steps"][:-1])
+
+
+def test_a_budget_lands_within_5_percent_instead_of_a_step_past_it(data):
+    model = create_model("small_resnet", data.input_shape, data.num_outputs, widths=[16, 32])
+    # one step to half the channels would be ~3.5x fewer MACs: the step is shrunk by bisection to land on 2x
+    _, m = prune(model, PruneConfig(method="channel", sparsity=0.5, steps=1, round_to=1,
+                                    budget={"kind": "macs", "reduction": 2}, finetune=NO_TRAIN), data)
+    assert 2.0 <= m["unpruned_macs"] / m["macs"] <= 2.1 and m["stop_reason"] == "step 1: macs budget met"
+    assert m["steps"][0]["target"] < 0.5
+    model = create_model("small_resnet", data.input_shape, data.num_outputs, widths=[16, 32])
+    # global ranking: finer steps than every layer alike, whose widths move together
+    _, m = prune(model, PruneConfig(method="channel", sparsity=0.6, steps=3, schedule="linear", round_to=1, scope="global",
+                                    budget={"kind": "params", "max": 6000}, finetune=NO_TRAIN), data)
+    assert 0.95 * 6000 <= m["params"] <= 6000 and m["stop_reason"].endswith("params budget met")
+
+
+def test_default_round_to_comes_from_the_latency_backend_and_an_explicit_one_wins(data):
+    from compress.runtime.backends import BACKENDS
+
+    assert BACKENDS.get("onnxruntime").obj.preferred_round_to == 8 and BACKENDS.get("pytorch").obj.preferred_round_to == 1
+
+    def widths(round_to=None, **kw):
+        model = create_model("small_resnet", data.input_shape, data.num_outputs, widths=[16, 32])
+        cfg = PruneConfig(method="channel", sparsity=0.3, round_to=round_to, finetune=NO_TRAIN)
+        pruned, m = prune(model, cfg, data, **kw)
+        return {c.out_channels for c in pruned.modules() if isinstance(c, torch.nn.Conv2d)}, m
+
+    w, m = widths()  # the benchmark's default backends: pytorch and onnxruntime
+    assert all(c % 8 == 0 for c in w) and w != {16, 32} and (m["round_to"], m["round_to_from"]) == (8, "onnxruntime")
+    w, m = widths(backends=["pytorch"])
+    assert any(c % 8 for c in w) and m["round_to"] == 1  # free widths where they do not matter
+    w, m = widths(backends=["onnxruntime"], round_to=4)
+    assert all(c % 4 == 0 for c in w) and any(c % 8 for c in w) and m["round_to"] == 4 and "round_to_from" not in m
+
+
+def test_fine_tunes_distil_from_the_unpruned_model_unless_told_otherwise(data, monkeypatch):
+    made = _spy_kd_hooks(monkeypatch, prune_mod)
+    ft = TrainConfig(epochs=1, progress=False)
+    model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[16])
+    _, m = prune(model, PruneConfig(sparsity=0.5, finetune=ft), data)
+    (hook,) = made
+    assert hook.teachers[0] is not model and m["fine_tune"] == "self-distillation from the unpruned model"
+    teacher = create_model("mlp", data.input_shape, data.num_outputs, hidden=[32])
+    _, m = prune(model, PruneConfig(sparsity=0.5, finetune=ft), data, teacher=teacher)  # the recipe has a teacher
+    assert len(made) == 1 and m["fine_tune"] == "plain"
+    off = parse_recipe(_recipe({"sparsity": 0.5, "kd": False})).stages[1].config
+    assert off.kd is None and off.self_distill is False
+    assert parse_recipe(_recipe({"sparsity": 0.5, "kd": True})).stages[1].config.kd.teacher == "unpruned"  # the defaults
+    _, m = prune(model, off.model_copy(update={"finetune": ft}), data)
+    assert len(made) == 1 and m["fine_tune"] == "plain"
 
 
 def test_magnitude_stage_in_a_recipe_masks_permanent(tmp_path):
