@@ -50,10 +50,19 @@ _LAZY = {
 }
 
 
+def _load_all() -> None:
+    """What ``import compress`` did before it was lazy: every stage, model, method and transform registered."""
+    import importlib
+
+    for module in sorted({*_LAZY.values(), "compress.stages", "compress.search.engine"}):
+        importlib.import_module(module)
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
+        _load_all()
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # once: later lookups do not come back here
         return value

@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from compress.errors import RecipeError
 
 T = TypeVar("T")
+_POPULATED = False
+
+
+def _populate() -> None:
+    """Import every module that registers plug-ins (``compress._load_all``), once, before a registry is
+    read: ``import compress`` is lazy, so a checkpoint loaded right after ``from compress.checkpoint import
+    load_model`` still finds the transforms, stages and methods registered elsewhere."""
+    global _POPULATED
+    if not _POPULATED:
+        _POPULATED = True
+        importlib.import_module("compress")._load_all()  # by name: not an import edge of this leaf module
 
 
 def did_you_mean(name: str, choices) -> str:
@@ -47,6 +59,8 @@ class Registry(Generic[T]):
         self._fallback = fn
 
     def get(self, name: str, path: str = "") -> Entry[T]:
+        if name not in self._entries:
+            _populate()
         if name in self._entries:
             return self._entries[name]
         if self._fallback is not None:
@@ -59,10 +73,14 @@ class Registry(Generic[T]):
         )
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._entries:
+            _populate()
         return name in self._entries
 
     def __iter__(self) -> Iterator[Entry[T]]:
+        _populate()
         return iter(sorted(self._entries.values(), key=lambda e: e.name))
 
     def names(self) -> list[str]:
+        _populate()
         return sorted(self._entries)
