@@ -11,6 +11,28 @@
 """
 import sys
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers and the API docs (griffe reads this statically) see
+    from compress.api import Result
+    from compress.checkpoint import load_model, save_model
+    from compress.data import DataBundle, create_data
+    from compress.errors import CompressError, RecipeError
+    from compress.measure.config import BenchmarkConfig
+    from compress.measure.row import benchmark
+    from compress.models import create_model
+    from compress.pipeline import Pipeline
+    from compress.search import SearchConfig, SearchResult
+    from compress.stages.bake import BakeConfig, bake
+    from compress.stages.cluster import ClusterConfig, cluster
+    from compress.stages.encode import EncodeConfig, encode
+    from compress.stages.distill import DistillConfig, distill
+    from compress.stages.export import ExportConfig, export
+    from compress.stages.prune import PruneConfig, prune
+    from compress.stages.quantize import QuantizeConfig, quantize
+    from compress.trainer import Hook, TrainConfig, Trainer, evaluate, train
+    from compress.search.engine import search
+
 
 # The public names are imported on first use (PEP 562): ``compress --help`` and ``import compress.errors``
 # must not pay for torch, torch-pruning and every stage (seconds) before they answer.

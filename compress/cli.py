@@ -100,8 +100,8 @@ def list_(what):
         for e in reg:
             click.echo(f"  {e.name:<14} {e.description}")
         if title == "models":
-            for source, what in MODEL_SOURCES:
-                click.echo(f"  {source:<14} {what}")
+            for source, description in MODEL_SOURCES:
+                click.echo(f"  {source:<14} {description}")
 
 
 from compress import cli_report  # noqa: E402  (commands live beside; shared options in cli_options)

@@ -19,7 +19,7 @@ def test_search_reuses_stages_and_resumes_after_a_kill(search_doc, tmp_path, mon
     rows = [json.loads(line) for line in (tmp_path / "whole" / "trials.jsonl").read_text().splitlines()]
     assert {r["trial"] for r in rows} == {0, 1, 2, 3} and rows == whole.rows
     assert whole.reuse["stage_runs"]["0:train"] == 1  # the teacher trains once for the baseline and all trials
-    assert whole.reuse["hits"] >= 8 and whole.reuse["saved_seconds"] > 0
+    assert whole.reuse["hits"] >= 4 and whole.reuse["saved_seconds"] > 0  # every trial reuses the teacher at least
     assert whole.front and whole.chosen is not None and whole.test["split"] == "test"
     assert (tmp_path / "whole" / "chosen" / "recipe.yaml").is_file() and (tmp_path / "whole" / "search.html").is_file()
 
