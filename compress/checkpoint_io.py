@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from compress.errors import CompressError
+from compress.errors import CompressError, error_line
 from compress.registry import Registry
 from compress.safety import scrub
 from compress.utils import atomic_path
@@ -63,12 +63,32 @@ def _load(path: str | Path) -> Any:
 
 
 def restore(model: nn.Module, ckpt: dict, where: str = "checkpoint") -> nn.Module:
-    """Replay recorded transforms on a freshly built model and load its weights."""
-    for t in ckpt.get("transforms", []):
-        fn = TRANSFORMS.get(t["kind"]).obj
-        model = fn(model, t.get("params", {}), ckpt["state_dict"]) or model
-    model.compress_transforms = copy.deepcopy(ckpt.get("transforms", []))
-    _load_state(model, ckpt["state_dict"], where)
+    """Replay recorded transforms on a freshly built model and load its weights. The transforms and weights
+    are the file's data: one that is malformed or does not apply is a one-line error naming ``where``."""
+    transforms, sd = ckpt.get("transforms", []), ckpt.get("state_dict")
+    if not isinstance(transforms, list):
+        raise CompressError(f"{where}: corrupt checkpoint (its recorded transforms are not a list)")
+    if not isinstance(sd, dict):
+        raise CompressError(f"{where}: corrupt checkpoint (its state_dict is not a mapping)")
+    for i, t in enumerate(transforms):
+        kind, params = (t.get("kind"), t.get("params", {})) if isinstance(t, dict) else (None, None)
+        if not isinstance(kind, str) or not isinstance(params, dict):
+            raise CompressError(f"{where}: corrupt checkpoint (recorded transform {i} is not a kind and params)")
+        if kind not in TRANSFORMS:
+            raise CompressError(f"{where}: recorded transform {i}: unknown kind {kind[:60]!r}; this compress "
+                                f"replays {', '.join(TRANSFORMS.names())}")
+        try:
+            model = TRANSFORMS.get(kind).obj(model, params, sd) or model
+        except CompressError:
+            raise
+        except Exception as exc:  # KeyError, AttributeError, TypeError, RuntimeError ... on crafted params
+            raise CompressError(f"{where}: recorded transform {i} ({kind}) does not apply to its model "
+                                f"({error_line(exc)})") from None
+    try:
+        model.compress_transforms = copy.deepcopy(transforms)
+    except RecursionError:
+        raise CompressError(f"{where}: corrupt checkpoint (its recorded transforms nest too deep)") from None
+    _load_state(model, sd, where)
     return model
 
 
@@ -76,8 +96,10 @@ def _load_state(model: nn.Module, sd: dict, where: str) -> None:
     try:
         model.load_state_dict(sd)
     except RuntimeError as exc:
-        lines = str(exc).splitlines()
+        lines = str(exc).splitlines() or [type(exc).__name__]
         raise CompressError(f"{where}: weights do not fit the model: {' '.join(lines[1:3]) or lines[0]}") from None
+    except Exception as exc:  # a crafted state_dict (values that are not tensors, ...)
+        raise CompressError(f"{where}: weights do not fit the model ({error_line(exc)})") from None
 
 
 def load_weights_into(model: nn.Module, path: str | Path) -> None:

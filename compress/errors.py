@@ -8,6 +8,14 @@ class CompressError(Exception):
     exit_code = 2
 
 
+def error_line(exc: BaseException, n: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``n`` characters: an exception on crafted input as a part
+    of one error line."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = text if len(text) <= n else text[:n] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class RecipeError(CompressError):
     """A recipe problem at a key path such as ``stages[2].prune.sparsity``."""
 

@@ -1,12 +1,16 @@
 """The packed model file (``.cpk``): Deep Compression's storage (sparse indices, codebook indices at their
 bit width, entropy coding) for any model the tool saves, read back bit-exact by ``compress.load_model``.
 
-Layout: ``b"CMPK"`` | version (uint16 LE) | header length (uint32 LE) | header (UTF-8 JSON, deflated:
-tensor names and offsets are a third of a small model's file otherwise) | payload.
+Layout (version 2): ``b"CMPK"`` | version (uint16 LE) | CRC-32 (uint32 LE) of everything after it |
+header length (uint32 LE) | payload length (uint64 LE) | header (UTF-8 JSON, deflated: tensor names and
+offsets are a third of a small model's file otherwise) | payload. Version 1 files (no CRC, no payload
+length in the prefix: ``b"CMPK"`` | version | header length | header | payload) are still read.
 The header is plain data: the model spec, io, recorded transforms and meta as in a checkpoint, and one
 entry per state_dict tensor naming its dtype, shape, encoding and byte streams (offset, length, coder,
-decoded length) in the payload. Nothing is unpickled; every length is checked against the tensor's shape
-and the file before anything is decoded, and decoders are capped at the declared length.
+decoded length) in the payload. Nothing is unpickled; a flipped bit anywhere fails the CRC; every entry and
+length is checked against the tensor's shape and the file, and the sum of what the tensors unpack to
+against ``unpack_limit`` (64 MiB + 256x the file's size, or ``COMPRESS_MAX_UNPACK_BYTES``), before any
+tensor is decoded; decoders stop at the declared length.
 
 Per tensor, every applicable encoding is built and the smallest kept:
   values: ``raw`` (the dtype's bytes) or ``codebook`` (tensors with <= 256 distinct non-zero values, e.g.
@@ -20,10 +24,11 @@ their data as one more stream (``pack_onnx``); ``load_model`` gives it back as a
 """
 from __future__ import annotations
 
-import io
 import json
 import lzma
 import math
+import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -33,16 +38,29 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.errors import CompressError
+from compress.errors import CompressError, error_line
 from compress.utils import atomic_path
 
 MAGIC = b"CMPK"
-VERSION = 1
+VERSION = 2  # 2: CRC-32 and payload length in the prefix; 1 (no CRC) is still read
 FORMAT = "compress.packed/1"
 ONNX_FORMAT = "compress.packed-onnx/1"  # what read_packed returns for a packed ONNX model (its bytes under "onnx")
 MAX_TENSOR_BYTES = 1 << 36  # a header claiming more than this for one tensor is refused before decoding
 MAX_CODEBOOK = 256
-MAX_HEADER = 64 << 20  # decoded header bytes
+MAX_DIMS = 64
+# Decoded header bytes: at most MAX_HEADER, and at most HEADER_FLOOR + HEADER_RATIO x its deflated size (JSON
+# of a real model deflates 5-20x; a few hundred bytes must not inflate into a header of millions of entries).
+MAX_HEADER = 16 << 20
+HEADER_FLOOR, HEADER_RATIO = 1 << 20, 64
+MAX_DEPTH = 64  # nesting of the header's JSON (a real one is under 10 deep)
+# What one file may unpack to (tensors decoded, and the model its spec builds): UNPACK_FLOOR + UNPACK_RATIO x
+# the file's size, unless COMPRESS_MAX_UNPACK_BYTES (or load_model's max_bytes) says otherwise. Deep
+# Compression reaches 35-49x on real networks (README: 42x for a clustered and packed student); 256x leaves
+# room for models pruned to a few percent, and the floor lets any model up to 16M float32 weights load
+# however well it packs. A file over it is refused before anything is decoded or built.
+UNPACK_FLOOR, UNPACK_RATIO = 64 << 20, 256
+UNPACK_ENV = "COMPRESS_MAX_UNPACK_BYTES"
+_PREFIX = struct.Struct("<4sHIIQ")  # magic, version, crc32, header length, payload length
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -66,14 +84,14 @@ def _zstd_c(b: bytes) -> bytes:
 def _zstd_d(b: bytes, limit: int) -> bytes:
     import zstandard
 
-    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(b))
+    reader = zstandard.ZstdDecompressor().stream_reader(b)
     out = bytearray()
     while len(out) <= limit:  # reads grow with the real output, never with a claimed size
         chunk = reader.read(min(1 << 20, limit + 1 - len(out)))
         if not chunk:
             break
         out += chunk
-    return bytes(out)
+    return out
 
 
 def _zlib_d(b: bytes, limit: int) -> bytes:
@@ -115,9 +133,27 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
 
 
+_CHUNK = 1 << 20  # entries per step when unpacking: temporaries stay a few MiB whatever the tensor
+
+
 def unpack_bits(buf: bytes, bits: int, n: int) -> np.ndarray:
-    planes = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=n * bits, bitorder="little")
-    return (planes.reshape(n, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
+    """``n`` codes of ``bits`` (1..8) bits each from ``buf``, as uint8 (one byte per code, nothing bigger)."""
+    return _unpack(np.frombuffer(buf, dtype=np.uint8), bits, n)
+
+
+def _unpack(src: np.ndarray, bits: int, n: int) -> np.ndarray:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codes of {bits} bits")
+    if src.size * 8 < n * bits:
+        raise ValueError(f"{src.size} bytes hold fewer than {n} codes of {bits} bits")
+    if bits == 8:
+        return src[:n].copy()
+    out = np.empty(n, dtype=np.uint8)
+    for a in range(0, n, _CHUNK):  # _CHUNK is a multiple of 8: every chunk starts on a byte
+        m = min(_CHUNK, n - a)
+        planes = np.unpackbits(src[a * bits // 8:], count=m * bits, bitorder="little").reshape(m, bits)
+        out[a:a + m] = np.packbits(planes, axis=1, bitorder="little")[:, 0]
+    return out
 
 
 def relative_gaps(positions: np.ndarray, rbits: int) -> np.ndarray:
@@ -133,7 +169,10 @@ def relative_gaps(positions: np.ndarray, rbits: int) -> np.ndarray:
 
 
 def positions_from_gaps(gaps: np.ndarray, rbits: int) -> np.ndarray:
+    """Positions of the real entries among ``gaps`` (fillers skipped); ``decode_tensor`` does the same a
+    chunk at a time (``_scatter_relative``)."""
     full = (1 << rbits) - 1
+    gaps = np.asarray(gaps, dtype=np.int64)
     real = gaps != full
     pos = np.cumsum(np.where(real, gaps + 1, full)) - 1
     return pos[real]
@@ -199,6 +238,17 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict, list[tuple[str, str, bytes, in
 
 # -- decoding one tensor ---------------------------------------------------------------------------------------
 
+def _nat(x: Any) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float)."""
+    return type(x) is int and x >= 0
+
+
+def _short(x: Any, n: int = 60) -> str:
+    """``repr(x)`` cut to ``n`` characters: a crafted name or value must not make an error line of megabytes."""
+    r = repr(x)
+    return r if len(r) <= n else r[:n] + "..."
+
+
 def _expected_lengths(e: dict, numel: int, size: int) -> dict[str, int]:
     """Decoded byte length of every stream, from the entry's own numbers (checked before decoding)."""
     n_vals = numel if e["sparse"] == "dense" else e["nnz"]
@@ -216,68 +266,123 @@ def _expected_lengths(e: dict, numel: int, size: int) -> dict[str, int]:
 
 
 def _check_entry(e: Any, where: str) -> tuple[torch.dtype, int]:
-    if not isinstance(e, dict) or e.get("dtype") not in DTYPES or not isinstance(e.get("shape"), list) \
-            or not all(isinstance(d, int) and d >= 0 for d in e["shape"]) or e.get("sparse") not in ("dense", "bitmask", "relative") \
-            or e.get("values") not in ("raw", "codebook") or not isinstance(e.get("nnz"), int) \
-            or not isinstance(e.get("streams"), list):
+    """(dtype, number of entries) of a well-formed tensor entry; a one-line error otherwise. Nothing decoded."""
+    shape = e.get("shape") if isinstance(e, dict) else None
+    if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or e["dtype"] not in DTYPES \
+            or not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_nat(d) for d in shape) \
+            or e.get("sparse") not in ("dense", "bitmask", "relative") or e.get("values") not in ("raw", "codebook") \
+            or type(e.get("nnz")) is not int or not isinstance(e.get("streams"), list):
         raise CompressError(f"{where}: malformed tensor entry")
     dtype = DTYPES[e["dtype"]]
-    numel = math.prod(e["shape"])
-    size = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    size = dtype.itemsize
     if numel * size > MAX_TENSOR_BYTES or not 0 <= e["nnz"] <= numel:
-        raise CompressError(f"{where}: implausible sizes (shape {e['shape']}, {e['nnz']} non-zeros)")
+        raise CompressError(f"{where}: implausible sizes (shape {_short(shape)}, {e['nnz']} non-zeros)")
     ints = {"relative": ("rbits", "entries"), "codebook": ("k", "bits")}
     for key in ints.get(e["sparse"], ()) + ints.get(e["values"], ()):
-        if not isinstance(e.get(key), int) or e[key] < 0:
+        if not _nat(e.get(key)):
             raise CompressError(f"{where}: malformed tensor entry ({key})")
-    if e["values"] == "codebook" and not (1 <= e["bits"] <= 8 and 1 <= e["k"] <= MAX_CODEBOOK):
+    if e["values"] == "codebook" and not (1 <= e["bits"] <= 8 and 1 <= e["k"] <= min(MAX_CODEBOOK, 1 << e["bits"])):
         raise CompressError(f"{where}: codebook of {e['k']} entries at {e['bits']} bits")
-    if e["sparse"] == "relative" and not (1 <= e["rbits"] <= 8 and e["entries"] <= numel):
+    if e["sparse"] == "relative" and not (1 <= e["rbits"] <= 8 and e["nnz"] <= e["entries"] <= numel):
         raise CompressError(f"{where}: relative index of {e['entries']} entries at {e['rbits']} bits")
     return dtype, numel
 
 
-def decode_tensor(e: dict, payload: memoryview, where: str) -> torch.Tensor:
-    dtype, numel = _check_entry(e, where)
-    size = torch.empty((), dtype=dtype).element_size()
+def _check_streams(e: dict, numel: int, size: int, payload_len: int, where: str) -> dict[str, dict]:
+    """Role -> stream of a checked entry: each one of the roles its encoding needs, its decoded length the one
+    the entry's numbers give, its bytes inside the payload. Nothing decoded."""
     want = _expected_lengths(e, numel, size)
-    streams: dict[str, bytes] = {}
-    for s in e["streams"]:
-        if not isinstance(s, dict) or s.get("role") not in want or s.get("coder") not in CODERS \
-                or s.get("raw") != want[s["role"]] or not isinstance(s.get("offset"), int) \
-                or not isinstance(s.get("length"), int) or s["offset"] < 0 or s["length"] < 0 \
-                or s["offset"] + s["length"] > len(payload):
-            raise CompressError(f"{where}: stream {s.get('role') if isinstance(s, dict) else s!r} does not fit the file")
-        raw = CODERS[s["coder"]][1](bytes(payload[s["offset"]:s["offset"] + s["length"]]), s["raw"])
-        if len(raw) != s["raw"]:
-            raise CompressError(f"{where}: stream {s['role']} decodes to {len(raw)} bytes, expected {s['raw']}")
-        streams[s["role"]] = raw
+    streams: dict[str, dict] = {}
+    for i, s in enumerate(e["streams"]):
+        role = s.get("role") if isinstance(s, dict) else None
+        if not isinstance(role, str) or role not in want or role in streams or not isinstance(s.get("coder"), str) \
+                or s["coder"] not in CODERS or not _nat(s.get("raw")) or s["raw"] != want[role] \
+                or not _nat(s.get("offset")) or not _nat(s.get("length")) or s["offset"] + s["length"] > payload_len:
+            raise CompressError(f"{where}: stream {_short(role) if isinstance(role, str) else '#' + str(i)} does not fit the file")
+        streams[role] = s
     if set(streams) != set(want):
         raise CompressError(f"{where}: streams {sorted(streams)} given, expected {sorted(want)}")
-    udt = f"<u{size}"
-    n_vals = numel if e["sparse"] == "dense" else e["nnz"]
+    return streams
+
+
+def _scatter_bitmask(out: np.ndarray, vals: np.ndarray, index: np.ndarray, where: str) -> None:
+    """``out[i] = next value`` for every set bit i of the mask, a chunk of the mask at a time."""
+    k = 0
+    for a in range(0, out.size, _CHUNK):  # _CHUNK is a multiple of 8: every chunk starts on a byte
+        m = min(_CHUNK, out.size - a)
+        pos = np.flatnonzero(np.unpackbits(index[a // 8:(a + m + 7) // 8], count=m, bitorder="little"))
+        if k + pos.size > vals.size:
+            break
+        out[a + pos] = vals[k:k + pos.size]
+        k += pos.size
+    else:
+        if k == vals.size:
+            return
+    raise CompressError(f"{where}: sparse index does not match {vals.size} non-zeros in {out.size} entries")
+
+
+def _scatter_relative(out: np.ndarray, vals: np.ndarray, index: np.ndarray, rbits: int, entries: int, where: str) -> None:
+    """Deep Compression's relative index (gaps, fillers) to positions, a chunk of entries at a time."""
+    full = (1 << rbits) - 1
+    base, k = -1, 0
+    for a in range(0, entries, _CHUNK):
+        m = min(_CHUNK, entries - a)
+        gaps = _unpack(index[a * rbits // 8:], rbits, m).astype(np.int64)
+        real = gaps != full
+        ends = np.cumsum(np.where(real, gaps + 1, full)) + base
+        base = int(ends[-1])
+        pos = ends[real]
+        if (pos.size and pos[-1] >= out.size) or k + pos.size > vals.size:
+            break
+        out[pos] = vals[k:k + pos.size]
+        k += pos.size
+    else:
+        if k == vals.size:
+            return
+    raise CompressError(f"{where}: sparse index does not match {vals.size} non-zeros in {out.size} entries")
+
+
+def _decode_stream(s: dict, payload: memoryview, where: str):
+    """The decoded bytes of a checked stream: exactly its declared length (decoders stop one byte past it)."""
+    raw = CODERS[s["coder"]][1](payload[s["offset"]:s["offset"] + s["length"]], s["raw"])
+    if len(raw) != s["raw"]:
+        raise CompressError(f"{where}: stream {s['role']} decodes to {len(raw)}{'+' if len(raw) > s['raw'] else ''} "
+                            f"bytes, expected {s['raw']}")
+    return raw
+
+
+def decode_tensor(e: dict, payload: memoryview, where: str) -> torch.Tensor:
+    """One tensor of a packed file. Memory: its streams decoded, the tensor, and a few MiB of index work."""
+    dtype, numel = _check_entry(e, where)
+    size = dtype.itemsize
+    streams = _check_streams(e, numel, size, len(payload), where)
+    raw = {role: _decode_stream(s, payload, where) for role, s in streams.items()}
+    if not numel:
+        return torch.empty(e["shape"], dtype=dtype)
+    udt = np.dtype(f"<u{size}")
     if e["values"] == "codebook":
-        book = np.frombuffer(streams["codebook"], dtype=udt)
-        codes = unpack_bits(streams["values"], e["bits"], n_vals)
-        if codes.size and codes.max() >= book.size:
+        book = np.frombuffer(raw.pop("codebook"), dtype=udt)
+        codes = unpack_bits(raw.pop("values"), e["bits"], numel if e["sparse"] == "dense" else e["nnz"])
+        if codes.size and int(codes.max()) >= book.size:
             raise CompressError(f"{where}: codebook index out of range")
-        vals = book[codes]
+        vals = book[codes]  # a new array: the tensor itself when dense
+        del codes
     else:
-        vals = np.frombuffer(streams["values"], dtype=udt)
+        vals = np.frombuffer(raw.pop("values"), dtype=udt)
     if e["sparse"] == "dense":
-        out = vals
+        out = vals if vals.flags.writeable else vals.copy()  # a bytearray of our own, or book[codes]
     else:
-        if e["sparse"] == "bitmask":
-            mask = np.unpackbits(np.frombuffer(streams["index"], dtype=np.uint8), count=numel, bitorder="little")
-            pos = np.flatnonzero(mask)
-        else:
-            pos = positions_from_gaps(unpack_bits(streams["index"], e["rbits"], e["entries"]), e["rbits"])
-        if pos.size != n_vals or (pos.size and (pos[-1] >= numel or np.any(np.diff(pos) <= 0))):
-            raise CompressError(f"{where}: sparse index does not match {n_vals} non-zeros in {numel} entries")
         out = np.zeros(numel, dtype=udt)
-        out[pos] = vals
-    return torch.frombuffer(bytearray(out.astype(udt).tobytes()), dtype=torch.uint8).view(dtype).reshape(e["shape"]) \
-        if numel else torch.empty(e["shape"], dtype=dtype)
+        index = np.frombuffer(raw.pop("index"), dtype=np.uint8)
+        if e["sparse"] == "bitmask":
+            _scatter_bitmask(out, vals, index, where)
+        else:
+            _scatter_relative(out, vals, index, e["rbits"], e["entries"], where)
+    del vals
+    if dtype == torch.bool and out.size and int(out.max()) > 1:
+        raise CompressError(f"{where}: a bool tensor holds bytes other than 0 and 1")
+    return torch.from_numpy(out.view(np.uint8)).view(dtype).reshape(e["shape"])
 
 
 # -- files -----------------------------------------------------------------------------------------------------
@@ -304,10 +409,17 @@ def _add_tensor(payload: bytearray, name: str, t: torch.Tensor) -> tuple[dict, d
     return entry, stats
 
 
+def _assemble(head: bytes, payload: bytes | bytearray) -> bytes:
+    """A version-2 file of a deflated header and a payload: the prefix with both lengths and the CRC-32 of
+    everything after the CRC (lengths, header, payload), so that any flipped bit is caught on reading."""
+    lengths = struct.pack("<IQ", len(head), len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(head, zlib.crc32(lengths)))
+    return b"".join([MAGIC, struct.pack("<HI", VERSION, crc), lengths, head, payload])
+
+
 def _file(header: dict, payload: bytearray) -> bytes:
-    header = {"format": FORMAT, **header, "payload_length": len(payload)}
-    head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    return MAGIC + struct.pack("<HI", VERSION, len(head)) + head + bytes(payload)
+    header = {"format": FORMAT, **header}
+    return _assemble(zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9), payload)
 
 
 def pack_state(ckpt: dict) -> tuple[bytes, dict]:
@@ -351,9 +463,14 @@ def pack_onnx_state(model_bytes: bytes, meta: dict | None = None, where: str = "
     payload = bytearray()
     tensors, stats = [], []
     for i, init in enumerate(model.graph.initializer):
-        if onnx.TensorProto.DataType.Name(init.data_type) not in _ONNX_PACKED_TYPES:
-            continue  # stays in the graph stream as it is
-        arr = numpy_helper.to_array(init)
+        known = init.data_type in onnx.TensorProto.DataType.values()
+        if not known or onnx.TensorProto.DataType.Name(init.data_type) not in _ONNX_PACKED_TYPES:
+            continue  # stays in the graph stream as it is (an unknown type is ONNX Runtime's to refuse)
+        try:
+            arr = numpy_helper.to_array(init)
+        except Exception as exc:  # data that does not fit its dims or type: ValueError and others from numpy
+            raise CompressError(f"{where}: initializer {_short(init.name or i)} is malformed "
+                                f"({error_line(exc)})") from None
         t = torch.from_numpy(np.ascontiguousarray(arr).copy()) if arr.dtype != np.float16 else \
             torch.from_numpy(arr.view(np.int16).copy()).view(torch.float16)
         entry, line = _add_tensor(payload, init.name or f"#{i}", t)
@@ -381,9 +498,9 @@ def _onnx_back(header: dict, payload: memoryview, path: Path) -> bytes:
         raise CompressError(f"{path}: corrupt packed file (its ONNX graph does not parse: {type(exc).__name__})") from None
     inits = model.graph.initializer
     for e in header["tensors"]:
-        where = f"{path}: initializer {e.get('name')!r}" if isinstance(e, dict) else str(path)
+        where = f"{path}: initializer {_short(e.get('name'))}" if isinstance(e, dict) else str(path)
         i = e.get("initializer") if isinstance(e, dict) else None
-        if not isinstance(i, int) or not 0 <= i < len(inits):
+        if not _nat(i) or i >= len(inits):
             raise CompressError(f"{where}: corrupt packed file (no such initializer)")
         t = decode_tensor(e, payload, where)
         arr = (t.view(torch.int16).numpy().view(np.float16) if t.dtype == torch.float16 else t.numpy()).reshape(-1)
@@ -439,52 +556,180 @@ def is_packed(path: str | Path) -> bool:
         return False
 
 
-def read_packed(path: str | Path) -> dict:
-    """A checkpoint dict (format, spec, io, transforms, state_dict, meta) from a packed file, or for a
-    packed ONNX model ``{"format": ONNX_FORMAT, "onnx": model bytes, ...}``; a one-line ``CompressError``
-    for a truncated, corrupt or foreign file."""
-    from compress.checkpoint_io import FORMAT as CKPT_FORMAT
+# -- reading: prefix, CRC and the whole header checked (every tensor's size against the limit) before any
+# tensor is decoded -----------------------------------------------------------------------------------------------
 
-    path = Path(path)
-    blob = memoryview(path.read_bytes())
-    if len(blob) < 10 or bytes(blob[:4]) != MAGIC:
-        raise CompressError(f"{path}: not a packed compress model (no CMPK header)")
-    version, hlen = struct.unpack("<HI", blob[4:10])
-    if version != VERSION:
-        raise CompressError(f"{path}: packed format version {version}; this compress reads version {VERSION}")
-    if 10 + hlen > len(blob):
-        raise CompressError(f"{path}: truncated packed file (header of {hlen} bytes, file of {len(blob)})")
+def _fmt(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?", text.strip())
+    if not m:
+        raise CompressError(f"{UNPACK_ENV}={text!r}: expected a number of bytes, e.g. 4000000000 or 4G")
+    return int(float(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " "))
+
+
+def unpack_limit(file_size: int, max_bytes: int | None = None) -> tuple[int, str]:
+    """(bytes a model file of ``file_size`` bytes may unpack to, what set that number): ``max_bytes`` when
+    given, else ``COMPRESS_MAX_UNPACK_BYTES`` (bytes, or with a K/M/G/T suffix), else UNPACK_FLOOR +
+    UNPACK_RATIO x the file's size. It bounds both the tensors a packed file declares and what the model its
+    spec builds allocates (``compress.checkpoint.load_model``)."""
+    if max_bytes is not None:
+        return int(max_bytes), f"max_bytes={int(max_bytes)}"
+    env = os.environ.get(UNPACK_ENV, "").strip()
+    if env:
+        return _parse_bytes(env), f"{UNPACK_ENV}={env}"
+    return UNPACK_FLOOR + UNPACK_RATIO * file_size, f"64 MiB + {UNPACK_RATIO}x its {_fmt(file_size)}"
+
+
+def over_limit(path: str | Path, what: str, need: int | None, limit: tuple[int, str]) -> CompressError:
+    """The one line for a file over its unpack limit (``need``: None when stopped before the total is known)."""
+    take = f"{_fmt(need)}, more than" if need is not None else "more than"
+    return CompressError(f"{path}: {what} would take {take} the {_fmt(limit[0])} this file may unpack to ({limit[1]}); "
+                         f"if you trust the file, raise the limit with {UNPACK_ENV} (bytes, e.g. 8G)")
+
+
+def _depth(obj: Any) -> int:
+    """How deep ``obj``'s lists and dicts nest, counted without recursion (stops past MAX_DEPTH)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_DEPTH:
+                break
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def _read_header(head: memoryview, path: Path) -> dict:
+    cap = min(MAX_HEADER, HEADER_FLOOR + HEADER_RATIO * len(head))
     try:
-        text = _zlib_d(bytes(blob[10:10 + hlen]), MAX_HEADER)
-        if len(text) > MAX_HEADER:
-            raise CompressError(f"{path}: packed file header over {MAX_HEADER >> 20} MiB")
-        header = json.loads(text.decode())
+        text = _zlib_d(head, cap)
+        if len(text) > cap:
+            raise CompressError(f"{path}: corrupt packed file (its {_fmt(len(head))} header inflates past {_fmt(cap)})")
+        header = json.loads(text)
     except (UnicodeDecodeError, ValueError, zlib.error):
         raise CompressError(f"{path}: corrupt packed file (header is not valid deflated JSON)") from None
+    except RecursionError:
+        raise CompressError(f"{path}: corrupt packed file (header nested too deep)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(header.get("tensors"), list):
         raise CompressError(f"{path}: corrupt packed file (header lacks its format or tensors)")
-    payload = blob[10 + hlen:]
-    if header.get("payload_length") != len(payload):
-        raise CompressError(f"{path}: truncated or padded packed file (payload of {len(payload)} bytes, "
-                            f"header says {header.get('payload_length')})")
-    if "onnx" in header:
+    if _depth(header) > MAX_DEPTH:
+        raise CompressError(f"{path}: corrupt packed file (header nested over {MAX_DEPTH} deep)")
+    return header
+
+
+class Packed:
+    """A packed file whose prefix, CRC and header have been checked, every tensor entry and stream included,
+    and the tensors' total size against ``unpack_limit``. Nothing is decoded until ``state_dict``,
+    ``onnx_bytes`` or ``checkpoint`` is called."""
+
+    def __init__(self, path: Path, header: dict, payload: memoryview, limit: tuple[int, str]):
+        self.path, self.header, self.payload, self.limit = path, header, payload, limit
+        self.is_onnx = "onnx" in header
+        where = [(e, f"{path}: {'initializer' if self.is_onnx else 'tensor'} {_short(e.get('name'))}")
+                 for e in header["tensors"]]
+        if self.is_onnx:
+            where.append((header["onnx"], f"{path}: ONNX graph"))
+        names: set[str] = set()
+        self.nbytes = 0  # what the tensors take decoded
+        for i, (e, w) in enumerate(where):
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+                raise CompressError(f"{path}: corrupt packed file (tensor {i} has no name)")
+            if e["name"] in names and not self.is_onnx:
+                raise CompressError(f"{w}: corrupt packed file (the name comes twice)")
+            names.add(e["name"])
+            dtype, numel = _check_entry(e, w)
+            _check_streams(e, numel, dtype.itemsize, len(payload), w)
+            self.nbytes += numel * dtype.itemsize
+        if self.nbytes > limit[0]:
+            raise over_limit(path, f"its {len(where)} tensor{'s' if len(where) != 1 else ''}", self.nbytes, limit)
+
+    def meta_state_dict(self) -> dict[str, torch.Tensor]:
+        """The declared tensors on the meta device (dtype and shape, no data): what a model built from the
+        spec must take, checked before anything is allocated."""
+        return {e["name"]: torch.empty(e["shape"], dtype=DTYPES[e["dtype"]], device="meta") for e in self.header["tensors"]}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {}
+        for e in self.header["tensors"]:
+            name = _short(e["name"])
+            try:
+                sd[e["name"]] = decode_tensor(e, self.payload, f"{self.path}: tensor {name}")
+            except CompressError:
+                raise
+            except Exception as exc:  # numpy/decoder errors on crafted input: still one line
+                raise CompressError(f"{self.path}: corrupt packed file at tensor {name} ({type(exc).__name__})") from None
+        return sd
+
+    def onnx_bytes(self) -> bytes:
         try:
-            model = _onnx_back(header, payload, path)
+            return _onnx_back(self.header, self.payload, self.path)
         except CompressError:
             raise
         except Exception as exc:  # onnx/numpy errors on crafted input: still one line
-            raise CompressError(f"{path}: corrupt packed file ({type(exc).__name__} rebuilding its ONNX model)") from None
-        return {"format": ONNX_FORMAT, "onnx": model, "io": header.get("io"), "meta": header.get("meta") or {}}
-    sd = {}
-    for i, e in enumerate(header["tensors"]):
-        name = e.get("name") if isinstance(e, dict) else None
-        if not isinstance(name, str):
-            raise CompressError(f"{path}: corrupt packed file (tensor {i} has no name)")
-        try:
-            sd[name] = decode_tensor(e, payload, f"{path}: tensor {name!r}")
-        except CompressError:
-            raise
-        except Exception as exc:  # numpy/decoder errors on crafted input: still one line
-            raise CompressError(f"{path}: corrupt packed file at tensor {name!r} ({type(exc).__name__})") from None
-    return {"format": CKPT_FORMAT, "spec": header.get("spec"), "io": header.get("io"),
-            "transforms": header.get("transforms") or [], "state_dict": sd, "meta": header.get("meta") or {}}
+            raise CompressError(f"{self.path}: corrupt packed file ({type(exc).__name__} rebuilding its ONNX model)") from None
+
+    def checkpoint(self) -> dict:
+        """A checkpoint dict (format, spec, io, transforms, state_dict, meta), or for a packed ONNX model
+        ``{"format": ONNX_FORMAT, "onnx": model bytes, "io", "meta"}``."""
+        from compress.checkpoint_io import FORMAT as CKPT_FORMAT
+
+        h = self.header
+        if self.is_onnx:
+            return {"format": ONNX_FORMAT, "onnx": self.onnx_bytes(), "io": h.get("io"), "meta": h.get("meta") or {}}
+        return {"format": CKPT_FORMAT, "spec": h.get("spec"), "io": h.get("io"), "transforms": h.get("transforms") or [],
+                "state_dict": self.state_dict(), "meta": h.get("meta") or {}}
+
+
+def open_packed(path: str | Path, max_bytes: int | None = None) -> Packed:
+    """Read and check a packed file (``Packed``); a one-line ``CompressError`` for a truncated, damaged (CRC),
+    crafted or foreign file, or one that would unpack to more than ``unpack_limit(size, max_bytes)``."""
+    path = Path(path)
+    try:
+        blob = memoryview(path.read_bytes())
+    except OSError as exc:
+        raise CompressError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    limit = unpack_limit(len(blob), max_bytes)
+    if len(blob) < 6 or bytes(blob[:4]) != MAGIC:
+        raise CompressError(f"{path}: not a packed compress model (no CMPK header)")
+    (version,) = struct.unpack_from("<H", blob, 4)
+    crc = plen = None
+    if version == VERSION:
+        if len(blob) < _PREFIX.size:
+            raise CompressError(f"{path}: truncated packed file ({len(blob)} bytes)")
+        _, _, crc, hlen, plen = _PREFIX.unpack_from(blob)
+        start = _PREFIX.size
+    elif version == 1:  # the first format: no CRC; the payload's length is in the header
+        if len(blob) < 10:
+            raise CompressError(f"{path}: truncated packed file ({len(blob)} bytes)")
+        (hlen,) = struct.unpack_from("<I", blob, 6)
+        start = 10
+    else:
+        raise CompressError(f"{path}: packed format version {version}; this compress reads versions 1 and {VERSION}")
+    if start + hlen > len(blob):
+        raise CompressError(f"{path}: truncated packed file (header of {hlen} bytes, file of {len(blob)})")
+    if plen is not None and start + hlen + plen != len(blob):
+        raise CompressError(f"{path}: truncated or padded packed file (payload of {len(blob) - start - hlen} bytes, "
+                            f"its prefix says {plen})")
+    if crc is not None and zlib.crc32(blob[10:]) != crc:
+        raise CompressError(f"{path}: corrupt packed file (CRC-32 mismatch: damaged since it was written; "
+                            "copy or pack it again)")
+    header = _read_header(blob[start:start + hlen], path)
+    payload = blob[start + hlen:]
+    if version == 1 and header.get("payload_length") != len(payload):
+        raise CompressError(f"{path}: truncated or padded packed file (payload of {len(payload)} bytes, "
+                            f"header says {_short(header.get('payload_length'))})")
+    return Packed(path, header, payload, limit)
+
+
+def read_packed(path: str | Path, max_bytes: int | None = None) -> dict:
+    """A checkpoint dict (format, spec, io, transforms, state_dict, meta) from a packed file, or for a
+    packed ONNX model ``{"format": ONNX_FORMAT, "onnx": model bytes, ...}``; a one-line ``CompressError``
+    for a truncated, corrupt, crafted or foreign file (``open_packed``)."""
+    return open_packed(path, max_bytes).checkpoint()
