@@ -183,7 +183,7 @@ def no_stdin(monkeypatch):
 def test_a_folder_asking_to_run_its_code_is_refused_without_the_opt_in(tmp_path, no_stdin, load):
     pytest.importorskip("transformers", reason="transformers is the optional extra compress[hf]")
     folder = _hf_folder(tmp_path / "evil", code=True)
-    with pytest.raises(RecipeError) as e:
+    with pytest.raises(CompressError) as e:  # a RecipeError from a recipe, named after the file from a checkpoint
         load(folder, tmp_path)
     assert f"'{folder}' asks to run its own Python (auto_map in config.json)" in str(e.value)
     assert "--allow-import" in str(e.value) and "\n" not in str(e.value)
