@@ -30,3 +30,14 @@ def test_list_shows_every_model_source():
     for source in ("<torchvision>", "timm:<name>", "hf:<folder>", "import:"):
         assert f"  {source}" in out
     assert out.count("models:") == 1
+
+
+def test_checking_a_recipe_imports_torch_but_none_of_the_heavy_libraries():
+    """``compress validate`` pays for torch (stage configs live beside their torch code), not for
+    torch-pruning, timm, torchvision, transformers, ONNX Runtime or matplotlib (seconds more)."""
+    code = ("import sys; from compress.pipeline import Pipeline; "
+            "Pipeline.from_dict({'name': 'x', 'data': {'name': 'digits'}, 'model': {'name': 'mlp', 'hidden': [8]}, "
+            "'stages': [{'train': {'epochs': 1}}, {'prune': {'method': 'channel', 'sparsity': 0.5}}]}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch_pruning', 'timm', 'torchvision', 'transformers', 'onnxruntime', 'matplotlib')))")
+    assert _fresh(code) == "[]"

@@ -5,13 +5,15 @@ adds) and its BasePruner removes whole channel groups ranked by a pluggable impo
 """
 from __future__ import annotations
 
+import functools
 import warnings
-
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 from compress.checkpoint import TRANSFORMS
 from compress.registry import Registry
@@ -22,23 +24,31 @@ IMPORTANCES: Registry[Callable[[], tp.importance.Importance]] = Registry("import
 
 @IMPORTANCES.register("l1", description="group L1 norm of the channel's weights")
 def _l1():
+    import torch_pruning as tp  # on use: it imports timm and torchvision (seconds a recipe check need not pay)
+
     return tp.importance.GroupMagnitudeImportance(p=1)
 
 
 @IMPORTANCES.register("l2", description="group L2 norm of the channel's weights")
 def _l2():
+    import torch_pruning as tp
+
     return tp.importance.GroupMagnitudeImportance(p=2)
 
 
 @IMPORTANCES.register("taylor", description="first-order Taylor |w * dL/dw| (Molchanov 2019); needs gradients",
                       needs_grad=True)
 def _taylor():
+    import torch_pruning as tp
+
     return tp.importance.GroupTaylorImportance()
 
 
 @IMPORTANCES.register("bn_scale", description="|gamma| of the channel's BatchNorm (network slimming, Liu 2017)",
                       needs_bn=True)
 def _bn_scale():
+    import torch_pruning as tp
+
     return tp.importance.BNScaleImportance()
 
 
@@ -99,33 +109,40 @@ def transformer_ignored(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-class _Pruner(tp.pruner.BasePruner):
-    """BasePruner whose step also updates the attention modules' head counts."""
+@functools.cache
+def _pruner_class():
+    """torch-pruning's BasePruner, specialised; built on first use (importing torch-pruning takes seconds)."""
+    import torch_pruning as tp
 
-    def step(self, interactive: bool = False):
-        out = super().step(interactive)
-        sync_attention_heads(self.model)
-        return out
+    class _Pruner(tp.pruner.BasePruner):
+        """BasePruner whose step also updates the attention modules' head counts."""
 
-    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-        """torch-pruning rounds the kept count down to a multiple of ``round_to``; below one multiple that asks
-        for every channel, and the layer is then left unpruned (6 channels, round_to 8: never pruned). Keep at
-        least one multiple, and prune layers narrower than ``round_to`` by the plain count: no multiple fits them."""
-        if current_channels < round_to:
-            return n_pruned
-        keep = max(round_to, (current_channels - n_pruned) // round_to * round_to)
-        return current_channels - keep
+        def step(self, interactive: bool = False):
+            out = super().step(interactive)
+            sync_attention_heads(self.model)
+            return out
 
-    def get_target_head_pruning_ratio(self, module) -> float:
-        """This step's share of the *current* heads. torch-pruning's layer scope removes ceil(ratio x current
-        heads) with the schedule's cumulative ratio, so iterative steps overshoot (3 heads, 3 steps of 0.1,
-        0.2, 0.3: none left, then a division by zero); the cumulative target is of the initial heads."""
-        target = super().get_target_head_pruning_ratio(module)
-        init, now = self.init_num_heads.get(module), self.num_heads.get(module)
-        if self.global_pruning or not init or not now:
-            return target
-        remove = now - max(1, round(init * (1 - target)))
-        return 0.0 if remove <= 0 else (remove - 0.5) / now  # torch-pruning takes ceil(ratio * now) = remove
+        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+            """torch-pruning rounds the kept count down to a multiple of ``round_to``; below one multiple that asks
+            for every channel, and the layer is then left unpruned (6 channels, round_to 8: never pruned). Keep at
+            least one multiple, and prune layers narrower than ``round_to`` by the plain count: no multiple fits them."""
+            if current_channels < round_to:
+                return n_pruned
+            keep = max(round_to, (current_channels - n_pruned) // round_to * round_to)
+            return current_channels - keep
+
+        def get_target_head_pruning_ratio(self, module) -> float:
+            """This step's share of the *current* heads. torch-pruning's layer scope removes ceil(ratio x current
+            heads) with the schedule's cumulative ratio, so iterative steps overshoot (3 heads, 3 steps of 0.1,
+            0.2, 0.3: none left, then a division by zero); the cumulative target is of the initial heads."""
+            target = super().get_target_head_pruning_ratio(module)
+            init, now = self.init_num_heads.get(module), self.num_heads.get(module)
+            if self.global_pruning or not init or not now:
+                return target
+            remove = now - max(1, round(init * (1 - target)))
+            return 0.0 if remove <= 0 else (remove - 0.5) / now  # torch-pruning takes ceil(ratio * now) = remove
+
+    return _Pruner
 
 
 def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio: float, steps: int,
@@ -143,7 +160,7 @@ def build_pruner(model: nn.Module, example: torch.Tensor, importance: str, ratio
         # ConvNeXt's layer scale) that it prunes along its last non-singleton axis: that axis is the channel
         # (or residual) width those parameters follow, so the warning tells a user nothing to act on.
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        return _Pruner(
+        return _pruner_class()(
             model, example, importance=IMPORTANCES.get(importance).obj(), global_pruning=global_pruning,
             pruning_ratio=ratio, pruning_ratio_dict=layer_ratios or None, max_pruning_ratio=max_layer_ratio,
             iterative_steps=steps, iterative_pruning_ratio_scheduler=scheduler,
