@@ -25,7 +25,7 @@ from compress.checkpoint_io import (FORMAT, TRANSFORMS, _load, load_weights_into
 from compress.errors import CompressError, RecipeError, RecipeErrors, error_line
 from compress.models import create_model
 from compress.packfile import ONNX_FORMAT, is_packed, open_packed, over_limit, read_packed, unpack_limit  # noqa: F401
-from compress.safety import allowing_imports, import_allowed, import_refused, offline
+from compress.safety import allowing_imports, import_allowed, import_refused, offline, redacting, scrub
 
 # Python objects a build makes: charged per module, parameter and buffer registered (an nn.Linear with its
 # weight and bias, registered in its parent: 3 events, about 6 KiB measured), so that a spec of 100,000 tiny
@@ -141,7 +141,8 @@ def load_model(path: str | Path, *, allow_import: bool | None = None, max_bytes:
     if "import" in ckpt["spec"] and not import_allowed(allow_import):
         raise CompressError(f"{path}: its model spec {import_refused(ckpt['spec']['import'])}")
     # The saved weights replace whatever a checkpoint or pretrained file would load: skip reading those.
-    spec = _environment(path, {k: v for k, v in ckpt["spec"].items() if k not in ("checkpoint", "weights")})
+    used: dict[str, str] = {}
+    spec = _environment(path, {k: v for k, v in ckpt["spec"].items() if k not in ("checkpoint", "weights")}, used)
     if "pretrained" in spec or str(spec.get("name", "")).startswith("hf"):
         spec["pretrained"] = False  # nor download them (timm's pretrained, a hub id's weights)
     io = _io(ckpt.get("io"), path)
@@ -155,15 +156,17 @@ def load_model(path: str | Path, *, allow_import: bool | None = None, max_bytes:
         if packed is not None:
             ckpt["state_dict"] = packed.state_dict()
         model = _build(spec, io, path)
+    with redacting(used):  # the model keeps its spec as written: saving it again writes ${VAR}, not the value
+        model.compress_spec = scrub(model.compress_spec)
     return restore(model, ckpt, str(path))
 
 
-def _environment(path: str | Path, spec: dict) -> dict:
+def _environment(path: str | Path, spec: dict, used: dict) -> dict:
     """Resolve the ``${VAR}``s a run kept in the saved spec (its values never go into files) from this
     process's environment."""
     from compress.variables import interpolate
 
     try:
-        return interpolate(spec, path="spec")
+        return interpolate(spec, path="spec", used=used)
     except RecipeError as exc:
         raise CompressError(f"{path}: {exc}") from None

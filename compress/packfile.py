@@ -456,10 +456,7 @@ def pack_onnx_state(model_bytes: bytes, meta: dict | None = None, where: str = "
         model = onnx.ModelProto.FromString(model_bytes)
     except Exception as exc:  # protobuf's DecodeError (and others) on a file that is not ONNX
         raise CompressError(f"{where}: not an ONNX model ({type(exc).__name__})") from None
-    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
-        # the packed file would point at data files beside the source; save the model as one file first
-        raise CompressError(f"{where}: keeps its weights in external data files, which cannot be packed; "
-                            "save it as a single .onnx file (onnx.save(model, path, save_as_external_data=False))")
+    refuse_external_data(model, where, "cannot be packed")
     payload = bytearray()
     tensors, stats = [], []
     for i, init in enumerate(model.graph.initializer):
@@ -486,6 +483,17 @@ def pack_onnx_state(model_bytes: bytes, meta: dict | None = None, where: str = "
         {"tensors": stats}
 
 
+def refuse_external_data(model, where, why: str) -> None:
+    """Refuse an ONNX model any of whose tensors (initializers, sparse initializers, node attributes,
+    subgraphs) keeps its data in an external file: ONNX Runtime would read that file when the model loads."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors  # the walk onnx itself uses to save external data
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model)):
+        raise CompressError(f"{where}: keeps tensor data in external files, which {why}; save the model as one "
+                            "file (onnx.save(model, path, save_as_external_data=False))")
+
+
 def _onnx_back(header: dict, payload: memoryview, path: Path) -> bytes:
     """The serialized ONNX model of a packed file made by ``pack_onnx_state``."""
     import onnx
@@ -496,6 +504,8 @@ def _onnx_back(header: dict, payload: memoryview, path: Path) -> bytes:
         model = onnx.ModelProto.FromString(graph.numpy().tobytes())
     except Exception as exc:  # protobuf's DecodeError on a damaged stream
         raise CompressError(f"{path}: corrupt packed file (its ONNX graph does not parse: {type(exc).__name__})") from None
+    # A crafted graph could name a file in the loading process's folder as a tensor's data: never let it.
+    refuse_external_data(model, path, "is refused in a packed file (ONNX Runtime would read files from the working folder)")
     inits = model.graph.initializer
     for e in header["tensors"]:
         where = f"{path}: initializer {_short(e.get('name'))}" if isinstance(e, dict) else str(path)

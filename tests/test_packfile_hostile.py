@@ -390,3 +390,38 @@ def test_compress_pack_of_a_malformed_onnx_is_one_line_and_exit_2(tmp_path, init
     assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
     assert res.output.startswith("error: ") and __import__("re").search(message, res.output), res.output
     assert not list(tmp_path.glob("*.cpk*"))
+
+
+def _constant_reading(location: str, n: int) -> bytes:
+    """An ONNX graph whose Constant node's tensor keeps its data in an external file (not an initializer)."""
+    from onnx import TensorProto, helper
+
+    t = TensorProto(name="v", data_type=TensorProto.UINT8, dims=[n], data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", location), ("offset", "0"), ("length", str(n))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    nodes = [helper.make_node("Constant", [], ["c"], value=t), helper.make_node("Cast", ["c"], ["cf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "cf"], ["y"])]
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, n]) for name in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_packed_onnx_graph_cannot_read_files_of_the_working_folder(tmp_path, monkeypatch):
+    """Any tensor of the graph (here a Constant node's) naming external data is refused, when packing and
+    when loading a crafted file: ONNX Runtime would read that file from the folder compress runs in."""
+    import compress.packfile as pf
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secret.bin").write_bytes(b"TOPSECRET-abcdefgh")
+    graph = _constant_reading("secret.bin", 18)
+    with pytest.raises(CompressError, match="keeps tensor data in external files"):
+        pf.pack_onnx_state(graph, where="x.onnx")
+    monkeypatch.setattr(pf, "refuse_external_data", lambda *a: None)  # a crafted file: its maker skipped the check
+    blob = pf.pack_onnx_state(graph, where="x.onnx")[0]
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.cpk").write_bytes(blob)
+    with pytest.raises(CompressError, match=r"x.cpk: keeps tensor data in external files"):
+        load_model(tmp_path / "x.cpk")

@@ -223,3 +223,19 @@ def test_downloads_are_refused_while_loading_or_checking():
     with checking_only():
         assert offline_reason() == "while a recipe is only checked"
     assert offline_reason() == ""
+
+
+def test_a_reloaded_model_saved_again_keeps_the_variable(tmp_path, monkeypatch):
+    """``load_model`` resolves ``${ACT}`` to build the model; the model keeps the spec as written, so
+    packing or saving it again writes no value."""
+    from compress import create_model
+    from compress.checkpoint import save_model
+
+    spec = {"name": "mlp", "hidden": [4], "activation": "${ACT}"}
+    weights = create_model({**spec, "activation": "gelu"}, (4,), 2).state_dict()
+    torch.save({"format": FORMAT, "spec": spec, "io": {"input_shape": [4], "num_outputs": 2}, "transforms": [],
+                "state_dict": weights, "meta": {}}, tmp_path / "m.pt")
+    monkeypatch.setenv("ACT", "gelu")
+    save_model(load_model(tmp_path / "m.pt"), tmp_path / "again.pt")
+    data = (tmp_path / "again.pt").read_bytes()
+    assert b"${ACT}" in data and b"gelu" not in data

@@ -242,10 +242,17 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 def mnist(spec: MnistSpec) -> DataBundle:
     root = spec.root
     if spec.download:
-        from torchvision.datasets import MNIST
+        from compress.safety import offline_reason
 
-        MNIST(str(root), train=True, download=True)
-        MNIST(str(root), train=False, download=True)
+        if offline_reason():  # validate, or a checkpoint being loaded: what is already there, nothing fetched
+            if not (root / "MNIST" / "raw").is_dir():
+                raise RecipeError("data.download", f"MNIST is not in '{root / 'MNIST' / 'raw'}' yet, and nothing is "
+                                                   f"downloaded {offline_reason()}; 'compress run' downloads it")
+        else:
+            from torchvision.datasets import MNIST
+
+            MNIST(str(root), train=True, download=True)
+            MNIST(str(root), train=False, download=True)
         root = root / "MNIST" / "raw"
     files = {k: _find(root, k) for k in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

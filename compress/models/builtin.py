@@ -182,6 +182,17 @@ def find_head(model: nn.Module, num_outputs: Optional[int] = None) -> str:
     return head
 
 
+def _skip_download(spec: TorchvisionSpec) -> bool:
+    """While a recipe is only checked or a checkpoint loaded (``offline_reason``), torchvision's named weights
+    that are not in torch.hub's cache are not fetched: the architecture is what a check needs, as for timm."""
+    from compress.safety import offline_reason
+
+    if _is_path(spec.weights) or not offline_reason():
+        return False
+    member = _weights_enum(spec.name, spec.weights)
+    return not (Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name).is_file()
+
+
 def _read_state_dict(spec: TorchvisionSpec) -> tuple[dict, str]:
     """(state_dict, where it came from) for ``spec.weights``."""
     from compress.errors import CompressError
@@ -259,7 +270,7 @@ def _torchvision_model(spec: TorchvisionSpec, input_shape, num_outputs) -> nn.Mo
 
     # Built without weights at the data's class count, so a checkpoint rebuilds the same structure.
     model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_outputs, **spec.kwargs)
-    if spec.weights is not None:
+    if spec.weights is not None and not _skip_download(spec):
         sd, source = _read_state_dict(spec)
         load_pretrained(model, sd, num_outputs, source)
     if spec.in_chans is not None:

@@ -174,9 +174,9 @@ def float_input(path: Path) -> FloatInput:
     graph = model.graph
     if not graph.node:
         raise CompressError(f"{path}: not an ONNX model (no graph nodes)")
-    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer):
-        raise CompressError(f"{path}: keeps its weights in external data files, which ONNX Runtime's quantizer does not "
-                            "read here; save it as one file (onnx.save(model, path, save_as_external_data=False))")
+    from compress.packfile import refuse_external_data
+
+    refuse_external_data(model, path, "ONNX Runtime's quantizer does not read here")
     quantized = sorted({n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS})
     if quantized:
         raise CompressError(f"{path}: already quantized ({', '.join(quantized)} nodes); give the float model")

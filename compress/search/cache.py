@@ -47,6 +47,8 @@ class StageCache:
             entry = d / "entry.json"
             if not entry.is_file():
                 continue
+            for name in ("entry.json", "model.pt", "teacher.pt"):  # the files read, not only their folder
+                check_inside(self.root, d / name, "search cache file")
             try:
                 seconds = float(json.loads(entry.read_text())["seconds"])
                 model = load_model(d / "model.pt")

@@ -253,7 +253,7 @@ def test_loading_checking_and_measuring_never_reach_the_network_nor_run_a_folder
         doc = {"name": name, "data": {"name": "text", "path": str(tmp_path / "t.csv"), "max_length": 16,
                                       "tokenizer": {"vocab_size": 100}},
                "model": model, "stages": [{"train": {"epochs": 1}}]}
-        if model["name"].startswith("timm"):
+        if model["name"].startswith(("timm", "torchvision")):
             doc["data"] = {"name": "synthetic", "num_samples": 32, "num_classes": 3, "shape": [1, 28, 28]}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
         return str(tmp_path / f"{name}.yaml")
@@ -263,13 +263,14 @@ def test_loading_checking_and_measuring_never_reach_the_network_nor_run_a_folder
         (["bench", str(hub), "--recipe", recipe("text", {"name": "hf", "config": BERT})], {}, 2, f"while {hub} is loaded"),
         (["validate", recipe("hub", {"name": "hf:compress-tests/tiny"})], {}, 2, "model.name: 'compress-tests/tiny' is not in the local"),
         (["validate", recipe("timm", {**TIMM_VIT, "pretrained": True})], {}, 0, "ok: timm"),
+        (["validate", recipe("tv", {"name": "torchvision:squeezenet1_0", "weights": "DEFAULT", "in_chans": 1})], {}, 0, "ok: tv"),
         (["validate", recipe("evil", {"name": f"hf:{folder}"})], {"COMPRESS_ALLOW_IMPORT": "1"}, 2,
          f"model.name: '{folder}' asks to run its own Python (auto_map in config.json); it is never run while a recipe is only checked"),
         (["pack", str(evil), "-o", str(tmp_path / "e.cpk")], {}, 2, f"'{folder}' asks to run its own Python"),
         (["pack", str(evil), "-o", str(tmp_path / "e.cpk"), "--allow-import"], {}, 0, "e.cpk"),  # opted in: it runs
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "COMPRESS_ALLOW_IMPORT")}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"),
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"), TORCH_HOME=str(tmp_path / "torch"),
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     arg = json.dumps([{"args": a, "env": e, "marker": marker} for a, e, _, _ in cases])
     proc = subprocess.run([sys.executable, "-c", NO_NETWORK, arg], cwd=tmp_path, env=env, capture_output=True,

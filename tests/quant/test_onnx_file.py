@@ -103,7 +103,7 @@ def _bad_files(d, model):
 @pytest.mark.parametrize("args,message", [
     (["text.onnx"], "text.onnx: not an ONNX model"),
     (["broken.onnx"], "broken.onnx: ONNX Runtime cannot load it"),
-    (["ext.onnx"], "ext.onnx: keeps its weights in external data files"),
+    (["ext.onnx"], "ext.onnx: keeps tensor data in external files"),
     (["ints.onnx"], "ints.onnx: no float input (input 'input' is int64)"),
     (["tiny.onnx", "--data", "small.npz"], "small.npz gives inputs of shape (1, 8, 8) per sample; tiny.onnx takes "
                                            "'input' as float32 (batch, 1, 12, 12)"),
