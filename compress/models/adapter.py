@@ -32,6 +32,7 @@ class ModelAdapter:
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # per input; default: axis 0 is the batch
     num_heads: dict[str, int] = field(default_factory=dict)  # q/k/v projection -> attention heads (torch-pruning)
     family: str = "compress"  # where the model comes from, for messages and reports
+    decoder: Optional[Any] = None  # a causal LM's DecoderLayout (compress.models.decoder)
 
 
 def declare(model: nn.Module, **facts: Any) -> nn.Module:
@@ -138,6 +139,8 @@ def wrap_io(model: nn.Module, inputs: Optional[Sequence[str]] = None, **facts: A
             facts[key] = f"model.{facts[key]}"
     if facts.get("num_heads"):
         facts["num_heads"] = {f"model.{k}": v for k, v in facts["num_heads"].items()}
+    if facts.get("decoder") is not None:
+        facts["decoder"] = facts["decoder"].prefixed("model")
     return declare(wrapped, inputs=tuple(inputs) if inputs else None, **facts)
 
 
