@@ -110,6 +110,10 @@ def _budget_met(b, value: float, base: float) -> bool:
     return value <= b.max if b.max is not None else base / max(value, 1e-12) >= b.reduction
 
 
+# With a budget and no `sparsity` in the recipe, the schedule goes on past the default sparsity until the budget is
+# met, up to this ratio: a transformer whose attention cannot shrink (torchvision's ViT) needs more than half of
+# its MLP channels for half the MACs.
+BUDGET_CEILING = 0.9
 LANDING = 0.05  # a budget lands when the pruned model is at most this much (relatively) past its target
 
 
@@ -139,6 +143,18 @@ def _landing_ratio(pruner, model: nn.Module, t: int, lo: float, hi: float, value
             return mid
         lo, hi = (lo, mid) if _budget_met(b, v, base) else (mid, hi)
     return hi
+
+
+def _budget_schedule(cfg: PruneConfig, targets: list[float]) -> PruneConfig:
+    """With a budget and no ``sparsity`` in the recipe, ``targets`` goes on past the default sparsity (in place,
+    by the schedule's last increment, at least 0.1) up to BUDGET_CEILING; steps stop once the budget is met.
+    Returns the config the pruner is built with (its schedule covers the added steps)."""
+    if cfg.budget is None or "sparsity" in cfg.model_fields_set or cfg.layer_ratios:
+        return cfg
+    inc = max(targets[-1] - (targets[-2] if len(targets) > 1 else cfg.initial_sparsity), 0.1)
+    while targets[-1] < BUDGET_CEILING - 1e-9:
+        targets.append(round(min(BUDGET_CEILING, targets[-1] + inc), 4))
+    return cfg.model_copy(update={"sparsity": targets[-1], "steps": len(targets)})
 
 
 def _default_round_to(cfg: PruneConfig, backends) -> tuple[PruneConfig, dict]:
@@ -234,7 +250,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
                          data, split, device)
 
         targets = schedules.targets(cfg.schedule, cfg.sparsity, cfg.steps, cfg.initial_sparsity)
-        pruner = cfg.pruner(model, layers, example, data, path, device)
+        pruner = _budget_schedule(cfg, targets).pruner(model, layers, example, data, path, device)
 
         history: list[dict] = []
         good = copy.deepcopy(model)
