@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Annotated, Any, Optional, Sequence
+from typing import Annotated, Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, field_validator
 
 from compress.config import StrictModel
 from compress.data import DataBundle
-from compress.data.inputs import to_device
+from compress.data.inputs import Inputs, to_device
 from compress.errors import RecipeError
 from compress.kd.losses import combine, hint_loss, kd_loss, kd_term, known_loss, task_problem, teacher_target
 from compress.kd.teachers import freeze, unfreeze
@@ -60,6 +60,16 @@ def _first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"layer output is {type(out).__name__}, not a tensor")
+
+
+def _is_mapping(x: Any) -> bool:
+    """Keyword inputs (a tokenizer's batch); compress's own models take ``Inputs`` as one argument."""
+    return isinstance(x, Mapping) and not isinstance(x, Inputs)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """A model's outputs as one tensor: transformers' ModelOutput carries them as ``logits``."""
+    return out.logits if not isinstance(out, torch.Tensor) and hasattr(out, "logits") else out
 
 
 def _layer(model: nn.Module, name: str, role: str, path: str) -> nn.Module:
@@ -135,7 +145,8 @@ class DistillHook(Hook):
         self.adapters = nn.ModuleList()
         self.teacher_maps = nn.ModuleList()  # per hint: the teacher feature as compared (pooled or as is)
         try:  # a bad layer name must not leave hooks behind on either model
-            self._bind(student)
+            if student is not None:  # compress.kd.Distiller without hints is handed the student's outputs only
+                self._bind(student)
             for i, h in enumerate(self.hints):
                 t_layer = _layer(self.teachers[0], h.teacher, "teacher", f"{path}.hints[{i}].teacher")
                 self._handles.append(t_layer.register_forward_hook(self._store(self._t_feats, i)))
@@ -203,7 +214,7 @@ class DistillHook(Hook):
     # -- teacher outputs -------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        outs = [t(x) for t in self.teachers]
+        outs = [_logits(t(**x) if _is_mapping(x) else t(x)) for t in self.teachers]
         target = teacher_target(outs, self.weights, self.cfg.temperature, self.cfg.loss)
         return target, [self.teacher_maps[i](self._t_feats[i]) for i in range(len(self.hints))]
 
@@ -254,8 +265,14 @@ class DistillHook(Hook):
             target, feats = self.cache[0][idx], [f[idx] for f in self.cache[1]]
         else:
             target, feats = self.teacher_outputs(self._input)
+        return self.combined(outputs, loss, target, feats)
+
+    def combined(self, outputs: torch.Tensor, hard: torch.Tensor, target: torch.Tensor,
+                 feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The hard-label loss mixed with the KD term, plus the hint terms: the one formula of the distill
+        stage, the ``kd:`` blocks and ``compress.kd.Distiller``."""
         cfg = self.cfg
-        total = combine(loss, kd_term(outputs, target, cfg.temperature, cfg.loss), cfg.loss, cfg.alpha, cfg.beta)
+        total = combine(hard, kd_term(outputs, target, cfg.temperature, cfg.loss), cfg.loss, cfg.alpha, cfg.beta)
         for i, (h, adapter) in enumerate(zip(self.hints, self.adapters)):
             total = total + h.weight * hint_loss(adapter(self._s_feats[i]), feats[i])
         return total
