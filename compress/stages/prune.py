@@ -188,6 +188,17 @@ def _reference(model: nn.Module, cfg: PruneConfig, data, hooks: list, path: str,
     return reference
 
 
+def resolve_config(model: nn.Module, cfg: PruneConfig, path: str, backends=None) -> tuple[PruneConfig, dict]:
+    """``cfg`` with its defaults that depend on the model filled in (``round_to``, the classifier kept), its
+    layer names checked; the stage and ``compress.pruning.Pruner`` both start here."""
+    cfg, round_facts = _default_round_to(cfg, backends)
+    if cfg.ignored_layers is None:
+        head = classifier_name(model)
+        cfg = cfg.model_copy(update={"ignored_layers": [head] if head else []})
+    check_layer_names(model, cfg, path)
+    return cfg, round_facts
+
+
 # -- the entry point --------------------------------------------------------------------------------------
 
 def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teacher: nn.Module | None = None, *,
@@ -198,16 +209,11 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
     sparsity, params, MACs, storage sizes, the stop reason and one row per step (``steps``). ``backends``:
     the latency backends the model is for (default: the benchmark's), which set channel pruning's round_to.
     """
-    cfg = config or PruneConfig()
-    cfg, round_facts = _default_round_to(cfg, backends)
+    cfg, round_facts = resolve_config(model, config or PruneConfig(), path, backends)
     data = as_data(data)
     device = resolve_device(cfg.finetune.device)
     tk = {k: v for k, v in (trainer_kwargs or {}).items() if k not in ("state_path", "name")}
     tk["state_path"] = None  # steps change shapes/masks: a mid-step resume file would not fit; resume is per stage
-    if cfg.ignored_layers is None:
-        head = classifier_name(model)
-        cfg = cfg.model_copy(update={"ignored_layers": [head] if head else []})
-    check_layer_names(model, cfg, path)
     metric, mode = primary_metric(data.task)
     split = cfg.eval_split if data.has(cfg.eval_split) else "test"
     example = data.example_input(1).to(device)
