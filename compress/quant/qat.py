@@ -306,3 +306,13 @@ def export_qdq(model: nn.Module, example: torch.Tensor, path, opset: int = 17, w
     with exporting(model), torch.no_grad():
         out = to_onnx(model.cpu(), example, path, opset, dynamic_batch)
     return to_uint8_weights(out) if weight_type == "uint8" else fold_weights(out)
+
+
+def __getattr__(name: str):
+    # ``qat.prepare`` / ``convert`` / ``facts`` for your own loop (compress/quant/qat_loop.py); lazily, since they read
+    # the method configs, whose modules import this one.
+    if name in ("prepare", "convert", "facts"):
+        from compress.quant import qat_loop
+
+        return getattr(qat_loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

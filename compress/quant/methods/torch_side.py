@@ -58,14 +58,14 @@ def sizes(model: nn.Module) -> dict:
     return {"weight_bytes": stored, "fp32_weight_bytes": fp32, "weight_compression": round(fp32 / max(stored, 1), 2)}
 
 
-def quantize_layers(model: nn.Module, cfg: TorchSideOptions, ctx: QuantContext, spec: dict, *,
-                    keep_first_last: bool = False, hooks: tuple = (), kd: Optional[QuantizeKDConfig] = None,
-                    rounds: int = 1, before_round=None, calibrate_batches: int = 0) -> tuple[nn.Module, dict, dict]:
-    """Wrap, fine-tune (``rounds`` times, ``before_round(model)`` first), pack; (model, metrics, facts)."""
+def prepare_layers(model: nn.Module, cfg: TorchSideOptions, spec: dict, path: str, *, keep_first_last: bool = False,
+                   calibration=None, calibrate_batches: int = 0) -> tuple[dict, dict]:
+    """Fold BatchNorm, wrap the Conv/Linear layers in ``QuantLayer``s, calibrate activation ranges on
+    ``calibration`` (batches of a loader); (the wrapped layers' specs, facts). The stage and
+    ``compress.quant.qat.prepare`` start here."""
     from compress.quant.qat import calibrate
 
     facts: dict = {"method": cfg.method, "bits": cfg.weight_bits}
-    finetune = cfg.finetune_config()
     if cfg.fold_bn:
         pairs = fold_batchnorm(model)
         if pairs:
@@ -75,14 +75,34 @@ def quantize_layers(model: nn.Module, cfg: TorchSideOptions, ctx: QuantContext, 
     names = quantizable_names(model, keep, cfg.exclude)
     missing = [n for n in cfg.exclude if n not in dict(model.named_modules())]
     if missing:
-        raise RecipeError(f"{ctx.path}.exclude", f"no layer named {missing[0]!r} in the model")
+        raise RecipeError(f"{path}.exclude", f"no layer named {missing[0]!r} in the model")
     if not names:
-        raise RecipeError(ctx.path, "the model has no Conv/Linear layer left to quantize")
+        raise RecipeError(path, "the model has no Conv/Linear layer left to quantize")
     layers = {n: spec for n in names}
     wrap(model, layers)
     if spec.get("act_bits"):
         facts["activation_bits"] = spec["act_bits"]
-        calibrate(model, ctx.data.loader("train", shuffle=True, batch_size=finetune.batch_size), calibrate_batches)
+        if calibration is not None and calibrate_batches:
+            calibrate(model, calibration, calibrate_batches)
+    return layers, facts
+
+
+def pack_layers(model: nn.Module, cfg: TorchSideOptions, layers: dict, facts: dict) -> dict:
+    """After training: eval mode, weights packed, the wrapping recorded for reload; the facts with sizes."""
+    model.eval()
+    pack_model(model)
+    record_transform(model, cfg.method, layers=layers, bits=cfg.weight_bits)
+    return {**facts, **sizes(model), "quantized_layers": len(layers)}
+
+
+def quantize_layers(model: nn.Module, cfg: TorchSideOptions, ctx: QuantContext, spec: dict, *,
+                    keep_first_last: bool = False, hooks: tuple = (), kd: Optional[QuantizeKDConfig] = None,
+                    rounds: int = 1, before_round=None, calibrate_batches: int = 0) -> tuple[nn.Module, dict, dict]:
+    """Wrap, fine-tune (``rounds`` times, ``before_round(model)`` first), pack; (model, metrics, facts)."""
+    finetune = cfg.finetune_config()
+    loader = ctx.data.loader("train", shuffle=True, batch_size=finetune.batch_size) if spec.get("act_bits") else None
+    layers, facts = prepare_layers(model, cfg, spec, ctx.path, keep_first_last=keep_first_last, calibration=loader,
+                                   calibrate_batches=calibrate_batches)
     hooks = [h(model) for h in hooks]
     if kd is not None:
         if ctx.teacher is None:
@@ -102,9 +122,5 @@ def quantize_layers(model: nn.Module, cfg: TorchSideOptions, ctx: QuantContext, 
         for h in hooks:
             if hasattr(h, "close"):
                 h.close()
-    model.eval()
-    pack_model(model)
-    record_transform(model, cfg.method, layers=layers, bits=cfg.weight_bits)
-    facts.update(sizes(model))
-    facts["quantized_layers"] = len(names)
+    facts = pack_layers(model, cfg, layers, facts)
     return model, evaluate(model, ctx.data, ctx.split), facts
