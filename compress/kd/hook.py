@@ -178,7 +178,7 @@ class DistillHook(Hook):
     # -- forward hooks ---------------------------------------------------------------------------
     def _grab_input(self, module, args):
         # The trainer augments inside the loop; the teacher must see the very input the student saw.
-        if module.training:
+        if module.training and args:  # keyword-only calls (transformers) give Distiller.loss their batch
             self._input = args[0]
 
     @staticmethod

@@ -47,12 +47,14 @@ def prepare(model: nn.Module, config=None, *, calibration=None, path: str = "qua
     return model
 
 
-def convert(model: nn.Module, example_inputs: Any = None, path: Optional[str | Path] = None, *, data=None) -> nn.Module:
+def convert(model: nn.Module, example_inputs: Any = None, path: Optional[str | Path] = None, *, data=None,
+            traced: Optional[nn.Module] = None) -> nn.Module:
     """Pack the trained fake-quantized weights (k-bit codes; the model is then for inference), as the stage does
     after training; returns ``model``. With ``path`` (8-bit weights and activations) also write the QDQ ONNX
     file the stage writes, ``example_inputs`` being one batch the model takes; with ``data`` (a DataBundle) the
     file is checked against the PyTorch model as the stage checks it (``check:`` options). What the stage
-    would report (sizes, layers, the file) is then ``facts(model)``."""
+    would report (sizes, layers, the file) is then ``facts(model)``. ``traced``: what to export instead of
+    ``model`` itself, a wrapper that calls it (a transformers model's keyword inputs and ``logits``)."""
     from compress.quant.methods.base import check_int8_file
     from compress.quant.methods.torch_side import pack_layers
     from compress.quant.qat import export_qdq
@@ -68,7 +70,7 @@ def convert(model: nn.Module, example_inputs: Any = None, path: Optional[str | P
         if example_inputs is None:
             raise ValueError("writing the ONNX file traces the model: pass example_inputs (one batch it takes)")
         fmt = cfg.int8_format(where)
-        out = export_qdq(model, example_inputs, Path(path), cfg.opset, fmt.weight_type)
+        out = export_qdq(traced if traced is not None else model, example_inputs, Path(path), cfg.opset, fmt.weight_type)
         facts.update(onnx=str(out), onnx_bytes=out.stat().st_size)
         if data is not None:
             import torch
