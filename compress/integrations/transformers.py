@@ -19,6 +19,7 @@ import torch.nn as nn
 from compress.integrations import require
 
 _tf = require("transformers", "hf", "compress.integrations.transformers")
+require("accelerate", "hf", "compress.integrations.transformers")  # transformers.Trainer runs on it
 Trainer, TrainerCallback = _tf.Trainer, _tf.TrainerCallback
 
 __all__ = ["DistillationTrainer", "PruningCallback", "QATCallback"]
