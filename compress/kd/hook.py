@@ -68,7 +68,9 @@ def _is_mapping(x: Any) -> bool:
 
 
 def _logits(out: Any) -> torch.Tensor:
-    """A model's outputs as one tensor: transformers' ModelOutput carries them as ``logits``."""
+    """A model's outputs as one tensor: transformers' ModelOutput (or a dict) carries them as ``logits``."""
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
     return out.logits if not isinstance(out, torch.Tensor) and hasattr(out, "logits") else out
 
 

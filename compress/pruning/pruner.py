@@ -108,9 +108,11 @@ class Pruner:
             h.after_step(None)
 
     def summary(self) -> dict:
-        """The prune stage's summary keys that a loop of your own can have (no gate, no budget)."""
+        """The prune stage's summary keys that a loop of your own can have (no gate, no budget); MACs as
+        measured after the last step."""
         total, nonzero = count_params(self.model)
-        macs = _macs(self.model, self.example)
+        # MACs as measured after the last step: a later prepare() wraps layers the counter does not count
+        macs = self.history[-1]["macs"] if self.history else self.unpruned_macs
         out = {"method": self.config.method, "steps_done": self.steps_done, "steps": len(self.targets),
                **self.round_facts, **self._method.summary([r for r in self.history]),
                "unpruned_params": self.unpruned_params, "params": total, "nonzero": nonzero,
