@@ -64,7 +64,8 @@ class Distiller:
         self.config, self.hard_fn = cfg, LOSSES[hard]
         self._frozen = freeze(teachers)
         try:
-            self.hook = DistillHook(student, teachers, cfg, weights, example_inputs, path)
+            # without hints nothing is hooked: the batch comes with each loss() call
+            self.hook = DistillHook(student if cfg.hints else None, teachers, cfg, weights, example_inputs, path)
         except Exception:
             unfreeze(teachers, self._frozen)
             raise

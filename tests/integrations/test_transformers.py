@@ -84,6 +84,8 @@ def test_pruning_callback_follows_the_schedule_and_the_folder_reloads(tmp_path):
                                    callbacks=[cb])
     trainer.train()
     assert [r["target"] for r in cb.pruner.history] == [0.25, 0.5]  # one step at each of the first two epochs
+    trained = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in model.parameters()}  # the Trainer's optimizer follows the pruned tensors
     widths = {model.get_submodule(f"bert.encoder.layer.{i}.intermediate.dense").out_features for i in range(2)}
     assert widths == {32} and model.config.intermediate_size == 32
     assert model.bert.encoder.layer[0].attention.self.query.out_features == 32  # heads and residual kept
