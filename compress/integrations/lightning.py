@@ -129,14 +129,14 @@ class QATCallback(Callback):
         self.model = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from compress.quant.qat_loop import prepare
+        from compress.quant.qat import prepare
 
         if stage == "fit" and self.model is None:
             model = pl_module.get_submodule(self.attr) if self.attr else pl_module
             self.model = prepare(model, self.config, calibration=self.calibration)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        from compress.quant.qat_loop import convert
+        from compress.quant.qat import convert
 
         self.model.cpu()
         convert(self.model, self.example, self.onnx_path)

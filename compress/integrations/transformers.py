@@ -158,7 +158,7 @@ class QATCallback(TrainerCallback):
             self._prepare(model)
 
     def _prepare(self, model: nn.Module) -> None:
-        from compress.quant.qat_loop import prepare
+        from compress.quant.qat import prepare
 
         if self.model is None:
             self.model = prepare(model, self.config)
@@ -167,7 +167,7 @@ class QATCallback(TrainerCallback):
         self._prepare(model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        from compress.quant.qat_loop import convert
+        from compress.quant.qat import convert
 
         if self.onnx_path is not None and self.model is not None:
             with warnings.catch_warnings():
