@@ -11,6 +11,12 @@ stage's includes building its teacher-output cache and its validation pass, the 
 
     .venv/bin/python -m benchmarks.loop_integrations --seeds 0,1,2            # the recipe's full settings
     .venv/bin/python -m benchmarks.loop_integrations --seeds 0 --teacher-epochs 8 --epochs 8 --rounds 3
+
+``--part bert``: channel pruning (2 steps to half the MLP widths) then 8-bit QAT of a tiny BERT classifier (random
+init, a synthetic token task: is token 7 in the sequence), once through the Hugging Face ``Trainer`` with
+``PruningCallback`` and ``QATCallback``, once through compress's ``prune`` and ``quantize`` stages (told to keep
+the same layers), from the same initial weights: the widths each makes, and each int8 file's top-1 agreement with
+its own PyTorch model and test accuracy.
 """
 from __future__ import annotations
 
@@ -174,17 +180,115 @@ def run_seed(seed: int, teacher_epochs: int | None, epochs: int | None, rounds: 
     return row
 
 
+BERT = dict(model_type="bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=60,
+            max_position_embeddings=32)
+
+
+def _token_rows(n: int, seq: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, BERT["vocab_size"], (n, seq), generator=g)
+    return ids, (ids == 7).any(1).long()
+
+
+def run_bert(seed: int, epochs: int, out_dir: Path) -> dict:
+    """Same init, same data, same schedule: the HF callbacks and the recipe's stages; widths and int8 agreement."""
+    from torch.utils.data import DataLoader
+
+    from compress import PruneConfig, QuantizeConfig, create_model, prune, quantize
+    from compress.data import DataBundle
+    from compress.data.inputs import Inputs
+    from compress.integrations.transformers import PruningCallback, QATCallback
+    from compress.runtime.onnx import onnx_run, onnx_session
+    from transformers import Trainer, TrainingArguments
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seq = 16
+    splits = {name: _token_rows(n, seq, seed * 10 + k) for k, (name, n) in enumerate([("train", 1024), ("val", 256), ("test", 512)])}
+
+    def compress_rows(name):
+        ids, y = splits[name]
+        return [(Inputs(input_ids=i, attention_mask=torch.ones(seq, dtype=torch.long)), int(t)) for i, t in zip(ids, y)]
+
+    data = DataBundle.from_loaders(DataLoader(compress_rows("train"), batch_size=32, shuffle=True),
+                                   DataLoader(compress_rows("val"), batch_size=64), DataLoader(compress_rows("test"), batch_size=64))
+    hf_rows = [{"input_ids": i, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": int(t)}
+               for i, t in zip(*splits["train"])]
+    torch.manual_seed(seed)
+    wrapped = create_model({"name": "hf", "config": BERT}, (seq,), 2)
+    hf_model = copy.deepcopy(wrapped.model)
+    example = {"input_ids": splits["train"][0][:1], "attention_mask": torch.ones(1, seq, dtype=torch.long)}
+    prune_cfg = PruneConfig(method="channel", sparsity=0.5, steps=2, schedule="linear",
+                            finetune={"epochs": epochs, "optimizer": {"name": "adam", "lr": 1e-3}, "progress": False},
+                            self_distill=False)
+    qat_cfg = QuantizeConfig(method="qat", bits=8, finetune={"epochs": epochs, "optimizer": {"name": "adam", "lr": 1e-4},
+                                                             "progress": False})
+
+    # the Hugging Face Trainer with the callbacks: `epochs` per pruning step, then `epochs` of QAT
+    def args(n, lr, name):
+        return TrainingArguments(str(out_dir / name), num_train_epochs=n, per_device_train_batch_size=32, learning_rate=lr,
+                                 lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_strategy="no",
+                                 use_cpu=True, disable_tqdm=True, seed=seed)
+
+    cb = PruningCallback(prune_cfg, example, epochs_per_step=epochs)
+    t0 = time.perf_counter()
+    Trainer(model=hf_model, args=args(2 * epochs, 1e-3, "prune"), train_dataset=hf_rows, callbacks=[cb]).train()
+    q = QATCallback(qat_cfg, example_inputs=example, onnx_path=out_dir / "hf_qat_int8.onnx")
+    Trainer(model=hf_model, args=args(epochs, 1e-4, "qat"), train_dataset=hf_rows, callbacks=[q]).train()
+    hf_seconds = time.perf_counter() - t0
+
+    # the recipe's stages on the same initial weights, keeping the layers the callback kept
+    keep = ["model." + n for n in cb.pruner.config.ignored_layers]
+    t0 = time.perf_counter()
+    pruned, pm = prune(wrapped, prune_cfg.model_copy(update={"ignored_layers": keep, "round_to": cb.pruner.config.round_to}), data)
+    staged, qm = quantize(pruned, qat_cfg, data, out_dir=out_dir / "stage")
+    stage_seconds = time.perf_counter() - t0
+
+    def widths(m):
+        return sorted({mod.out_features for n, mod in m.named_modules() if n.endswith("intermediate.dense")})
+
+    test = Inputs(input_ids=splits["test"][0], attention_mask=torch.ones(len(splits["test"][0]), seq, dtype=torch.long))
+    y = splits["test"][1]
+    with torch.no_grad():
+        hf_float = hf_model.eval()(**test).logits.argmax(1)
+    hf_int8 = torch.as_tensor(onnx_run(onnx_session(out_dir / "hf_qat_int8.onnx"), test)).argmax(1)
+    st_int8 = torch.as_tensor(onnx_run(onnx_session(out_dir / "stage" / "model_qat_int8.onnx"), test)).argmax(1)
+    with torch.no_grad():
+        st_float = staged.eval()(test).argmax(1)
+    return {"seed": seed, "epochs_per_phase": epochs,
+            "hf_widths": widths(hf_model), "stage_widths": widths(staged),
+            "hf_heads": hf_model.bert.encoder.layer[0].attention.self.query.out_features,
+            "stage_heads": staged.model.bert.encoder.layer[0].attention.self.query.out_features,
+            "hf_int8_agreement": (hf_int8 == hf_float).float().mean().item(),
+            "stage_int8_agreement": (st_int8 == st_float).float().mean().item(),
+            "hf_int8_test": (hf_int8 == y).float().mean().item(), "stage_int8_test": (st_int8 == y).float().mean().item(),
+            "files_agree": (hf_int8 == st_int8).float().mean().item(),
+            "hf_seconds": round(hf_seconds, 1), "stage_seconds": round(stage_seconds, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     ap.add_argument("--teacher-epochs", type=int, default=None, help="default: the recipe's (60)")
     ap.add_argument("--epochs", type=int, default=None, help="student epochs per way; default: the recipe's (30)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of one epoch per way")
+    ap.add_argument("--part", choices=["kd", "bert", "all"], default="all")
+    ap.add_argument("--bert-epochs", type=int, default=2, help="epochs per pruning step, and of QAT")
     args = ap.parse_args()
-    data_dir()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.part in ("bert", "all"):
+        bert = [run_bert(int(s), args.bert_epochs, RESULTS / "loop_integrations" / f"bert_s{s}") for s in args.seeds.split(",")]
+        print(markdown_table(["seed", "MLP widths HF / stage", "q width HF / stage", "int8 vs own float HF / stage",
+                              "int8 test acc HF / stage", "HF file vs stage file"],
+                             [[r["seed"], f"{r['hf_widths']} / {r['stage_widths']}", f"{r['hf_heads']} / {r['stage_heads']}",
+                               f"{r['hf_int8_agreement']:.2%} / {r['stage_int8_agreement']:.2%}",
+                               f"{r['hf_int8_test']:.2%} / {r['stage_int8_test']:.2%}", f"{r['files_agree']:.2%}"] for r in bert]))
+        (RESULTS / "loop_integrations_bert.json").write_text(json.dumps(bert, indent=2))
+        if args.part == "bert":
+            print(machine_line())
+            return
+    data_dir()
     rows = [run_seed(int(s), args.teacher_epochs, args.epochs, args.rounds, RESULTS / "loop_integrations")
             for s in args.seeds.split(",")]
     table = [[r["seed"], f"{r['teacher_test']:.4f}", *(f"{r[f'{w}_test']:.4f}" for w in ("stage", "hf", "plain")),
