@@ -138,5 +138,4 @@ class QATCallback(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         from compress.quant.qat import convert
 
-        self.model.cpu()
-        convert(self.model, self.example, self.onnx_path)
+        convert(self.model, self.example, self.onnx_path)  # the ONNX export runs on the CPU
