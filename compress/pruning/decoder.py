@@ -601,7 +601,8 @@ class DecoderPruner(Pruner):
         self.final = self._final_sizes()
         self.scores: Optional[tuple[WidthScores, torch.Tensor]] = None
         self.sizes = dict(self.orig)
-        self._skeleton: Optional[nn.Module] = None
+        # the budget's counts cut a meta-device copy of the model as it is now (orig sizes)
+        self._skeleton = copy.deepcopy(model).to("meta") if cfg.budget is not None else None
         self._base: Optional[float] = None
 
     # -- what the sizes are ------------------------------------------------------------------------------
@@ -682,8 +683,6 @@ class DecoderPruner(Pruner):
     def count(self, sizes: dict) -> float:
         """The budget's measure (params, or MACs at the calibration length) of the model cut to ``sizes``:
         cut on a meta-device copy (shapes, no memory), so a landing can try many sizes."""
-        if self._skeleton is None:
-            self._skeleton = copy.deepcopy(self.model).to("meta")
         m = copy.deepcopy(self._skeleton)
         apply_plan(m, self.layout, first_plan(self.orig, list(range(sizes["layers"])), sizes))
         if self.cfg.budget.kind == "macs":
@@ -764,17 +763,15 @@ class DecoderPruner(Pruner):
 
 # -- one call, for benchmarks and the Python API ------------------------------------------------------------
 
-def prune_lm(model: nn.Module, cfg: DecoderPruneConfig | dict | None, calib_batches: Iterable, *,
-             example: Any = None) -> tuple[nn.Module, dict]:
+def prune_lm(model: nn.Module, cfg: DecoderPruneConfig | dict | None, calib_batches: Iterable) -> tuple[nn.Module, dict]:
     """Prune ``model`` (in place) once, Minitron-style, without fine-tuning; returns it and what changed.
 
-    ``calib_batches``: input ids [batch, seq], dicts of named inputs, or ``(inputs, targets)`` tuples.
-    ``cfg.budget`` (params or MACs at the calibration length) is landed within 5% by bisection on the
-    split's scale, as the prune stage does. Fine-tune afterwards (with KD from a copy of the unpruned model
-    for Minitron's recipe): the prune stage does both.
+    ``calib_batches``: input ids [batch, seq], dicts of named inputs, or ``(inputs, targets)`` tuples (all of
+    them are used; MACs are counted at their sequence length). A ``budget`` (params or MACs) is landed as the
+    prune stage lands it. Fine-tune afterwards, with KD from a copy of the unpruned model for Minitron's
+    recipe: the prune stage does both (``prune: {method: decoder, ...}``).
     """
-    from compress.measure.size import count_params
-    from compress.stages.prune import _budget_met, _budget_value, _landing_ratio
+    from compress.stages.prune import _budget_met
 
     if not isinstance(cfg, DecoderPruneConfig):
         cfg = DecoderPruneConfig(**{**(cfg or {}), "method": "decoder"})
@@ -782,26 +779,18 @@ def prune_lm(model: nn.Module, cfg: DecoderPruneConfig | dict | None, calib_batc
     batches = calibration_inputs(calib_batches)
     if not batches:
         raise RecipeError("prune.calibration_batches", "no calibration batches were given")
-    example = batches[0] if example is None else example
     pruner = DecoderPruner(cfg, model, batches)
-
-    def value(m: nn.Module) -> float:
-        return _budget_value(cfg.budget.kind, m, example, None, False, cfg)
-
-    before = {"params": count_params(model)[0], "macs": decoder_macs(model, pruner.layout, int(_input_ids(example).shape[-1]))}
-    target = cfg.sparsity
-    if cfg.budget is not None:
-        base = value(model)
-        target = _landing_ratio(pruner, model, 1, 0.0, cfg.sparsity, value, cfg.budget, base)
-    pruner.step(1, target)
+    seq = int(_input_ids(batches[0]).shape[-1])
+    before = {"params": sum(p.numel() for p in model.parameters()), "macs": decoder_macs(model, pruner.layout, seq)}
+    pruner.step(1, cfg.sparsity)
     pruner.record(model, True)
-    after = {"params": count_params(model)[0], "macs": decoder_macs(model, pruner.layout, int(_input_ids(example).shape[-1]))}
+    after = {"params": sum(p.numel() for p in model.parameters()), "macs": decoder_macs(model, pruner.layout, seq)}
     facts = {**pruner.summary([]), "unpruned_params": before["params"], "params": after["params"],
-             "unpruned_macs": before["macs"], "macs": after["macs"], "scale": round(target / cfg.sparsity, 4),
+             "unpruned_macs": before["macs"], "macs": after["macs"],
              "layers_kept": [int(getattr(layer, "compress_layer_origin", i)) for i, layer in
                              enumerate(pruner.layout.decoder_layers(model))]}
     if cfg.budget is not None:
-        facts["budget_met"] = _budget_met(cfg.budget, value(model), base)
+        facts["budget_met"] = _budget_met(cfg.budget, after[cfg.budget.kind], before[cfg.budget.kind])
     return model, facts
 
 
