@@ -254,3 +254,17 @@ def test_prune_stage_with_budget_and_self_distillation():
     assert metrics["lm_sizes"]["heads"] % metrics["lm_sizes"]["kv_heads"] == 0
     assert [t["kind"] for t in model.compress_transforms] == ["decoder_prune"]
     assert hf_config(model).num_hidden_layers == len(model.model.model.layers)
+
+
+def test_steps_shrink_towards_the_final_sizes():
+    from compress.pruning.decoder import DecoderPruner
+
+    model, batches = _model("phi3"), _batches()
+    pruner = DecoderPruner(DecoderPruneConfig(**CUT, sparsity=0.5, steps=2), model, batches)
+    pruner.step(1, 0.25)
+    half = dict(pruner.sizes)
+    pruner.step(2, 0.5)
+    one_shot, _ = prune_lm(_model("phi3"), CUT, batches)
+    assert half == {"layers": 4, "heads": 4, "kv_heads": 2, "hidden": 24, "intermediate": 36, "head_dim": 8}
+    assert pruner.sizes == decoder_layout(one_shot).sizes(one_shot.config)
+    assert _logits(model, batches[0]).shape == (2, 16, 64)
