@@ -135,7 +135,7 @@ def main() -> None:
     # 1: on the 2 shared cores of the machine this was run on, 2 threads ran 4-6x slower than 1 (load 8-12)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="a tiny model and a few steps: checks the script")
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench_lm_prune.json"))
+    p.add_argument("--out", default=None, help="default: runs/bench_lm_prune_s<seeds>.json")
     args = p.parse_args()
     if args.smoke:
         args.train_steps, args.ft_steps, args.val_blocks, args.calib = 5, 3, 16, 1
@@ -157,8 +157,9 @@ def main() -> None:
     print(markdown_table(["importance (width), depth, fine-tune", "params", "val NLL pruned",
                           f"val NLL after {args.ft_steps} steps"], rows))
     print(machine_line())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    out = Path(args.out or ROOT / "runs" / f"bench_lm_prune_s{args.seeds.replace(',', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
 
 if __name__ == "__main__":
