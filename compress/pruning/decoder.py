@@ -560,6 +560,8 @@ class DecoderPruneConfig(PruneConfig):
         return self
 
     def check_rules(self, path: str) -> None:
+        if self.budget is not None and self.budget.kind not in self.BUDGET_KINDS:
+            raise RecipeError(f"{path}.budget.kind", f"'{self.budget.kind}': decoder pruning lands params or macs budgets")
         super().check_rules(path)
         if self.layer_ratios:
             raise RecipeError(f"{path}.layer_ratios", "decoder widths are the same in every layer (one config); "

@@ -196,6 +196,7 @@ def test_exact_sizes():
     ("gpt2", {"heads": 0.5, "hidden": 0, "head_mode": "within"}, "prune.head_mode", "one query head per group"),
     ("gpt2", {"heads": 0.5, "hidden": 0.25}, "prune.heads", "give one fraction"),
     ("llama", {"sizes": {"layers": 2}, "budget": {"kind": "params", "reduction": 2}}, "prune.sizes", "not both"),
+    ("llama", {"budget": {"kind": "latency", "max": 5}}, "prune.budget.kind", "params or macs"),
 ])
 def test_one_line_errors(family, cfg, key, words):
     with pytest.raises(RecipeError) as e:
