@@ -271,3 +271,19 @@ def test_steps_shrink_towards_the_final_sizes():
     assert half == {"layers": 4, "heads": 4, "kv_heads": 2, "hidden": 24, "intermediate": 36, "head_dim": 8}
     assert pruner.sizes == decoder_layout(one_shot).sizes(one_shot.config)
     assert _logits(model, batches[0]).shape == (2, 16, 64)
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"sizes": {"layers": 2, "heads": 99, "kv_heads": 1, "hidden": 16, "intermediate": 8, "head_dim": 8}, "layers": [0, 1]},
+     "do not fit the model's"),
+    ({"sizes": {"layers": 2, "heads": 2, "kv_heads": 1, "hidden": 16, "intermediate": 8, "head_dim": 8}, "layers": [0, 7]},
+     "kept layers [0, 7] do not fit the model's 4 layers"),
+])
+def test_crafted_transform_is_one_line(params, words):
+    from compress.errors import CompressError
+
+    ckpt = {"transforms": [{"kind": "decoder_prune", "params": params}], "state_dict": {}}
+    with pytest.raises(CompressError) as e:
+        restore(_model("llama"), ckpt, "m.pt")
+    assert str(e.value).startswith("m.pt: recorded transform 0 (decoder_prune) does not apply") and words in str(e.value)
+    assert "\n" not in str(e.value)
