@@ -96,7 +96,11 @@ def torch_latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: 
     return res["model"]["median_ms"]
 
 
-def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: torch.Tensor, nonzero: bool) -> float:
+def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: torch.Tensor, nonzero: bool,
+                  cfg: Optional[PruneConfig] = None) -> float:
+    own = cfg.measure(kind, model, example) if cfg is not None else None
+    if own is not None:
+        return own
     if kind == "params":
         return count_params(model)[1] if nonzero else count_params(model)[0]
     if kind == "macs":
@@ -226,10 +230,10 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
     if cfg.budget is not None:
         if cfg.budget.kind == "latency":
             lat_batch = data.example_input(cfg.budget.batch_size).to(device)
-        base_budget = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.COUNTS_NONZERO)
+        base_budget = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.COUNTS_NONZERO, cfg)
 
     def budget_of(m: nn.Module) -> float:
-        return _budget_value(cfg.budget.kind, m, example, lat_batch, cfg.COUNTS_NONZERO)
+        return _budget_value(cfg.budget.kind, m, example, lat_batch, cfg.COUNTS_NONZERO, cfg)
 
     unpruned = copy.deepcopy(model).eval()
     hooks = []

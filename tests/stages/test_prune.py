@@ -37,7 +37,7 @@ def test_bad_options_name_the_key_path():
     # channel-only options are not magnitude's: each method is its own config class
     assert _errors(_recipe({"method": "magnitude", "importance": "l2"}))[0].startswith("stages[1].prune.importance: unknown key")
     assert _errors(_recipe({"method": "blocks"}))[0].startswith(
-        "stages[1].prune.method: expected one of 'channel', 'magnitude', got 'blocks'")
+        "stages[1].prune.method: expected one of 'channel', 'decoder', 'magnitude', got 'blocks'")
     assert _errors(_recipe({"ignored_layers": ["classifier.9"]})) == [
         "stages[1].prune.ignored_layers[0]: no layer named 'classifier.9' in the model; prunable layers are "
         "features.0, features.3, classifier.1, classifier.3, classifier.5; did you mean 'classifier.5'?"]
