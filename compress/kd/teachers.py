@@ -156,7 +156,7 @@ def resolve_teacher(state, item, ipath: str, teacher_epoch: Optional[int] = None
     from compress.models import create_model
 
     if isinstance(item, ModelSpec):
-        return create_model(item, state.data.input_shape, state.data.num_outputs)
+        return create_model(item, state.data.input_shape, state.data.num_outputs, data_task=state.data.task)
     if item == "previous":
         return state.model
     if teacher_epoch is not None:
