@@ -91,6 +91,8 @@ def cache_reason(augments: bool, data: DataBundle, hints: bool = False) -> Optio
     ``hints``: teacher features are cached too (a collate function must mark its batches ``fixed_shape``)."""
     if augments:
         return "the trainer augments the inputs (augment:), so the teacher must see each new batch"
+    if data.task == "lm":
+        return "a language model's outputs (tokens x vocabulary per block) are too large to keep for every block"
     if hints and data.collate is not None and not getattr(data.collate, "fixed_shape", False):
         return VARYING_SHAPES
     if not data.deterministic:

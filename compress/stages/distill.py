@@ -51,6 +51,8 @@ def _fit(student: nn.Module, teachers: Sequence[nn.Module], cfg: DistillConfig, 
     """Validate, then train ``student`` against ``teachers``; return facts for the report."""
     teacher_paths = teacher_paths or ([f"{path}.teacher"] if len(teachers) == 1 else
                                       [f"{path}.teacher[{j}]" for j in range(len(teachers))])
+    if data.task == "lm" and "loss" not in cfg.model_fields_set:  # kl's default, per token for language models
+        cfg = cfg.model_copy(update={"loss": "token_kl"})
     weights = teacher_weights(cfg.teacher_weights, len(teachers), path)
     device = resolve_device(cfg.device)
     if cfg.hints and len(teachers) > 1:
