@@ -146,5 +146,5 @@ def quantization_error(weight: torch.Tensor, codes: torch.Tensor, scales: torch.
     """``tr((W - Q) H (W - Q)^T)``: the layer's output error on the calibration inputs GPTQ minimises."""
     g = weight.shape[1] // scales.shape[1]
     deq = (codes.float().view(codes.shape[0], -1, g) * scales.unsqueeze(-1)).view_as(weight)
-    d = weight.float() - deq
+    d = weight.detach().float() - deq
     return float(torch.trace(d @ H @ d.t()))
