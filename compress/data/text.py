@@ -434,8 +434,9 @@ def vocab_mismatch(model: nn.Module, data: DataBundle, path: str) -> Optional[Re
                            f"{data.vocab_size}; set vocab_size: {data.vocab_size} or more")
     positions = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
     longest = data.input_shape[0] if data.input_shape else 0
+    length = "data.block_size" if data.task == "lm" else "data.max_length"
     if isinstance(positions, int) and positions < longest:
         return RecipeError(f"{key}.max_position_embeddings" if inline else key,
-                           f"the model has {positions} positions but data.max_length is {longest}; "
-                           f"set max_position_embeddings: {longest} or lower data.max_length")
+                           f"the model has {positions} positions but {length} is {longest}; "
+                           f"set max_position_embeddings: {longest} or lower {length}")
     return None

@@ -50,6 +50,8 @@ def test_folder_with_weights_reloads(data, tmp_path):
 def test_one_line_errors(data):
     with pytest.raises(RecipeError, match=r"model.config.vocab_size: .*embeds 100 tokens but the tokenizer"):
         check_outputs(build(data, "llama", vocab_size=100), data, "model")
+    with pytest.raises(RecipeError, match=r"max_position_embeddings: .*8 positions but data.block_size is 16"):
+        check_outputs(build(data, "llama", max_position_embeddings=8), data, "model")
     bert = {"model_type": "bert", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 1,
             "num_attention_heads": 2, "intermediate_size": 32}
     with pytest.raises(RecipeError, match="no decoder family compress declares"):
