@@ -14,7 +14,6 @@ real text that every machine with Python has; the Python version is part of the 
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset
 
 from compress.data.bundle import DataBundle, DataSpec, read_utf8, register_dataset, split_rows
 from compress.data.inputs import Inputs
-from compress.data.text import Tokenizer, TrainTokenizer, tokenizer_backend
+from compress.data.text import Tokenizer, TrainTokenizer, jsonl_rows, tokenizer_backend
 from compress.errors import RecipeError
 
 IGNORE = -100  # target of a padding position (F.cross_entropy's ignore_index)
@@ -122,13 +121,7 @@ def _documents(spec: LMSpec) -> tuple[list[str], list[str]]:
     """(names, texts) of every non-empty document, in a sorted (machine-independent) order."""
     if spec.path is not None:
         names, texts = [], []
-        for lineno, line in enumerate(read_utf8(spec.path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecipeError("data.path", f"'{spec.path}', line {lineno}: not valid JSON ({exc.msg})") from None
+        for lineno, row in jsonl_rows(spec.path, read_utf8(spec.path)):
             value = row.get(spec.field) if isinstance(row, dict) else None
             if not isinstance(value, str):
                 raise RecipeError("data.field", f"'{spec.path}', line {lineno}: expected text in field '{spec.field}', "

@@ -183,13 +183,7 @@ def _read_table(spec: TextSpec) -> tuple[list[dict], list[int], list[str]]:
         columns = list(reader.fieldnames or [])
     else:
         columns = []
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecipeError("data.path", f"'{spec.path}', line {lineno}: not valid JSON ({exc.msg})") from None
+        for lineno, row in jsonl_rows(spec.path, content):
             if not isinstance(row, dict):
                 raise RecipeError("data.path", f"'{spec.path}', line {lineno}: expected a JSON object, "
                                                f"got {type(row).__name__}")
@@ -197,6 +191,17 @@ def _read_table(spec: TextSpec) -> tuple[list[dict], list[int], list[str]]:
             rows.append(row)
             lines.append(lineno)
     return rows, lines, columns
+
+
+def jsonl_rows(path: Path, content: str):
+    """(line number, parsed value) of every non-blank line of a .jsonl file's ``content``."""
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecipeError("data.path", f"'{path}', line {lineno}: not valid JSON ({exc.msg})") from None
 
 
 def _texts(spec: TextSpec, rows: list[dict], lines: list[int], key: str) -> list[str]:

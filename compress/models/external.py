@@ -195,22 +195,29 @@ def _hf_model(spec: HFSpec, input_shape, num_outputs) -> nn.Module:
         return _causal_lm(spec, folder, hub, cfg, code)
     cfg.num_labels = int(num_outputs)
     auto = transformers.AutoModelForImageClassification if task == "image" else transformers.AutoModelForSequenceClassification
-    try:
-        if hub and spec.pretrained and not offline_reason():  # checked or reloaded: the architecture is what counts
-            model = _from_hub(auto, folder, config=cfg, ignore_mismatched_sizes=True, trust_remote_code=code)
-        elif folder and not hub and spec.pretrained and _weights_file(folder):
-            model = _local_weights(auto, folder, cfg, code)
-        else:
-            model = auto.from_config(cfg, trust_remote_code=code)
-    except ValueError as exc:
-        raise RecipeError("model", f"no {task} classifier for this config: {str(exc).splitlines()[0]}") from None
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
+    model = _instantiate(auto, spec, folder, hub, cfg, code, f"{task} classifier", ignore_mismatched_sizes=True)
     from compress.models.adapter import infer_head
 
     heads = _attention_heads(model, "num_attention_heads", ("query", "key", "value", "q_proj", "k_proj", "v_proj"))
     inputs = None if task == "image" else (spec.inputs or TEXT_INPUTS)
     return wrap_io(model, inputs, family="hf", head=infer_head(model, num_outputs), num_heads=heads)
+
+
+def _instantiate(auto, spec: HFSpec, folder: str, hub: bool, cfg, code: bool, what: str, **hub_kwargs: Any) -> nn.Module:
+    """``auto``'s model: a hub id's weights (while a recipe runs), a folder's own weights, or random init.
+    The key-value cache is off: training, perplexity and classification only pay memory for it."""
+    try:
+        if hub and spec.pretrained and not offline_reason():  # checked or reloaded: the architecture is what counts
+            model = _from_hub(auto, folder, config=cfg, trust_remote_code=code, **hub_kwargs)
+        elif folder and not hub and spec.pretrained and _weights_file(folder):
+            model = _local_weights(auto, folder, cfg, code)
+        else:
+            model = auto.from_config(cfg, trust_remote_code=code)
+    except ValueError as exc:
+        raise RecipeError("model", f"no {what} for this config: {str(exc).splitlines()[0]}") from None
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
 
 
 LM_INPUTS = ["input_ids"]  # packed blocks: every position is a real token, so no attention mask
@@ -229,18 +236,7 @@ def _causal_lm(spec: HFSpec, folder: str, hub: bool, cfg, code: bool) -> nn.Modu
     if layout is None:
         raise RecipeError(key, f"model_type {getattr(cfg, 'model_type', '')!r} is no decoder family compress declares; "
                                f"causal_lm takes {', '.join(families())}")
-    auto = transformers.AutoModelForCausalLM
-    try:
-        if hub and spec.pretrained and not offline_reason():
-            model = _from_hub(auto, folder, config=cfg, trust_remote_code=code)
-        elif folder and not hub and spec.pretrained and _weights_file(folder):
-            model = _local_weights(auto, folder, cfg, code)
-        else:
-            model = auto.from_config(cfg, trust_remote_code=code)
-    except ValueError as exc:
-        raise RecipeError("model", f"no causal language model for this config: {str(exc).splitlines()[0]}") from None
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False  # training and perplexity: a key-value cache only costs memory here
+    model = _instantiate(transformers.AutoModelForCausalLM, spec, folder, hub, cfg, code, "causal language model")
     sizes = layout.sizes(model.config)
     heads = {}  # query heads for q (and a fused qkv), key-value groups for k and v
     for i in range(sizes["layers"]):
