@@ -24,6 +24,7 @@ from compress.registry import did_you_mean
 from compress.trainer import Batch, Hook
 from compress.utils import resolve_device
 
+AUTO_LOSS = {"classification": "kl", "lm": "token_kl"}  # loss: auto, by the data's task (else regression)
 KDLossName = Annotated[str, AfterValidator(known_loss)]  # a registered KD loss (compress.kd.losses.KD_LOSSES)
 
 
@@ -40,7 +41,7 @@ class KDConfig(StrictModel):
         """A copy whose ``loss`` is a registered name (``auto`` picked for the data's task)."""
         if self.loss != "auto":
             return self
-        return self.model_copy(update={"loss": "kl" if task == "classification" else "regression"})
+        return self.model_copy(update={"loss": AUTO_LOSS.get(task, "regression")})
 
 
 class HintConfig(StrictModel):
@@ -78,6 +79,14 @@ def _layer(model: nn.Module, name: str, role: str, path: str) -> nn.Module:
     layers = dict(model.named_modules())
     if name in layers and name != "":
         return layers[name]
+    from compress.models.decoder import decoder_layout
+
+    layout = decoder_layout(model)
+    if layout is not None and name.isdecimal():  # a decoder LM: hint layer maps name decoder layers by index
+        blocks = layout.decoder_layers(model)
+        if int(name) < len(blocks):
+            return blocks[int(name)]
+        raise RecipeError(path, f"the {role} has {len(blocks)} decoder layers (0-{len(blocks) - 1}), not {name}")
     names = [n for n in layers if n]
     shown = ", ".join(names[:25]) + (f", ... ({len(names)} in all)" if len(names) > 25 else "")
     raise RecipeError(path, f"no layer '{name}' in the {role}; layers are {shown}{did_you_mean(name, names)}")
@@ -313,6 +322,9 @@ def check_kd(student: nn.Module, teachers: Sequence[nn.Module], data: DataBundle
                                       f"{str(exc).splitlines()[0]}") from None
             finally:
                 t.train(t_was)
+            if got != want and data.task == "lm" and got[-1] != want[-1]:
+                raise RecipeError(tp, f"the teacher predicts {got[-1]} tokens but the student {want[-1]}: teacher and "
+                                      "student must share the tokenizer (and vocab_size)")
             if got != want:
                 raise RecipeError(tp, f"the teacher's outputs have shape {tuple(got)[1:]} per example but the "
                                       f"student's have {tuple(want)[1:]}; they must match")

@@ -36,7 +36,12 @@ class QuantLayer(nn.Module):
 
     ``spec`` (plain data, stored in the checkpoint): kind 'int' or 'binary'; bits; act_bits (0 =
     float inputs); act_mode 'ema'|'lsq'; learned_scale; out_quant; binary 'binaryconnect'|'xnor';
-    scale_mode 'none'|'layer'|'channel'.
+    scale_mode 'none'|'layer'|'channel'; group_size (int: one scale per ``group_size`` consecutive input
+    weights of an output row instead of one per row, as int4 LLM weights are stored).
+
+    Groups reuse the per-row code unchanged: a ``[out, in]`` weight seen as ``[out * in / g, g]`` has one
+    row per group, so the per-channel scale of that view is the group-wise scale (row-major: a row's
+    groups are consecutive).
     """
 
     def __init__(self, inner: nn.Module, spec: dict):
@@ -47,8 +52,11 @@ class QuantLayer(nn.Module):
         self.in_q = ActQuant(act_bits, mode, mom) if act_bits else None
         self.out_q = ActQuant(act_bits, mode, mom) if act_bits and spec.get("out_quant") else None
         # range_bits < bits: codes on a narrower grid stored in ``bits`` (7-bit-range int8 for portable int8 files)
-        self.wq = WeightQuant(inner.weight, int(spec.get("range_bits", self.bits)), spec.get("learned_scale", False)) \
-            if self.kind == "int" else None
+        self.group = int(spec.get("group_size") or 0)
+        if self.group and inner.weight.shape[-1] % self.group:
+            raise ValueError(f"group_size {self.group} does not divide the {inner.weight.shape[-1]} inputs of a layer")
+        self.wq = WeightQuant(self._grouped(inner.weight), int(spec.get("range_bits", self.bits)),
+                              spec.get("learned_scale", False)) if self.kind == "int" else None
         self.weight_shape = tuple(inner.weight.shape)
         self.packed = False
         self.export_weight: torch.Tensor | None = None  # set only while exporting to ONNX
@@ -82,13 +90,17 @@ class QuantLayer(nn.Module):
         return f"kind={self.kind}, bits={self.bits}{extra}, packed={self.packed}"
 
     # -- weights -------------------------------------------------------------------------------
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight as one row per scale: itself, or ``[out * in / group, group]``."""
+        return w.reshape(-1, self.group) if getattr(self, "group", 0) else w
+
     def unpacked_weight(self) -> torch.Tensor:
         codes = unpack(self.weight_packed, self.bits, math.prod(self.weight_shape)).view(self.weight_shape)
         if self.kind == "binary":
             shape = [-1] + [1] * (len(self.weight_shape) - 1)
             return (codes * 2 - 1).float() * self.weight_scale.view(shape)
         qmin, _ = qrange(self.bits, signed=True)
-        return dequantize(codes + qmin, self.weight_scale, 0, axis=0)
+        return dequantize(self._grouped(codes) + qmin, self.weight_scale, 0, axis=0).view(self.weight_shape)
 
     def _cache_key(self) -> tuple:
         return (self.weight_packed.data_ptr(), self.weight_packed._version, self.weight_scale._version)
@@ -109,7 +121,7 @@ class QuantLayer(nn.Module):
             return self._w_cache
         w = self.inner.weight
         if self.kind == "int":
-            return self.wq(w)
+            return self.wq(self._grouped(w)).view_as(w)
         return binarize_weight(w, self.spec.get("scale_mode", "channel"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +147,8 @@ class QuantLayer(nn.Module):
         w = self.inner.weight.detach()
         if self.kind == "binary":
             return (w >= 0).to(torch.int32), channel_scale(w, self.spec.get("scale_mode", "channel")).float()
-        q, scale = self.wq.codes(w)
-        return q - qrange(self.bits, signed=True)[0], scale.float()
+        q, scale = self.wq.codes(self._grouped(w))
+        return q.view_as(w) - qrange(self.bits, signed=True)[0], scale.float()
 
     @torch.no_grad()
     def round_weight(self) -> None:
@@ -148,7 +160,7 @@ class QuantLayer(nn.Module):
         shape = [-1] + [1] * (codes.ndim - 1)
         if self.kind == "binary":
             return (codes * 2 - 1).float() * scale.view(shape)
-        return dequantize(codes + qrange(self.bits, signed=True)[0], scale, 0, axis=0)
+        return dequantize(self._grouped(codes) + qrange(self.bits, signed=True)[0], scale, 0, axis=0).view(codes.shape)
 
     @torch.no_grad()
     def pack(self) -> None:
@@ -339,6 +351,29 @@ def sizes(model: nn.Module) -> dict:
     return {"weight_bytes": stored, "fp32_weight_bytes": fp32, "weight_compression": round(fp32 / max(stored, 1), 2)}
 
 
+def layer_names(model: nn.Module, cfg, keep_first_last: bool, path: str) -> list[str]:
+    """The layers a PyTorch-side method quantizes: a decoder LM's projections (plus its head with
+    ``lm_head: true``; ``compress.quant.gptq.decoder_linears``), else every Conv/Linear but the excluded
+    (and the first/last ones when kept)."""
+    from compress.quant.gptq import decoder_linears
+
+    names = decoder_linears(model, cfg.exclude)
+    if names is None:
+        names = quantizable_names(model, keep_first_last, cfg.exclude)
+    elif getattr(cfg, "lm_head", False):
+        from compress.models.decoder import decoder_layout
+
+        names.append(decoder_layout(model).lm_head)
+    group = getattr(cfg, "group_size", None)
+    if group:
+        for n in names:
+            width = model.get_submodule(n).weight.shape[-1]
+            if width % group:
+                raise RecipeError(f"{path}.group_size", f"{group} does not divide the {width} inputs of layer {n}; "
+                                                        "pick a divisor or leave the layer out (exclude)")
+    return names
+
+
 def prepare_layers(model: nn.Module, cfg, spec: dict, path: str, *, keep_first_last: bool = False,
                    calibration=None, calibrate_batches: int = 0) -> tuple[dict, dict]:
     """Fold BatchNorm, wrap the Conv/Linear layers in ``QuantLayer``s, calibrate activation ranges on
@@ -351,12 +386,15 @@ def prepare_layers(model: nn.Module, cfg, spec: dict, path: str, *, keep_first_l
             record_transform(model, "fold_bn", pairs=pairs)
             facts["folded_bn"] = len(pairs)
     keep = cfg.keep_first_last if cfg.keep_first_last is not None else keep_first_last
-    names = quantizable_names(model, keep, cfg.exclude)
+    names = layer_names(model, cfg, keep, path)
     missing = [n for n in cfg.exclude if n not in dict(model.named_modules())]
     if missing:
         raise RecipeError(f"{path}.exclude", f"no layer named {missing[0]!r} in the model")
     if not names:
         raise RecipeError(path, "the model has no Conv/Linear layer left to quantize")
+    if getattr(cfg, "group_size", None):
+        spec = {**spec, "group_size": cfg.group_size}
+        facts["group_size"] = cfg.group_size
     layers = {n: spec for n in names}
     wrap(model, layers)
     if spec.get("act_bits"):

@@ -77,7 +77,7 @@ def _check_prune(recipe, index: int, cfg: PruneConfig) -> None:
 
         try:
             data = create_data(recipe.data)
-            model = create_model(_model_before(recipe, index), data.input_shape, data.num_outputs)
+            model = create_model(_model_before(recipe, index), data.input_shape, data.num_outputs, data_task=data.task)
         except Exception:
             return
         check_layer_names(model, cfg, path)

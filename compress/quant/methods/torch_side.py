@@ -28,6 +28,11 @@ class TorchSideOptions(QuantizeConfig):
     fold_bn: bool = True
     keep_first_last: Optional[bool] = None  # default: true for binary, false otherwise
     exclude: list[str] = []  # layer names left in float
+    # one scale per this many consecutive input weights of an output row (int4 LLM style); None: one per row
+    group_size: Optional[int] = Field(None, ge=8)
+    # decoder LMs: only the decoder layers' projections are quantized by default (not the LM head, which
+    # holds a large share of a small LM's error, nor the embeddings, which are no Linear); true adds the head
+    lm_head: bool = False
     finetune: Optional[TrainConfig] = None  # default: DEFAULT_EPOCHS epochs (Adam 5e-4, cosine)
     DEFAULT_EPOCHS: ClassVar[int] = 3
 
@@ -39,6 +44,8 @@ class TorchSideOptions(QuantizeConfig):
     def check_rules(self, path: str) -> None:
         if self.weight_bits == 1:
             raise RecipeError(f"{path}.bits", f"1-bit weights are method 'binary'; {self.method} takes 8, 4 or 2")
+        if self.group_size is not None and self.method == "binary":
+            raise RecipeError(f"{path}.group_size", "binary weights have one scale per channel; group_size is for 8/4/2 bits")
 
 
 def quantize_layers(model: nn.Module, cfg: TorchSideOptions, ctx: QuantContext, spec: dict, *,
