@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import stat
 import sysconfig
 import warnings
 from pathlib import Path
@@ -103,6 +104,9 @@ def glob_regex(pattern: str) -> "re.Pattern[str]":
     return re.compile("".join(out))
 
 
+MAX_DOCUMENT_BYTES = 256 << 20  # one text file of a corpus; the whole stdlib is ~40 MiB
+
+
 def _walk(root: Path, files: str, exclude: list[str]) -> list[str]:
     """Relative paths under ``root`` matching ``files`` and no ``exclude`` glob, sorted; folders an exclude
     glob ending in '/**' names are not entered."""
@@ -136,9 +140,17 @@ def _documents(spec: LMSpec) -> tuple[list[str], list[str]]:
     exclude = spec.exclude if spec.exclude is not None else (STDLIB_EXCLUDE if spec.root == STDLIB else [])
     found = _walk(root, spec.files, exclude)
     names, texts = [], []
+    inside = root.resolve()
     for p in found:
+        path = root / p
         try:
-            text = (root / p).read_text(encoding="utf-8")
+            # Files from strangers: a link out of the folder (a secret, /dev/zero) or a FIFO is not read.
+            if not path.resolve().is_relative_to(inside) or not stat.S_ISREG(path.stat().st_mode):
+                continue
+            if path.stat().st_size > MAX_DOCUMENT_BYTES:
+                raise RecipeError("data.root", f"'{path}' is {path.stat().st_size:,} bytes; documents over "
+                                               f"{MAX_DOCUMENT_BYTES >> 20} MiB are refused (split the file)")
+            text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue  # a stray binary or latin-1 file in a corpus folder is not text to learn
         if text.strip():

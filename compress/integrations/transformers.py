@@ -63,6 +63,9 @@ class DistillationTrainer(Trainer):
         return opt
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" not in inputs:
+            raise ValueError("DistillationTrainer needs labels in every batch: the model's own loss on them is the "
+                             "hard-label part of the distill loss (check the data collator)")
         outputs = model(**inputs)
         hard = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         if model.training:

@@ -70,6 +70,7 @@ class Distiller:
             unfreeze(teachers, self._frozen)
             raise
         self._device: Optional[torch.device] = None
+        self._home: Optional[list[torch.device]] = None
 
     # -- the loop's side ------------------------------------------------------------------------------
     def loss(self, student_outputs: Any, batch: Any, targets: Optional[torch.Tensor] = None, *,
@@ -95,6 +96,8 @@ class Distiller:
 
     def _to(self, device: Optional[torch.device]) -> None:
         if device is not None and device != self._device:
+            if self._home is None:  # where the caller's teachers were: close() puts them back
+                self._home = [next(t.parameters(), torch.empty(0)).device for t in self.hook.teachers]
             for t in self.hook.teachers:
                 t.to(device)
             self.hook.adapters.to(device)
@@ -120,8 +123,12 @@ class Distiller:
 
     # -- lifetime ------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove the forward hooks and give the teachers back their training flags."""
+        """Remove the forward hooks, give the teachers back their training flags and their devices."""
         self.hook.close()
+        if self._home is not None:
+            for t, d in zip(self.hook.teachers, self._home):
+                t.to(d)
+            self._home, self._device = None, None
         if self._frozen is not None:
             unfreeze(self.hook.teachers, self._frozen)
             self._frozen = None

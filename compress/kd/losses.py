@@ -58,16 +58,18 @@ def task_problem(name: str, task: str) -> Optional[str]:
 # -- the losses ----------------------------------------------------------------------------------------
 @register_kd_loss("kl", soft_targets=True)
 def kl(student: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(target || softmax(s/T)) (T^2 keeps the soft gradients' scale as T changes)."""
-    log_q = F.log_softmax(student / temperature, dim=1)
-    return temperature ** 2 * F.kl_div(log_q, target, reduction="batchmean")
+    """T^2 * KL(target || softmax(s/T)) (T^2 keeps the soft gradients' scale as T changes); classes on the last
+    axis, averaged over every other position (per token for ``[B, T, V]`` logits)."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    return temperature ** 2 * F.kl_div(log_q.reshape(-1, log_q.shape[-1]), target.reshape(-1, log_q.shape[-1]),
+                                       reduction="batchmean")
 
 
 @register_kd_loss("soft_ce", soft_targets=True)
 def soft_ce(student: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * CE(target, softmax(s/T)): KL plus the teacher's entropy, so the same gradients."""
-    log_q = F.log_softmax(student / temperature, dim=1)
-    return temperature ** 2 * -(target * log_q).sum(dim=1).mean()
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    return temperature ** 2 * -(target * log_q).sum(dim=-1).mean()
 
 
 def _mse(student: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -144,7 +146,7 @@ def teacher_target(outputs: Sequence[torch.Tensor], weights: Sequence[float], te
                    kind: str) -> torch.Tensor:
     """What the student is pulled towards: averaged softened probabilities or averaged outputs."""
     if kd_loss(kind).extra["soft_targets"]:
-        return sum(w * F.softmax(o.float() / temperature, dim=1) for w, o in zip(weights, outputs))
+        return sum(w * F.softmax(o.float() / temperature, dim=-1) for w, o in zip(weights, outputs))  # classes: last axis
     return sum(w * o.float() for w, o in zip(weights, outputs))
 
 

@@ -575,7 +575,13 @@ class DecoderPruneConfig(PruneConfig):
         return float(decoder_macs(model, decoder_layout(model), int(_input_ids(example).shape[-1])))
 
     def pruner(self, model, layers, example, data, path, device) -> Pruner:
-        batches = calibration_inputs(data.loader("train", shuffle=False), self.calibration_batches, device)
+        if data is None:  # compress.pruning.Pruner in a user's loop: the example batch is the calibration
+            if example is None:
+                raise RecipeError(f"{path}.method", "decoder pruning ranks heads, neurons and layers on calibration "
+                                                    "batches: give example_inputs (token ids) or data")
+            batches = calibration_inputs([example], 1, device)
+        else:
+            batches = calibration_inputs(data.loader("train", shuffle=False), self.calibration_batches, device)
         return DecoderPruner(self, model, batches, path)
 
 

@@ -351,12 +351,16 @@ def sizes(model: nn.Module) -> dict:
     return {"weight_bytes": stored, "fp32_weight_bytes": fp32, "weight_compression": round(fp32 / max(stored, 1), 2)}
 
 
-def layer_names(model: nn.Module, cfg, keep_first_last: bool, path: str) -> list[str]:
+def layer_names(model: nn.Module, cfg, keep_first_last: bool, path: str, linear_only: bool = False) -> list[str]:
     """The layers a PyTorch-side method quantizes: a decoder LM's projections (plus its head with
-    ``lm_head: true``; ``compress.quant.gptq.decoder_linears``), else every Conv/Linear but the excluded
-    (and the first/last ones when kept)."""
+    ``lm_head: true``; ``compress.quant.gptq.decoder_linears``), else every Conv/Linear (``linear_only``: Linear)
+    but the excluded (and the first/last ones when kept)."""
     from compress.quant.gptq import decoder_linears
 
+    modules = dict(model.named_modules())
+    missing = [n for n in cfg.exclude if n not in modules]
+    if missing:
+        raise RecipeError(f"{path}.exclude", f"no layer named {missing[0]!r} in the model")
     names = decoder_linears(model, cfg.exclude)
     if names is None:
         names = quantizable_names(model, keep_first_last, cfg.exclude)
@@ -364,6 +368,8 @@ def layer_names(model: nn.Module, cfg, keep_first_last: bool, path: str) -> list
         from compress.models.decoder import decoder_layout
 
         names.append(decoder_layout(model).lm_head)
+    if linear_only:
+        names = [n for n in names if isinstance(modules.get(n), nn.Linear) or n not in modules]
     group = getattr(cfg, "group_size", None)
     if group:
         for n in names:
@@ -387,9 +393,6 @@ def prepare_layers(model: nn.Module, cfg, spec: dict, path: str, *, keep_first_l
             facts["folded_bn"] = len(pairs)
     keep = cfg.keep_first_last if cfg.keep_first_last is not None else keep_first_last
     names = layer_names(model, cfg, keep, path)
-    missing = [n for n in cfg.exclude if n not in dict(model.named_modules())]
-    if missing:
-        raise RecipeError(f"{path}.exclude", f"no layer named {missing[0]!r} in the model")
     if not names:
         raise RecipeError(path, "the model has no Conv/Linear layer left to quantize")
     if getattr(cfg, "group_size", None):

@@ -60,3 +60,19 @@ def test_glob_regex():
     r = glob_regex("**/test/**")
     assert r.fullmatch("test/a.py") and r.fullmatch("ctypes/test/x/a.py") and not r.fullmatch("attest/a.py")
     assert glob_regex("*.py").fullmatch("a.py") and not glob_regex("*.py").fullmatch("d/a.py")
+
+
+def test_links_out_of_the_folder_and_special_files_are_not_read(tmp_path):
+    import os
+
+    from compress.data.lm import LMSpec, _documents
+
+    corpus, outside = tmp_path / "corpus", tmp_path / "outside"
+    corpus.mkdir(), outside.mkdir()
+    (corpus / "a.txt").write_text("def f(): return 1\n")
+    (outside / "secret.txt").write_text("SECRET_TOKEN\n")
+    (corpus / "evil.txt").symlink_to(outside / "secret.txt")
+    (corpus / "alias.txt").symlink_to(corpus / "a.txt")  # a link that stays inside is a document
+    os.mkfifo(corpus / "fifo.txt")  # reading it would hang the run
+    names, texts = _documents(LMSpec(name="lm", root=str(corpus), files="*.txt"))
+    assert names == ["a.txt", "alias.txt"] and not any("SECRET" in t for t in texts)

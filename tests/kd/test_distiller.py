@@ -56,3 +56,19 @@ def test_kd_until_epoch_and_given_hard_loss(data, mlp):
 def test_hints_need_the_student_and_an_example(data, mlp):
     with pytest.raises(RecipeError, match=r"distill.hints: hints need the student"):
         Distiller(mlp(data, [8], 1), DistillConfig(hints=[{"student": 1, "teacher": 1}]))
+
+
+def test_kl_on_next_token_logits_is_per_token():
+    """[B, T, V] logits: classes on the last axis, the mean over every token (it was the softmax over T)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(4, 11), torch.nn.Linear(4, 11)
+    x, y = torch.randn(2, 5, 4), torch.randint(0, 11, (2, 5))
+    lp, lq = F.log_softmax(teacher(x) / 2, -1), F.log_softmax(student(x) / 2, -1)
+    want = 4 * (lp.exp() * (lp - lq)).sum(-1).mean()
+    for loss in ("kl", "soft_ce", "token_kl"):
+        with Distiller(teacher, DistillConfig(loss=loss, temperature=2, alpha=0.0)) as kd:
+            got = kd.loss(student(x), x, y)
+        entropy = 4 * -(lp.exp() * lp).sum(-1).mean() if loss == "soft_ce" else 0.0
+        assert torch.allclose(got, want + entropy, atol=1e-5), loss

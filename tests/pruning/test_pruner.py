@@ -72,3 +72,17 @@ def test_channel_needs_an_example():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     with pytest.raises(ValueError, match="example_inputs"):
         Pruner(model, PruneConfig(method="channel"))
+
+
+def test_decoder_pruning_in_your_own_loop_calibrates_on_the_example_batch():
+    transformers = pytest.importorskip("transformers")
+    from compress.pruning.decoder import DecoderPruneConfig
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    pruner = Pruner(model, DecoderPruneConfig(mlp=0.5, hidden=0.0), torch.randint(0, 64, (2, 16)))
+    pruner.step(torch.optim.Adam(model.parameters()))
+    assert pruner.done and model.config.intermediate_size == 24
+    assert model(torch.randint(0, 64, (1, 8))).logits.shape == (1, 8, 64)

@@ -1,4 +1,5 @@
 """GPTQ against round-to-nearest on the same group-wise grid, and group-wise packed layers."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -47,3 +48,19 @@ def test_conv1d_becomes_the_same_linear():
     want = model(x)
     assert conv1d_to_linear(model, ["0"]) == ["0"] and isinstance(model[0], nn.Linear)
     assert torch.allclose(model(x), want, atol=1e-6)
+
+
+def test_gptq_names_a_misspelled_exclude_and_leaves_convolutions_in_float():
+    import torch.nn as nn
+
+    from compress.data import create_data
+    from compress.errors import RecipeError
+    from compress.quant.methods.weight_only import GPTQConfig
+    from compress.stages.quantize import quantize
+
+    data = create_data({"name": "digits"})
+    model = nn.Sequential(nn.Conv2d(1, 4, kernel_size=(1, 8)), nn.Flatten(), nn.Linear(32, 10))
+    with pytest.raises(RecipeError, match="exclude: no layer named 'nope'"):
+        quantize(model, GPTQConfig(bits=4, group_size=8, exclude=["nope"]), data)
+    result = quantize(model, GPTQConfig(bits=4, group_size=8), data)  # the conv's kernel width 8 is no group
+    assert result.metrics["quantized_layers"] == 1 and isinstance(result.model[0], nn.Conv2d)

@@ -62,9 +62,9 @@ def quantize_gptq(model, cfg: GPTQConfig, ctx: QuantContext):
     from compress.quant.fake_quant import qrange
     from compress.utils import resolve_device
 
-    names = layer_names(model, cfg, False, ctx.path)
+    names = layer_names(model, cfg, False, ctx.path, linear_only=True)  # compress.quant.gptq works on [out, in]
     if not names:
-        raise RecipeError(ctx.path, "the model has no Linear layer to quantize")
+        raise RecipeError(ctx.path, "the model has no Linear layer to quantize (gptq leaves convolutions in float)")
     device = resolve_device(cfg.finetune_config().device)
     model.to(device)
     loader = ctx.data.loader("train", shuffle=False)
