@@ -101,9 +101,11 @@ def load_lm(path: Path, allow_import: Optional[bool] = None, threads: Optional[i
         if not (path / "config.json").is_file():
             raise CompressError(f"{path}: not a Hugging Face model folder (no config.json)")
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
         from compress.safety import trust_remote_code
 
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would mix with the generated text
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
                                                          trust_remote_code=trust_remote_code(path, "MODEL"))
@@ -163,3 +165,30 @@ def generate(model, prompt, max_new_tokens, temperature, top_k, seed, tokenizer,
     if tok.eos is not None and tok.eos in new:
         new = new[:new.index(tok.eos)]
     click.echo(prompt + tok.decode(new))
+
+
+def bench_lm(model: Path, baseline: Optional[Path], json_out: Optional[Path]) -> None:
+    """``compress bench LM.onnx [--baseline FP32.onnx]`` without a recipe: generation speed of a file with a cache
+    (prefill of a 128-token prompt, cached decode) at batch 1 and 4, one thread and all, interleaved with the
+    baseline."""
+    from compress.measure.generation import format_generation, measure_generation
+    from compress.measure.machine import machine_info
+    from compress.runtime.lm_export import is_lm_file
+
+    for p in (model, baseline):
+        if p is not None and (p.suffix != ".onnx" or not p.is_file()):
+            raise CompressError(f"{p}: without --recipe, bench measures a language model's .onnx file with a cache")
+        if p is not None and not is_lm_file(p):
+            raise CompressError(f"{p}: no key-value cache (no past_key_values.* inputs); give --recipe to measure it "
+                                "on a recipe's data")
+    models = {model.name: model, **({f"{baseline.name} (baseline)": baseline} if baseline else {})}
+    speeds = measure_generation(models, baseline=f"{baseline.name} (baseline)" if baseline else None,
+                                batches=(1, 4), threads=(1, None))
+    info = machine_info()
+    click.echo(format_generation(speeds))
+    click.echo(f"\nprompt 128 tokens; decode: one cached step per row at past length 128; medians of interleaved "
+               f"samples; CPU: {info['cpu']} ({', '.join(info['int8_flags'])})")
+    if json_out:
+        from compress.utils import write_json
+
+        write_json(json_out, {"generation": [s.as_dict() for s in speeds], "machine": info})

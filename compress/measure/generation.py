@@ -133,4 +133,34 @@ def format_generation(speeds: list[GenerationSpeed]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["GenerationSpeed", "format_generation", "generation_columns", "generation_timers", "measure_generation"]
+
+
+def lm_source(model=None, onnx=None):
+    """What generation is timed on for a report row: an ONNX file with a cache, else a transformers causal LM
+    (bare or compress-wrapped) with a declared decoder layout; None for any other model."""
+    from compress.runtime.lm_export import is_lm_file
+
+    if onnx is not None:
+        return onnx if is_lm_file(onnx) else None
+    if model is None:
+        return None
+    from compress.models.decoder import decoder_layout
+    from compress.runtime.lm_export import causal_lm
+
+    try:
+        return model if decoder_layout(causal_lm(model)) is not None else None
+    except Exception:  # not a transformers causal LM
+        return None
+
+
+def row_generation(source, baseline=None, *, threads: int = 1, batches: Iterable[int] = (1,),
+                   prompt_tokens: int = 128, runs: int = 20) -> list[dict]:
+    """A report row's ``generation`` entries: ``source`` (and ``baseline``, interleaved) at ``batches``."""
+    models = {"subject": source, **({"baseline": baseline} if baseline is not None else {})}
+    speeds = measure_generation(models, baseline="baseline" if baseline is not None else None, batches=batches,
+                                threads=(threads,), prompt_tokens=prompt_tokens, runs=runs)
+    return [s.as_dict() for s in speeds if s.name == "subject"]
+
+
+__all__ = ["GenerationSpeed", "format_generation", "generation_columns", "generation_timers", "lm_source",
+           "measure_generation", "row_generation"]

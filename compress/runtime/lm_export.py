@@ -26,6 +26,7 @@ import torch.nn as nn
 from compress.errors import CompressError
 
 INPUTS = ("input_ids", "attention_mask", "position_ids")
+REQUIRED = ("input_ids", "attention_mask")  # ORT GenAI's builder computes positions inside its graph
 
 
 def past_names(layers: int) -> list[str]:
@@ -179,13 +180,15 @@ class OrtLM(StepLM):
         self.name = getattr(source, "name", None) or str(source)
         self.shape = cache_shape(self.session, self.name)
         self.past = past_names(self.shape.layers)
+        self.positions = any(i.name == "position_ids" for i in self.session.get_inputs())
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return self.shape.empty(batch)
 
     def step(self, ids, mask, positions, cache):
-        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                "position_ids": positions.astype(np.int64), **dict(zip(self.past, cache))}
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), **dict(zip(self.past, cache))}
+        if self.positions:
+            feed["position_ids"] = positions.astype(np.int64)
         out = self.session.run(None, feed)
         return out[0], out[1:]
 
@@ -222,7 +225,7 @@ def step_lm(source, threads: Optional[int] = 1) -> StepLM:
 def cache_shape(session, where: str = "ONNX model") -> CacheShape:
     """The cache a session's inputs declare, or one line saying why the file cannot decode with a cache."""
     names = {i.name: i for i in session.get_inputs()}
-    missing = [n for n in INPUTS if n not in names]
+    missing = [n for n in REQUIRED if n not in names]
     if "input_ids" in missing:
         raise CompressError(f"{where}: not a language model file (no 'input_ids' input; inputs: "
                             f"{', '.join(names)})")
@@ -232,7 +235,7 @@ def cache_shape(session, where: str = "ONNX model") -> CacheShape:
         raise CompressError(f"{where}: no key-value cache (no past_key_values.* inputs): generation would recompute "
                             "the whole sequence per token; export it with compress (compress.runtime.lm_export.export_lm)")
     if missing:
-        raise CompressError(f"{where}: missing input(s) {', '.join(missing)}; expected {', '.join(INPUTS)} and the cache")
+        raise CompressError(f"{where}: missing input(s) {', '.join(missing)}; expected {', '.join(REQUIRED)} and the cache")
     dims = names[keys[0]].shape  # [batch, kv_heads, past, head_dim]
     logits = [o for o in session.get_outputs() if o.name == "logits"]
     vocab = logits[0].shape[-1] if logits and isinstance(logits[0].shape[-1], int) else 0

@@ -50,6 +50,10 @@ def test_int4_rtn_file_runs_and_keeps_perplexity(lm_file, tmp_path):
     assert got == pytest.approx(ref, rel=0.03)  # ... and the file predicts as well
     assert ref < 10  # of 128 tokens: the model has learnt to count
     assert out.stat().st_size < path.stat().st_size
+    from compress.measure.size import onnx_weights
+
+    (p32, _, b32), (p4, _, b4) = onnx_weights(path), onnx_weights(out)
+    assert p4 == p32 and b4 < b32 / 2  # two int4 weights a byte count as two parameters
 
 
 def test_the_method_checks_perplexity_and_reports_the_file(lm_file, tmp_path):
