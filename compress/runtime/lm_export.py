@@ -177,7 +177,7 @@ class OrtLM(StepLM):
         from compress.runtime.onnx import onnx_session
 
         self.session = source if hasattr(source, "run") else onnx_session(source, threads)
-        self.name = getattr(source, "name", None) or str(source)
+        self.name = "ONNX model" if hasattr(source, "run") else str(source)
         self.shape = cache_shape(self.session, self.name)
         self.past = past_names(self.shape.layers)
         self.positions = any(i.name == "position_ids" for i in self.session.get_inputs())
@@ -239,9 +239,22 @@ def cache_shape(session, where: str = "ONNX model") -> CacheShape:
     dims = names[keys[0]].shape  # [batch, kv_heads, past, head_dim]
     logits = [o for o in session.get_outputs() if o.name == "logits"]
     vocab = logits[0].shape[-1] if logits and isinstance(logits[0].shape[-1], int) else 0
+    if len(dims) == 4 and isinstance(dims[1], int) and not isinstance(dims[3], int):
+        dims = [*dims[:3], _genai_head_size(where)]  # ORT GenAI's builder names head_dim 'kv_cache_dim'
     if len(dims) != 4 or not all(isinstance(d, int) for d in (dims[1], dims[3])):
         raise CompressError(f"{where}: cache input {keys[0]} has shape {dims}; expected [batch, kv_heads, past, head_dim]")
     return CacheShape(len(keys), int(dims[1]), int(dims[3]), int(vocab))
+
+
+def _genai_head_size(where: str):
+    """``head_size`` from the genai_config.json that ORT GenAI's builder writes beside its model.onnx (None: none)."""
+    import json
+
+    cfg = Path(where).parent / "genai_config.json"
+    try:
+        return int(json.loads(cfg.read_text())["model"]["decoder"]["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def is_lm_file(path: str | Path) -> bool:
