@@ -29,8 +29,7 @@ def measure(subject: Subject, data, cfg: BenchmarkConfig | None = None, *, metri
     lm = lm_source(model if subject.onnx is None else None, subject.onnx)  # a causal LM: generation speed too
     if metrics is None:
         if lm is not None and subject.onnx is not None:  # an LM file: perplexity of the file on token blocks
-            from compress.quant.methods.nbits import lm_blocks
-            from compress.runtime.generate import onnx_perplexity
+            from compress.runtime.generate import lm_blocks, onnx_perplexity
 
             metrics = {"perplexity": onnx_perplexity(subject.onnx, lm_blocks(data, split, 10 ** 9, "benchmark"))}
         elif model is not None:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from compress.errors import RecipeError
 from compress.runtime.lm_export import StepLM, step_lm
 
 
@@ -84,6 +85,27 @@ def perplexity(lm, blocks: np.ndarray, batch_size: int = 8) -> float:
     return math.exp(total / max(count, 1))
 
 
+def lm_blocks(data, split: str, n: int, path: str = "quantize") -> np.ndarray:
+    """Up to ``n`` token blocks [n, T] of ``split``: from a mapping of split -> array, or a data bundle whose
+    loader yields token batches (a tensor, or a dict with ``input_ids``)."""
+    if isinstance(data, dict):
+        if split not in data:
+            raise RecipeError(path, f"the data has no {split!r} token blocks (has {', '.join(data)})")
+        return np.asarray(data[split], np.int64)[:n]
+    if data is None or not hasattr(data, "loader"):
+        raise RecipeError(path, "needs language-model data (token blocks) for its perplexity check")
+    out: list[np.ndarray] = []
+    for raw in data.loader(split, shuffle=False):
+        x = raw[0] if isinstance(raw, (tuple, list)) else raw
+        x = x["input_ids"] if isinstance(x, dict) else x
+        out += list(np.asarray(x, np.int64))
+        if len(out) >= n:
+            break
+    if not out:
+        raise RecipeError(path, f"no token blocks in the {split!r} split")
+    return np.stack(out[:n])
+
+
 def onnx_perplexity(session_or_path, blocks: np.ndarray, batch_size: int = 8, threads: Optional[int] = None) -> float:
     """Perplexity of an ONNX file with a cache (its prefill path) on token ``blocks`` [N, T]."""
     from compress.runtime.lm_export import OrtLM
@@ -91,4 +113,4 @@ def onnx_perplexity(session_or_path, blocks: np.ndarray, batch_size: int = 8, th
     return perplexity(OrtLM(session_or_path, threads), blocks, batch_size)
 
 
-__all__ = ["generate", "next_token", "onnx_perplexity", "perplexity", "prefill_inputs", "token_nll"]
+__all__ = ["generate", "lm_blocks", "next_token", "onnx_perplexity", "perplexity", "prefill_inputs", "token_nll"]

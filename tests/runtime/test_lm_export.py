@@ -25,7 +25,8 @@ def test_export_with_cache_matches_pytorch(family, tiny_lm, tmp_path):
     got = generate(lm, ids, 32, logits_out=onnx_logits)
     np.testing.assert_array_equal(got, want)  # greedy tokens identical for 32 steps
     assert len(set(want[0, 7:].tolist())) > 1  # the model says more than one token: the parity means something
-    assert max(float(np.abs(a - b).max()) for a, b in zip(torch_logits, onnx_logits)) < 1e-4
+    scale = max(float(np.abs(a).max()) for a in torch_logits)  # float32 rounding grows with the logits
+    assert max(float(np.abs(a - b).max()) for a, b in zip(torch_logits, onnx_logits)) < 1e-5 * scale + 1e-5
     names = [i.name for i in onnx.load(str(path)).graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3:] == past_names(2)
     assert is_lm_file(path)
@@ -38,6 +39,16 @@ def test_onnx_perplexity_matches_pytorch_and_batches(tiny_lm, tmp_path):
     ppl = perplexity(model, blocks)
     assert ppl == pytest.approx(perplexity(path, blocks, batch_size=2), rel=1e-5)
     assert ppl < 64  # well under the 128-token vocabulary: the blocks are the model's own text
+    # a left-padded batch: the file honours the mask as PyTorch does (the tracer kept no all-ones shortcut)
+    from compress.runtime.lm_export import TorchLM
+
+    ids, mask = blocks[:2, :6], np.ones((2, 6), np.int64)
+    mask[0, :2] = 0
+    pos = np.clip(mask.cumsum(1) - 1, 0, None)
+    lm = OrtLM(path)
+    want, _ = TorchLM(model).step(ids, mask, pos, None)
+    got, _ = lm.step(ids, mask, pos, lm.empty_cache(2))
+    np.testing.assert_allclose(got[:, 2:], want[:, 2:], atol=1e-4)
 
 
 class Uniform(StepLM):

@@ -14,6 +14,7 @@ from compress.config import StrictModel
 from compress.errors import CompressError, RecipeError
 from compress.quant import nbits_onnx
 from compress.quant.methods.base import QuantContext, QuantizeConfig, needs_bits, register_method
+from compress.runtime.generate import lm_blocks
 
 
 class LMBlocksConfig(StrictModel):
@@ -68,27 +69,6 @@ class LMDynamicConfig(LMFileOptions):
 
     def check_rules(self, path: str) -> None:
         needs_bits(self, path, (8,), "int8 dynamic quantization writes 8-bit weights")
-
-
-def lm_blocks(data, split: str, n: int, path: str = "quantize") -> np.ndarray:
-    """Up to ``n`` token blocks [n, T] of ``split``: from a mapping of split -> array, or a data bundle whose
-    loader yields token batches (a tensor, or a dict with ``input_ids``)."""
-    if isinstance(data, dict):
-        if split not in data:
-            raise RecipeError(path, f"the data has no {split!r} token blocks (has {', '.join(data)})")
-        return np.asarray(data[split], np.int64)[:n]
-    if data is None or not hasattr(data, "loader"):
-        raise RecipeError(path, "needs language-model data (token blocks) for its perplexity check")
-    out: list[np.ndarray] = []
-    for raw in data.loader(split, shuffle=False):
-        x = raw[0] if isinstance(raw, (tuple, list)) else raw
-        x = x["input_ids"] if isinstance(x, dict) else x
-        out += list(np.asarray(x, np.int64))
-        if len(out) >= n:
-            break
-    if not out:
-        raise RecipeError(path, f"no token blocks in the {split!r} split")
-    return np.stack(out[:n])
 
 
 def _split(data, *names: str) -> str:
