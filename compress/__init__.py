@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # what type checkers and the API docs (griffe reads this stat
     from compress.stages.encode import EncodeConfig, encode
     from compress.stages.distill import DistillConfig, distill
     from compress.stages.export import ExportConfig, export
+    from compress.pruning.decoder import prune_lm
     from compress.stages.prune import PruneConfig, prune
     from compress.stages.quantize import QuantizeConfig, quantize
     from compress.trainer import Hook, TrainConfig, Trainer, evaluate, train
@@ -62,6 +63,7 @@ _LAZY = {
     "export": "compress.stages.export",
     "PruneConfig": "compress.stages.prune",
     "prune": "compress.stages.prune",
+    "prune_lm": "compress.pruning.decoder",
     "QuantizeConfig": "compress.stages.quantize",
     "quantize": "compress.stages.quantize",
     "Hook": "compress.trainer",

@@ -1,5 +1,8 @@
-"""Task metrics: top-1/top-5 accuracy for classification, RMSE/MAE for regression (NaN = missing)."""
+"""Task metrics: top-1/top-5 accuracy for classification, RMSE/MAE for regression (NaN = missing),
+perplexity and next-token accuracy for language models (``lm``)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,15 +17,24 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).sum() / mask.sum().clamp_min(1)
 
 
+IGNORE_INDEX = -100  # an lm target that is padding (compress.data.lm.IGNORE)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every real target (``[B, T, V]`` logits, ``[B, T]`` targets)."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
 LOSSES = {
     "cross_entropy": lambda out, y: F.cross_entropy(out, y),
+    "token_cross_entropy": token_cross_entropy,
     "mse": lambda out, y: F.mse_loss(out, y.view_as(out)),
     "masked_mse": lambda out, y: masked_mse(out, y.view_as(out)),
 }
 
 
 def default_loss(task: str) -> str:
-    return "cross_entropy" if task == "classification" else "masked_mse"
+    return {"classification": "cross_entropy", "lm": "token_cross_entropy"}.get(task, "masked_mse")
 
 
 class MetricAccumulator:
@@ -38,6 +50,14 @@ class MetricAccumulator:
 
     @torch.no_grad()
     def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+        if self.task == "lm":  # summed NLL in float64: the perplexity is of every token, not a mean of batch means
+            t = targets.reshape(-1)
+            real = t != IGNORE_INDEX
+            flat = outputs.reshape(-1, outputs.shape[-1])
+            self._add("nll", F.cross_entropy(flat.float(), t, ignore_index=IGNORE_INDEX, reduction="sum").double())
+            self._add("correct1", (flat.argmax(-1).eq(t) & real).sum())
+            self.n += int(real.sum())
+            return
         if self.task == "classification":
             n = targets.shape[0]
             k = min(5, outputs.shape[1])
@@ -76,6 +96,10 @@ class MetricAccumulator:
         out: dict[str, float] = {}
         if "loss" in s:
             out["loss"] = s["loss"] / n
+        if self.task == "lm":
+            nll = s.get("nll", 0.0) / n
+            out.update(loss=nll, perplexity=math.exp(min(nll, 700.0)), accuracy=s.get("correct1", 0.0) / n)
+            return out
         if self.task == "classification":
             out["accuracy"] = s.get("correct1", 0.0) / n
             out["top5"] = s.get("correct5", 0.0) / n
@@ -86,12 +110,16 @@ class MetricAccumulator:
 
 
 def primary_metric(task: str) -> tuple[str, str]:
-    """The metric a task is judged by and whether higher is better."""
-    return ("accuracy", "max") if task == "classification" else ("rmse", "min")
+    """The metric a task is judged by and whether higher is better.
+
+    ``lm``: perplexity, exp of the mean token negative log-likelihood over every target token of the split
+    (its non-overlapping blocks, ``compress.data.lm``): one mean over tokens, not a mean of per-block
+    perplexities. ``accuracy`` is then next-token accuracy (the argmax is the next token)."""
+    return {"classification": ("accuracy", "max"), "lm": ("perplexity", "min")}.get(task, ("rmse", "min"))
 
 
 # Keys of a stage's metrics that are task metrics (the rest are facts about the stage for the report).
-TASK_METRICS = ("accuracy", "top5", "loss", "rmse", "mae")
+TASK_METRICS = ("accuracy", "top5", "loss", "rmse", "mae", "perplexity")
 
 
 def split_metrics(metrics: dict) -> tuple[dict, dict]:

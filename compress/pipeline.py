@@ -36,7 +36,7 @@ def build_state(recipe: Recipe, build_imports: bool = True) -> PipelineState:
     def build(spec):
         if spec is None or (isinstance(spec, ImportSpec) and not build_imports):
             return None
-        return create_model(spec, data.input_shape, data.num_outputs)
+        return create_model(spec, data.input_shape, data.num_outputs, data_task=data.task)
 
     model, teacher = build(recipe.model), build(recipe.teacher)
     if model is not None:
@@ -317,6 +317,8 @@ class Pipeline:
         report = {"recipe": self.recipe.name, "seed": self.recipe.seed, "run_dir": str(state.run_dir),
                   "seconds": round(time.time() - started, 2), "stages": state.results,
                   "machine": {**machine_info(), **distributed.info()}}
+        if getattr(state.data, "description", None):  # the corpus an lm run measured on (Python version, tokens)
+            report["data"] = state.data.description
         write_json(state.run_dir / "report.json", report)
         if len(state.results) == len(self.recipe.stages[:until]):  # plots once, when every stage has its row
             write_html(report, state.run_dir / "report.html")

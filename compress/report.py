@@ -38,6 +38,8 @@ def fmt_count(n: Optional[float]) -> str:
 def metric_name(rows: list[dict]) -> str:
     for r in rows:
         m = r.get("metrics") or {}
+        if "perplexity" in m:  # language models: accuracy is then next-token accuracy, shown beside it
+            return "perplexity"
         if "accuracy" in m:
             return "accuracy"
         if "rmse" in m:
@@ -46,12 +48,18 @@ def metric_name(rows: list[dict]) -> str:
 
 
 def _fmt_metrics(m: dict) -> str:
+    if "perplexity" in m:
+        acc = f" ({100 * m['accuracy']:.1f}%)" if "accuracy" in m else ""
+        return f"{m['perplexity']:.2f}{acc}"
     if "accuracy" in m:
         top5 = f" ({100 * m['top5']:.1f}%)" if "top5" in m else ""
         return f"{100 * m['accuracy']:.2f}%{top5}"
     if "rmse" in m:
         return f"{m['rmse']:.4f}"
     return "-"
+
+
+METRIC_HEADERS = {"accuracy": "top-1 (top-5)", "perplexity": "perplexity (next-token acc.)", "rmse": "RMSE"}
 
 
 def latency_keys(rows: list[dict]) -> list[tuple[str, str]]:
@@ -144,7 +152,7 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
     metric = metric_name(all_rows)
     lkeys = latency_keys(all_rows)
     header = (["run"] if many else []) + [
-        "stage", "top-1 (top-5)" if metric == "accuracy" else "RMSE", "size", "zipped", SMALLER,
+        "stage", METRIC_HEADERS.get(metric, "RMSE"), "size", "zipped", SMALLER,
         "params", "non-zero", "bits/w", "MACs"]
     packed = any(r.get("packed_bytes") for r in all_rows)
     if packed:  # a packed (.cpk) row: its raw checkpoint beside it, and bits per non-zero weight
@@ -322,6 +330,7 @@ def summary_lines(reports: list[dict]) -> list[str]:
         before, after = _quality(first, metric), _quality(last, metric)
         if before is not None and after is not None:
             parts.append(f"{after - before:+.2f} points top-1" if metric == "accuracy"
+                         else f"perplexity {before:.2f} -> {after:.2f}" if metric == "perplexity"
                          else f"{after - before:+.4f} RMSE")
         if parts:
             run = f" ({run_label(rep)})" if len(reports) > 1 else ""
@@ -463,7 +472,8 @@ def _tradeoff_plot(reports: list[dict], metric: str, cost_of, xlabel: str, title
     else:
         ax.set_xlim(0, hi * 1.25 if hi > 0 else 1)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 accuracy (%)" if maximize else "RMSE (lower is better)")
+    ax.set_ylabel("top-1 accuracy (%)" if maximize else "perplexity (lower is better)" if metric == "perplexity"
+                  else "RMSE (lower is better)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -68,7 +68,7 @@ class TrainConfig(StrictModel):
     batch_size: Optional[int] = Field(None, ge=1)
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    loss: Literal["auto", "cross_entropy", "mse", "masked_mse"] = "auto"
+    loss: Literal["auto", "cross_entropy", "mse", "masked_mse", "token_cross_entropy"] = "auto"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: Optional[float] = Field(None, gt=0)
     early_stopping: Optional[EarlyStoppingConfig] = None

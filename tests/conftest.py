@@ -102,3 +102,32 @@ def tiny_causal_lm(family: str = "llama", vocab: int = 128, seed: int = 0, init:
 @pytest.fixture(scope="session")
 def tiny_lm():
     return tiny_causal_lm
+
+
+# -- tiny decoder language models (issue 28) -------------------------------------------------------------
+TINY_LM = {  # inline `name: hf` configs, a few thousand parameters each, grouped-query attention where the family has it
+    "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "qwen2": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "phi3": {"model_type": "phi3", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+}
+
+
+@pytest.fixture(scope="session")
+def lm_corpus(tmp_path_factory) -> Path:
+    """Twelve small text files of Python-like lines: enough for a 300-token BPE and a split by file."""
+    root = tmp_path_factory.mktemp("corpus")
+    words = ["def", "return", "self", "value", "import", "class", "for", "in", "if", "None", "print", "list"]
+    for i in range(12):
+        lines = [f"{words[(i + j) % 12]} x{j % 5} = {words[(3 * i + j) % 12]}({j})" for j in range(40)]
+        (root / f"doc{i:02d}.py").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "notes.txt").write_text("not python\n", encoding="utf-8")
+    return root
+
+
+def lm_data_spec(root: Path, **kw) -> dict:
+    return {"name": "lm", "root": str(root), "files": "*.py", "block_size": 16, "batch_size": 8,
+            "tokenizer": {"train": "bpe", "vocab_size": 300}, **kw}

@@ -37,7 +37,7 @@ class DataBundle:
     train: Optional[Dataset]
     val: Optional[Dataset]
     test: Optional[Dataset]
-    task: Literal["classification", "regression"] = "classification"
+    task: Literal["classification", "regression", "lm"] = "classification"  # lm: next-token targets per position
     num_outputs: int = 0
     input_shape: tuple = ()
     batch_size: int = 64
@@ -48,6 +48,7 @@ class DataBundle:
     loaders: dict = field(default_factory=dict)  # split -> DataLoader given by the user
     collate: Optional[Callable] = None  # batches samples (text: pads each batch); None: torch's default_collate
     vocab_size: Optional[int] = None  # text data: the tokenizer's vocabulary (every token id is below it)
+    description: dict = field(default_factory=dict)  # facts about the corpus for the report (lm: Python version, tokens)
 
     @classmethod
     def from_loaders(cls, train: DataLoader, val: DataLoader | None = None, test: DataLoader | None = None,

@@ -183,13 +183,7 @@ def _read_table(spec: TextSpec) -> tuple[list[dict], list[int], list[str]]:
         columns = list(reader.fieldnames or [])
     else:
         columns = []
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecipeError("data.path", f"'{spec.path}', line {lineno}: not valid JSON ({exc.msg})") from None
+        for lineno, row in jsonl_rows(spec.path, content):
             if not isinstance(row, dict):
                 raise RecipeError("data.path", f"'{spec.path}', line {lineno}: expected a JSON object, "
                                                f"got {type(row).__name__}")
@@ -197,6 +191,17 @@ def _read_table(spec: TextSpec) -> tuple[list[dict], list[int], list[str]]:
             rows.append(row)
             lines.append(lineno)
     return rows, lines, columns
+
+
+def jsonl_rows(path: Path, content: str):
+    """(line number, parsed value) of every non-blank line of a .jsonl file's ``content``."""
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecipeError("data.path", f"'{path}', line {lineno}: not valid JSON ({exc.msg})") from None
 
 
 def _texts(spec: TextSpec, rows: list[dict], lines: list[int], key: str) -> list[str]:
@@ -297,36 +302,47 @@ def train_tokenizer(cfg: TrainTokenizer, texts: list[str]):
     return tok
 
 
-def load_tokenizer(spec: TextSpec, train_texts: list[str]) -> Encoder:
-    _need("tokenizers", "data.tokenizer")
-    if isinstance(spec.tokenizer, TrainTokenizer):
-        return _from_tokenizers(train_tokenizer(spec.tokenizer, train_texts), "data.tokenizer")
-    where = Path(spec.tokenizer).expanduser()
+def tokenizer_backend(value: Any, train_texts: list[str], path: str = "data.tokenizer"):
+    """A ``tokenizers.Tokenizer`` (trained on ``train_texts``, or read from a tokenizer.json file) or a
+    transformers tokenizer (a local folder: ``local_files_only``, its code only with the import opt-in)."""
+    _need("tokenizers", path)
+    if isinstance(value, TrainTokenizer):
+        return train_tokenizer(value, train_texts)
+    where = Path(value).expanduser()
     if where.is_file():
         from tokenizers import Tokenizer
 
         try:
-            return _from_tokenizers(Tokenizer.from_file(str(where)), "data.tokenizer")
+            return Tokenizer.from_file(str(where))
         except Exception as exc:  # tokenizers raises its own Exception type for a file it cannot read
-            raise RecipeError("data.tokenizer", f"'{where}' is not a tokenizer.json file the tokenizers library "
-                                                f"can read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise RecipeError(path, f"'{where}' is not a tokenizer.json file the tokenizers library "
+                                    f"can read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not where.is_dir():
-        raise RecipeError("data.tokenizer", f"expected a tokenizer folder, a tokenizer.json file or training options "
-                                            f"({{train: bpe, vocab_size: 8000}}), got '{where}' (no such file or folder)")
+        raise RecipeError(path, f"expected a tokenizer folder, a tokenizer.json file or training options "
+                                f"({{train: bpe, vocab_size: 8000}}), got '{where}' (no such file or folder)")
     if not any((where / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        raise RecipeError("data.tokenizer", f"'{where}' is not a tokenizer folder (no tokenizer.json, "
-                                            "tokenizer_config.json or vocab.txt in it)")
-    _need("transformers", "data.tokenizer")
+        raise RecipeError(path, f"'{where}' is not a tokenizer folder (no tokenizer.json, "
+                                "tokenizer_config.json or vocab.txt in it)")
+    _need("transformers", path)
     from transformers import AutoTokenizer
 
-    code = trust_remote_code(where, "data.tokenizer")  # passed explicitly: transformers never asks on stdin
+    code = trust_remote_code(where, path)  # passed explicitly: transformers never asks on stdin
     try:
-        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=code)
+        return AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RecipeError("data.tokenizer", f"transformers cannot read the tokenizer in '{where}': "
-                                            f"{str(exc).strip().splitlines()[0]}") from None
+        raise RecipeError(path, f"transformers cannot read the tokenizer in '{where}': "
+                                f"{str(exc).strip().splitlines()[0]}") from None
+
+
+def load_tokenizer(spec: TextSpec, train_texts: list[str]) -> Encoder:
+    from tokenizers import Tokenizer
+
+    tok = tokenizer_backend(spec.tokenizer, train_texts)
+    if isinstance(tok, Tokenizer):
+        return _from_tokenizers(tok, "data.tokenizer")
     if tok.pad_token_id is None:
-        raise RecipeError("data.tokenizer", f"the tokenizer in '{where}' has no padding token (pad_token)")
+        raise RecipeError("data.tokenizer", f"the tokenizer in '{Path(spec.tokenizer).expanduser()}' has no padding "
+                                            "token (pad_token)")
     return Encoder(tok, int(tok.pad_token_id), len(tok), segments="token_type_ids" in tok.model_input_names)
 
 
@@ -423,8 +439,9 @@ def vocab_mismatch(model: nn.Module, data: DataBundle, path: str) -> Optional[Re
                            f"{data.vocab_size}; set vocab_size: {data.vocab_size} or more")
     positions = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
     longest = data.input_shape[0] if data.input_shape else 0
+    length = "data.block_size" if data.task == "lm" else "data.max_length"
     if isinstance(positions, int) and positions < longest:
         return RecipeError(f"{key}.max_position_embeddings" if inline else key,
-                           f"the model has {positions} positions but data.max_length is {longest}; "
-                           f"set max_position_embeddings: {longest} or lower data.max_length")
+                           f"the model has {positions} positions but {length} is {longest}; "
+                           f"set max_position_embeddings: {longest} or lower {length}")
     return None

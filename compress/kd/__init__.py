@@ -9,5 +9,14 @@ from compress.kd.hook import DistillHook, HintConfig, KDConfig, KDLossName, chec
 from compress.kd.losses import KD_LOSSES, kd_loss, register_kd_loss
 from compress.kd.teachers import frozen
 
-__all__ = ["DistillHook", "HintConfig", "KDConfig", "KDLossName", "KD_LOSSES", "check_kd", "frozen", "kd_hook",
+__all__ = ["Distiller", "DistillHook", "HintConfig", "KDConfig", "KDLossName", "KD_LOSSES", "check_kd", "frozen", "kd_hook",
            "kd_loss", "register_kd_loss"]
+
+
+def __getattr__(name: str):
+    # Lazily: the Distiller reads the distill stage's DistillConfig, whose module imports this package.
+    if name == "Distiller":
+        from compress.kd.distiller import Distiller
+
+        return Distiller
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

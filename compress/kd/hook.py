@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Annotated, Any, Optional, Sequence
+from typing import Annotated, Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, field_validator
 
 from compress.config import StrictModel
 from compress.data import DataBundle
-from compress.data.inputs import to_device
+from compress.data.inputs import Inputs, to_device
 from compress.errors import RecipeError
 from compress.kd.losses import combine, hint_loss, kd_loss, kd_term, known_loss, task_problem, teacher_target
 from compress.kd.teachers import freeze, unfreeze
@@ -24,6 +24,7 @@ from compress.registry import did_you_mean
 from compress.trainer import Batch, Hook
 from compress.utils import resolve_device
 
+AUTO_LOSS = {"classification": "kl", "lm": "token_kl"}  # loss: auto, by the data's task (else regression)
 KDLossName = Annotated[str, AfterValidator(known_loss)]  # a registered KD loss (compress.kd.losses.KD_LOSSES)
 
 
@@ -40,7 +41,7 @@ class KDConfig(StrictModel):
         """A copy whose ``loss`` is a registered name (``auto`` picked for the data's task)."""
         if self.loss != "auto":
             return self
-        return self.model_copy(update={"loss": "kl" if task == "classification" else "regression"})
+        return self.model_copy(update={"loss": AUTO_LOSS.get(task, "regression")})
 
 
 class HintConfig(StrictModel):
@@ -62,10 +63,30 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"layer output is {type(out).__name__}, not a tensor")
 
 
+def _is_mapping(x: Any) -> bool:
+    """Keyword inputs (a tokenizer's batch); compress's own models take ``Inputs`` as one argument."""
+    return isinstance(x, Mapping) and not isinstance(x, Inputs)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """A model's outputs as one tensor: transformers' ModelOutput (or a dict) carries them as ``logits``."""
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    return out.logits if not isinstance(out, torch.Tensor) and hasattr(out, "logits") else out
+
+
 def _layer(model: nn.Module, name: str, role: str, path: str) -> nn.Module:
     layers = dict(model.named_modules())
     if name in layers and name != "":
         return layers[name]
+    from compress.models.decoder import decoder_layout
+
+    layout = decoder_layout(model)
+    if layout is not None and name.isdecimal():  # a decoder LM: hint layer maps name decoder layers by index
+        blocks = layout.decoder_layers(model)
+        if int(name) < len(blocks):
+            return blocks[int(name)]
+        raise RecipeError(path, f"the {role} has {len(blocks)} decoder layers (0-{len(blocks) - 1}), not {name}")
     names = [n for n in layers if n]
     shown = ", ".join(names[:25]) + (f", ... ({len(names)} in all)" if len(names) > 25 else "")
     raise RecipeError(path, f"no layer '{name}' in the {role}; layers are {shown}{did_you_mean(name, names)}")
@@ -135,7 +156,8 @@ class DistillHook(Hook):
         self.adapters = nn.ModuleList()
         self.teacher_maps = nn.ModuleList()  # per hint: the teacher feature as compared (pooled or as is)
         try:  # a bad layer name must not leave hooks behind on either model
-            self._bind(student)
+            if student is not None:  # compress.kd.Distiller without hints is handed the student's outputs only
+                self._bind(student)
             for i, h in enumerate(self.hints):
                 t_layer = _layer(self.teachers[0], h.teacher, "teacher", f"{path}.hints[{i}].teacher")
                 self._handles.append(t_layer.register_forward_hook(self._store(self._t_feats, i)))
@@ -167,7 +189,7 @@ class DistillHook(Hook):
     # -- forward hooks ---------------------------------------------------------------------------
     def _grab_input(self, module, args):
         # The trainer augments inside the loop; the teacher must see the very input the student saw.
-        if module.training:
+        if module.training and args:  # keyword-only calls (transformers) give Distiller.loss their batch
             self._input = args[0]
 
     @staticmethod
@@ -203,7 +225,7 @@ class DistillHook(Hook):
     # -- teacher outputs -------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        outs = [t(x) for t in self.teachers]
+        outs = [_logits(t(**x) if _is_mapping(x) else t(x)) for t in self.teachers]
         target = teacher_target(outs, self.weights, self.cfg.temperature, self.cfg.loss)
         return target, [self.teacher_maps[i](self._t_feats[i]) for i in range(len(self.hints))]
 
@@ -254,8 +276,14 @@ class DistillHook(Hook):
             target, feats = self.cache[0][idx], [f[idx] for f in self.cache[1]]
         else:
             target, feats = self.teacher_outputs(self._input)
+        return self.combined(outputs, loss, target, feats)
+
+    def combined(self, outputs: torch.Tensor, hard: torch.Tensor, target: torch.Tensor,
+                 feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The hard-label loss mixed with the KD term, plus the hint terms: the one formula of the distill
+        stage, the ``kd:`` blocks and ``compress.kd.Distiller``."""
         cfg = self.cfg
-        total = combine(loss, kd_term(outputs, target, cfg.temperature, cfg.loss), cfg.loss, cfg.alpha, cfg.beta)
+        total = combine(hard, kd_term(outputs, target, cfg.temperature, cfg.loss), cfg.loss, cfg.alpha, cfg.beta)
         for i, (h, adapter) in enumerate(zip(self.hints, self.adapters)):
             total = total + h.weight * hint_loss(adapter(self._s_feats[i]), feats[i])
         return total
@@ -294,6 +322,9 @@ def check_kd(student: nn.Module, teachers: Sequence[nn.Module], data: DataBundle
                                       f"{str(exc).splitlines()[0]}") from None
             finally:
                 t.train(t_was)
+            if got != want and data.task == "lm" and got[-1] != want[-1]:
+                raise RecipeError(tp, f"the teacher predicts {got[-1]} tokens but the student {want[-1]}: teacher and "
+                                      "student must share the tokenizer (and vocab_size)")
             if got != want:
                 raise RecipeError(tp, f"the teacher's outputs have shape {tuple(got)[1:]} per example but the "
                                       f"student's have {tuple(want)[1:]}; they must match")

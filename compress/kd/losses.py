@@ -7,6 +7,7 @@ against hand-computed values.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
@@ -77,6 +78,65 @@ register_kd_loss("mse_logits", soft_targets=False, tasks=None,
                  description="MSE to the averaged teacher logits (Ba & Caruana 2014)")(_mse)
 register_kd_loss("regression", soft_targets=False, tasks=("regression",), needs="real-valued targets", mix="beta",
                  description="MSE to the averaged teacher predictions over every entry, observed or not")(_mse)
+
+
+# -- language models: per-token divergences, a chunk of tokens at a time -------------------------------------
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB of float32): a 150k vocabulary is ~110 tokens a chunk
+
+
+def _log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    return F.log_softmax(student.float() / temperature, -1), F.log_softmax(teacher.float() / temperature, -1)
+
+
+def _forward_kl(student, teacher, temperature):
+    log_q, log_p = _log_probs(student, teacher, temperature)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def _reverse_kl(student, teacher, temperature):
+    log_q, log_p = _log_probs(student, teacher, temperature)
+    return (log_q.exp() * (log_q - log_p)).sum()
+
+
+def _jsd(student, teacher, temperature):
+    log_q, log_p = _log_probs(student, teacher, temperature)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    return 0.5 * ((log_p.exp() * (log_p - log_m)).sum() + (log_q.exp() * (log_q - log_m)).sum())
+
+
+TOKEN_DIVERGENCES = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd}
+
+
+def token_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float, kind: str = "forward_kl",
+                     chunk: Optional[int] = None) -> torch.Tensor:
+    """T^2 x the mean over tokens of a divergence between teacher and student next-token distributions
+    (``[..., V]`` logits; the teacher's raw logits, not probabilities).
+
+    Computed ``chunk`` tokens at a time (default: ``CHUNK_ELEMENTS // V``), each chunk under activation
+    checkpointing: the float32 softmaxes of a 32k-150k vocabulary exist for one chunk only, in the forward
+    and again in the backward, instead of for every token of the batch at once (the logits themselves are
+    the model's output and are not copied). Chunked and unchunked give the same value and gradients.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    fn = TOKEN_DIVERGENCES[kind]
+    vocab = student.shape[-1]
+    s, t = student.reshape(-1, vocab), teacher.reshape(-1, vocab).detach()
+    rows = chunk or max(1, CHUNK_ELEMENTS // vocab)
+    total = s.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], rows):
+        a, b = s[i:i + rows], t[i:i + rows]
+        total = total + (checkpoint(fn, a, b, temperature, use_reentrant=False) if a.requires_grad
+                         else fn(a, b, temperature))
+    return temperature ** 2 * total / max(s.shape[0], 1)
+
+
+for _name, _kind, _what in (("token_kl", "forward_kl", "forward KL(teacher || student) per token (Hinton KD for LMs)"),
+                            ("token_reverse_kl", "reverse_kl", "reverse KL(student || teacher) per token (mode-seeking, MiniLLM)"),
+                            ("token_jsd", "jsd", "Jensen-Shannon divergence per token (symmetric, bounded)")):
+    register_kd_loss(_name, soft_targets=False, tasks=("lm",), needs="next-token logits (lm data)",
+                     description=f"{_what}, at a temperature, in chunks of tokens")(
+        lambda s, t, temperature, _k=_kind: token_divergence(s, t, temperature, _k))
 
 
 # -- how the losses are used -----------------------------------------------------------------------------

@@ -91,6 +91,8 @@ def cache_reason(augments: bool, data: DataBundle, hints: bool = False) -> Optio
     ``hints``: teacher features are cached too (a collate function must mark its batches ``fixed_shape``)."""
     if augments:
         return "the trainer augments the inputs (augment:), so the teacher must see each new batch"
+    if data.task == "lm":
+        return "a language model's outputs (tokens x vocabulary per block) are too large to keep for every block"
     if hints and data.collate is not None and not getattr(data.collate, "fixed_shape", False):
         return VARYING_SHAPES
     if not data.deterministic:
@@ -156,7 +158,7 @@ def resolve_teacher(state, item, ipath: str, teacher_epoch: Optional[int] = None
     from compress.models import create_model
 
     if isinstance(item, ModelSpec):
-        return create_model(item, state.data.input_shape, state.data.num_outputs)
+        return create_model(item, state.data.input_shape, state.data.num_outputs, data_task=state.data.task)
     if item == "previous":
         return state.model
     if teacher_epoch is not None:

@@ -39,13 +39,17 @@ class DecoderLayout:
     down: str = "down_proj"
     position_embed: Optional[str] = None  # learned positions (GPT-2's wpe)
     conv1d: bool = False  # transformers' Conv1D (weight is [in, out]) instead of nn.Linear (GPT-2)
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")  # inside a layer, over the hidden size
     # config field names, so that pruned sizes can be written back and the saved folder reloads
     cfg_layers: str = "num_hidden_layers"
     cfg_heads: str = "num_attention_heads"
     cfg_kv_heads: Optional[str] = "num_key_value_heads"  # None: as many groups as heads
     cfg_hidden: str = "hidden_size"
     cfg_intermediate: Optional[str] = "intermediate_size"  # None: 4 x hidden (GPT-2's n_inner=None)
-    cfg_head_dim: Optional[str] = "head_dim"  # None or absent: hidden / heads
+    # None or absent: hidden / heads; None: the family always derives it (GPT-2), so heads and the hidden
+    # size can only shrink together
+    cfg_head_dim: Optional[str] = "head_dim"
+    cfg_per_layer: tuple[str, ...] = ("layer_types",)  # config lists with one entry per layer (Qwen2's layer_types)
 
     def prefixed(self, prefix: str) -> "DecoderLayout":
         """The layout of a wrapper whose ``prefix`` attribute holds this model (``IOModule.model``)."""
@@ -102,7 +106,7 @@ LAYOUTS: dict[str, DecoderLayout] = {
                           final_norm="transformer.ln_f", attn="attn", qkv="c_attn", o="c_proj", mlp="mlp",
                           up="c_fc", gate=None, down="c_proj", position_embed="transformer.wpe", conv1d=True,
                           cfg_layers="n_layer", cfg_heads="n_head", cfg_kv_heads=None, cfg_hidden="n_embd",
-                          cfg_intermediate="n_inner", cfg_head_dim=None),
+                          cfg_intermediate="n_inner", cfg_head_dim=None, norms=("ln_1", "ln_2")),
 }
 
 

@@ -149,10 +149,12 @@ class HFSpec(ModelSpec):
     """A ``transformers`` classifier: ``hf:<local folder>`` (config.json, weights if present), ``hf:<hub id>``
     (``org/name``: the library's own download, or its cache; a local folder of that name wins) or ``hf``
     with an inline ``config`` (``model_type`` plus its sizes), built with the Auto classes; num_labels =
-    the data's classes. ``task``: sequence (text; inputs input_ids + attention_mask) or image (pixel_values)."""
+    the data's classes. ``task``: sequence (text; inputs input_ids + attention_mask), image (pixel_values)
+    or causal_lm (``AutoModelForCausalLM``: next-token logits over the vocabulary; inputs input_ids)."""
 
     config: Optional[dict[str, Any]] = None
-    task: Literal["auto", "sequence", "image"] = "auto"
+    # auto: causal_lm for language-model data (the ``lm`` dataset), else image or sequence by the input shape
+    task: Literal["auto", "sequence", "image", "causal_lm"] = "auto"
     inputs: Optional[list[str]] = Field(None, min_length=1)  # text models: default input_ids, attention_mask
     pretrained: bool = True  # a folder's or hub id's weights; false: its architecture only (a checkpoint reload)
 
@@ -186,27 +188,64 @@ def _hf_model(spec: HFSpec, input_shape, num_outputs) -> nn.Module:
         raise RecipeError(key, f"transformers cannot read this config: {str(exc).splitlines()[0]}") from None
     if getattr(cfg, "auto_map", None) and not code:  # a hub id's or inline: transformers would use its own class
         raise RecipeError(key, code_refused(folder or "model.config", "its config"))
-    cfg.num_labels = int(num_outputs)
     task = spec.task
     if task == "auto":
         task = "image" if len(input_shape) == 3 else "sequence"
+    if task == "causal_lm":
+        return _causal_lm(spec, folder, hub, cfg, code)
+    cfg.num_labels = int(num_outputs)
     auto = transformers.AutoModelForImageClassification if task == "image" else transformers.AutoModelForSequenceClassification
-    try:
-        if hub and spec.pretrained and not offline_reason():  # checked or reloaded: the architecture is what counts
-            model = _from_hub(auto, folder, config=cfg, ignore_mismatched_sizes=True, trust_remote_code=code)
-        elif folder and not hub and spec.pretrained and _weights_file(folder):
-            model = _local_weights(auto, folder, cfg, code)
-        else:
-            model = auto.from_config(cfg, trust_remote_code=code)
-    except ValueError as exc:
-        raise RecipeError("model", f"no {task} classifier for this config: {str(exc).splitlines()[0]}") from None
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
+    model = _instantiate(auto, spec, folder, hub, cfg, code, f"{task} classifier", ignore_mismatched_sizes=True)
     from compress.models.adapter import infer_head
 
     heads = _attention_heads(model, "num_attention_heads", ("query", "key", "value", "q_proj", "k_proj", "v_proj"))
     inputs = None if task == "image" else (spec.inputs or TEXT_INPUTS)
     return wrap_io(model, inputs, family="hf", head=infer_head(model, num_outputs), num_heads=heads)
+
+
+def _instantiate(auto, spec: HFSpec, folder: str, hub: bool, cfg, code: bool, what: str, **hub_kwargs: Any) -> nn.Module:
+    """``auto``'s model: a hub id's weights (while a recipe runs), a folder's own weights, or random init.
+    The key-value cache is off: training, perplexity and classification only pay memory for it."""
+    try:
+        if hub and spec.pretrained and not offline_reason():  # checked or reloaded: the architecture is what counts
+            model = _from_hub(auto, folder, config=cfg, trust_remote_code=code, **hub_kwargs)
+        elif folder and not hub and spec.pretrained and _weights_file(folder):
+            model = _local_weights(auto, folder, cfg, code)
+        else:
+            model = auto.from_config(cfg, trust_remote_code=code)
+    except ValueError as exc:
+        raise RecipeError("model", f"no {what} for this config: {str(exc).splitlines()[0]}") from None
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model
+
+
+LM_INPUTS = ["input_ids"]  # packed blocks: every position is a real token, so no attention mask
+
+
+def _causal_lm(spec: HFSpec, folder: str, hub: bool, cfg, code: bool) -> nn.Module:
+    """``AutoModelForCausalLM`` of a decoder family compress declares (``compress.models.decoder``), wrapped
+    so it takes ``{'input_ids'}`` and returns ``[batch, tokens, vocab]`` logits; the LM head is the head and
+    the token embedding the first layer (both kept in float by weight-only quantization and QAT)."""
+    import transformers
+
+    from compress.models.decoder import families, layout_for
+
+    layout = layout_for(getattr(cfg, "model_type", ""))
+    key = "model.config" if spec.config else "model.name"
+    if layout is None:
+        raise RecipeError(key, f"model_type {getattr(cfg, 'model_type', '')!r} is no decoder family compress declares; "
+                               f"causal_lm takes {', '.join(families())}")
+    model = _instantiate(transformers.AutoModelForCausalLM, spec, folder, hub, cfg, code, "causal language model")
+    sizes = layout.sizes(model.config)
+    heads = {}  # query heads for q (and a fused qkv), key-value groups for k and v
+    for i in range(sizes["layers"]):
+        for part, n in ((layout.q, sizes["heads"]), (layout.k, sizes["kv_heads"]), (layout.v, sizes["kv_heads"]),
+                        (layout.qkv, sizes["heads"])):
+            if part is not None:
+                heads[f"{layout.layers}.{i}.{layout.attn}.{part}"] = n
+    return wrap_io(model, spec.inputs or LM_INPUTS, family="hf", head=layout.lm_head, first_layer=layout.embed,
+                   num_heads=heads, decoder=layout)
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # safetensors first: it holds no pickle at all

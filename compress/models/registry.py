@@ -136,12 +136,18 @@ def _import_model(spec: ImportSpec, input_shape: tuple, num_outputs: int) -> nn.
     return declare(model, family="import", **facts) if facts else model
 
 
-def create_model(spec: ModelSpec | dict | str, input_shape: tuple = (), num_outputs: int = 0, **kwargs) -> nn.Module:
-    """Build a model by registry name: ``create_model('mlp', (1, 28, 28), 10, hidden=[800, 800])``."""
+def create_model(spec: ModelSpec | dict | str, input_shape: tuple = (), num_outputs: int = 0, *,
+                 data_task: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build a model by registry name: ``create_model('mlp', (1, 28, 28), 10, hidden=[800, 800])``.
+
+    ``data_task``: the data's task (``DataBundle.task``); ``lm`` data turns a spec's ``task: auto`` into
+    ``causal_lm`` (saved so: a checkpoint reloads the same model without its data)."""
     if isinstance(spec, str):
         spec = {"name": spec}
     if isinstance(spec, dict):
         spec = parse_model_spec({**spec, **kwargs})
+    if data_task == "lm" and getattr(spec, "task", None) == "auto":
+        spec = spec.model_copy(update={"task": "causal_lm"})
     if isinstance(spec, ImportSpec):
         if imports_blocked():  # e.g. a stage check building the model while the recipe is parsed
             raise RecipeError("model.import", f"{spec.import_!r} is not imported while a recipe is only checked")

@@ -137,6 +137,10 @@ class PruneConfig(MethodConfig):
     def pruner(self, model: nn.Module, layers: dict, example: torch.Tensor, data, path: str, device) -> Pruner:
         raise NotImplementedError
 
+    def measure(self, kind: str, model: nn.Module, example) -> Optional[float]:
+        """The method's own count of a budget ``kind`` (None: the stage's; decoder LMs count MACs per sequence)."""
+        return None
+
 
 def register_prune_method(config: type[PruneConfig], description: str = ""):
     name = config.model_fields["method"].default

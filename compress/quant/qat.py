@@ -4,20 +4,25 @@ One wrapper, ``QuantLayer``, serves QAT, weight-only rounding and binary nets: w
 keeps the float ("latent") weight and fake-quantizes it; ``pack()`` replaces the float weight by
 ``weight_packed`` (uint8, k bits per code) + ``weight_scale`` so the saved checkpoint really
 shrinks; a packed layer unpacks on the fly to run. Checkpoints replay the wrapping through the
-``qat`` / ``weight_only`` / ``binary`` transforms.
+``qat`` / ``weight_only`` / ``binary`` transforms. ``prepare`` / ``convert``: the quantize stage's QAT
+around a training loop of your own.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from compress.checkpoint import TRANSFORMS
+from compress.checkpoint_io import record_transform
 from compress.data.inputs import to_device
+from compress.errors import RecipeError
 from compress.quant.binary import binarize_weight, binary_activation, channel_scale
 from compress.quant.fake_quant import ActQuant, WeightQuant, dequantize, fake_quant_weight, qrange
 from compress.quant.packing import pack, unpack
@@ -31,7 +36,12 @@ class QuantLayer(nn.Module):
 
     ``spec`` (plain data, stored in the checkpoint): kind 'int' or 'binary'; bits; act_bits (0 =
     float inputs); act_mode 'ema'|'lsq'; learned_scale; out_quant; binary 'binaryconnect'|'xnor';
-    scale_mode 'none'|'layer'|'channel'.
+    scale_mode 'none'|'layer'|'channel'; group_size (int: one scale per ``group_size`` consecutive input
+    weights of an output row instead of one per row, as int4 LLM weights are stored).
+
+    Groups reuse the per-row code unchanged: a ``[out, in]`` weight seen as ``[out * in / g, g]`` has one
+    row per group, so the per-channel scale of that view is the group-wise scale (row-major: a row's
+    groups are consecutive).
     """
 
     def __init__(self, inner: nn.Module, spec: dict):
@@ -42,8 +52,11 @@ class QuantLayer(nn.Module):
         self.in_q = ActQuant(act_bits, mode, mom) if act_bits else None
         self.out_q = ActQuant(act_bits, mode, mom) if act_bits and spec.get("out_quant") else None
         # range_bits < bits: codes on a narrower grid stored in ``bits`` (7-bit-range int8 for portable int8 files)
-        self.wq = WeightQuant(inner.weight, int(spec.get("range_bits", self.bits)), spec.get("learned_scale", False)) \
-            if self.kind == "int" else None
+        self.group = int(spec.get("group_size") or 0)
+        if self.group and inner.weight.shape[-1] % self.group:
+            raise ValueError(f"group_size {self.group} does not divide the {inner.weight.shape[-1]} inputs of a layer")
+        self.wq = WeightQuant(self._grouped(inner.weight), int(spec.get("range_bits", self.bits)),
+                              spec.get("learned_scale", False)) if self.kind == "int" else None
         self.weight_shape = tuple(inner.weight.shape)
         self.packed = False
         self.export_weight: torch.Tensor | None = None  # set only while exporting to ONNX
@@ -77,13 +90,17 @@ class QuantLayer(nn.Module):
         return f"kind={self.kind}, bits={self.bits}{extra}, packed={self.packed}"
 
     # -- weights -------------------------------------------------------------------------------
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight as one row per scale: itself, or ``[out * in / group, group]``."""
+        return w.reshape(-1, self.group) if getattr(self, "group", 0) else w
+
     def unpacked_weight(self) -> torch.Tensor:
         codes = unpack(self.weight_packed, self.bits, math.prod(self.weight_shape)).view(self.weight_shape)
         if self.kind == "binary":
             shape = [-1] + [1] * (len(self.weight_shape) - 1)
             return (codes * 2 - 1).float() * self.weight_scale.view(shape)
         qmin, _ = qrange(self.bits, signed=True)
-        return dequantize(codes + qmin, self.weight_scale, 0, axis=0)
+        return dequantize(self._grouped(codes) + qmin, self.weight_scale, 0, axis=0).view(self.weight_shape)
 
     def _cache_key(self) -> tuple:
         return (self.weight_packed.data_ptr(), self.weight_packed._version, self.weight_scale._version)
@@ -104,7 +121,7 @@ class QuantLayer(nn.Module):
             return self._w_cache
         w = self.inner.weight
         if self.kind == "int":
-            return self.wq(w)
+            return self.wq(self._grouped(w)).view_as(w)
         return binarize_weight(w, self.spec.get("scale_mode", "channel"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +147,8 @@ class QuantLayer(nn.Module):
         w = self.inner.weight.detach()
         if self.kind == "binary":
             return (w >= 0).to(torch.int32), channel_scale(w, self.spec.get("scale_mode", "channel")).float()
-        q, scale = self.wq.codes(w)
-        return q - qrange(self.bits, signed=True)[0], scale.float()
+        q, scale = self.wq.codes(self._grouped(w))
+        return q.view_as(w) - qrange(self.bits, signed=True)[0], scale.float()
 
     @torch.no_grad()
     def round_weight(self) -> None:
@@ -143,7 +160,7 @@ class QuantLayer(nn.Module):
         shape = [-1] + [1] * (codes.ndim - 1)
         if self.kind == "binary":
             return (codes * 2 - 1).float() * scale.view(shape)
-        return dequantize(codes + qrange(self.bits, signed=True)[0], scale, 0, axis=0)
+        return dequantize(self._grouped(codes) + qrange(self.bits, signed=True)[0], scale, 0, axis=0).view(codes.shape)
 
     @torch.no_grad()
     def pack(self) -> None:
@@ -306,3 +323,155 @@ def export_qdq(model: nn.Module, example: torch.Tensor, path, opset: int = 17, w
     with exporting(model), torch.no_grad():
         out = to_onnx(model.cpu(), example, path, opset, dynamic_batch)
     return to_uint8_weights(out) if weight_type == "uint8" else fold_weights(out)
+
+
+
+# -- QAT in your own loop (torchao's pattern): prepare, train as usual, convert ------------------------------
+# The quantize stage's QAT runs prepare_layers and pack_layers around its own trainer (quantize_layers in
+# compress/quant/methods/torch_side.py); prepare() and convert() run them around yours, so the file is the one a
+# recipe writes:
+#
+#     model = qat.prepare(model, QuantizeConfig(method="qat", bits=8), calibration=train_loader)
+#     ...                                                  # your loop trains the fake-quantized model
+#     qat.convert(model, example_inputs=x, path="model_qat_int8.onnx")
+
+def sizes(model: nn.Module) -> dict:
+    """Bytes of the weights of the quantized layers as stored, against the same weights in fp32."""
+    stored = fp32 = 0
+    for m in quant_layers(model):
+        n = 1
+        for d in m.weight_shape:
+            n *= d
+        fp32 += 4 * n
+        stored += m.weight_packed.numel() + 4 * m.weight_scale.numel() if m.packed else 4 * n
+    for name, p in model.named_parameters():  # layers left in float (first/last, excluded)
+        if name.endswith("weight") and p.ndim > 1:
+            fp32 += 4 * p.numel()
+            stored += 4 * p.numel()
+    return {"weight_bytes": stored, "fp32_weight_bytes": fp32, "weight_compression": round(fp32 / max(stored, 1), 2)}
+
+
+def layer_names(model: nn.Module, cfg, keep_first_last: bool, path: str) -> list[str]:
+    """The layers a PyTorch-side method quantizes: a decoder LM's projections (plus its head with
+    ``lm_head: true``; ``compress.quant.gptq.decoder_linears``), else every Conv/Linear but the excluded
+    (and the first/last ones when kept)."""
+    from compress.quant.gptq import decoder_linears
+
+    names = decoder_linears(model, cfg.exclude)
+    if names is None:
+        names = quantizable_names(model, keep_first_last, cfg.exclude)
+    elif getattr(cfg, "lm_head", False):
+        from compress.models.decoder import decoder_layout
+
+        names.append(decoder_layout(model).lm_head)
+    group = getattr(cfg, "group_size", None)
+    if group:
+        for n in names:
+            width = model.get_submodule(n).weight.shape[-1]
+            if width % group:
+                raise RecipeError(f"{path}.group_size", f"{group} does not divide the {width} inputs of layer {n}; "
+                                                        "pick a divisor or leave the layer out (exclude)")
+    return names
+
+
+def prepare_layers(model: nn.Module, cfg, spec: dict, path: str, *, keep_first_last: bool = False,
+                   calibration=None, calibrate_batches: int = 0) -> tuple[dict, dict]:
+    """Fold BatchNorm, wrap the Conv/Linear layers in ``QuantLayer``s, calibrate activation ranges on
+    ``calibration`` (batches of a loader); (the wrapped layers' specs, facts). The stage and
+    ``compress.quant.qat.prepare`` start here. ``cfg``: a PyTorch-side method's config (TorchSideOptions)."""
+    facts: dict = {"method": cfg.method, "bits": cfg.weight_bits}
+    if cfg.fold_bn:
+        pairs = fold_batchnorm(model)
+        if pairs:
+            record_transform(model, "fold_bn", pairs=pairs)
+            facts["folded_bn"] = len(pairs)
+    keep = cfg.keep_first_last if cfg.keep_first_last is not None else keep_first_last
+    names = layer_names(model, cfg, keep, path)
+    missing = [n for n in cfg.exclude if n not in dict(model.named_modules())]
+    if missing:
+        raise RecipeError(f"{path}.exclude", f"no layer named {missing[0]!r} in the model")
+    if not names:
+        raise RecipeError(path, "the model has no Conv/Linear layer left to quantize")
+    if getattr(cfg, "group_size", None):
+        spec = {**spec, "group_size": cfg.group_size}
+        facts["group_size"] = cfg.group_size
+    layers = {n: spec for n in names}
+    wrap(model, layers)
+    if spec.get("act_bits"):
+        facts["activation_bits"] = spec["act_bits"]
+        if calibration is not None and calibrate_batches:
+            calibrate(model, calibration, calibrate_batches)
+    return layers, facts
+
+
+def pack_layers(model: nn.Module, cfg, layers: dict, facts: dict) -> dict:
+    """After training: eval mode, weights packed, the wrapping recorded for reload; the facts with sizes."""
+    model.eval()
+    pack_model(model)
+    record_transform(model, cfg.method, layers=layers, bits=cfg.weight_bits)
+    return {**facts, **sizes(model), "quantized_layers": len(layers)}
+
+
+# model -> (config, wrapped layers, facts) between prepare and convert; weak: a dropped model takes its entry along
+_PREPARED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_FACTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def prepare(model: nn.Module, config, *, calibration=None, path: str = "quantize") -> nn.Module:
+    """Fold BatchNorm and wrap the Conv/Linear layers of ``model`` (in place) in fake-quantized layers, as the
+    quantize stage's QAT does before it trains; returns ``model``.
+
+    ``config``: ``QuantizeConfig(method="qat", ...)`` (``finetune``, ``kd`` and ``export_onnx`` are the stage's
+    own training and file options and are not used here). ``calibration``: batches (a loader of ``(x, y)``)
+    whose first ``calibration_batches`` initialise the activation ranges; without it the first training batches
+    do. Build your optimizer after ``prepare``: BatchNorm folding replaces layers (LSQ adds step sizes).
+    """
+    # the method's config by its name: this module is below compress.quant.methods (no import of it here)
+    cfg = config
+    if getattr(cfg, "method", None) != "qat":
+        raise RecipeError(f"{path}.method", f"prepare/convert are QAT's; got method '{getattr(cfg, 'method', cfg)}'")
+    cfg.check_rules(path)
+    if model in _PREPARED:
+        raise RuntimeError("the model is already prepared for QAT; convert it first")
+    layers, facts = prepare_layers(model, cfg, cfg.layer_spec(path), path, calibration=calibration,
+                                   calibrate_batches=cfg.calibration_batches)
+    _PREPARED[model] = (cfg, layers, facts, path)
+    return model
+
+
+def convert(model: nn.Module, example_inputs: Any = None, path: Optional[str | Path] = None, *, data=None,
+            traced: Optional[nn.Module] = None) -> nn.Module:
+    """Pack the trained fake-quantized weights (k-bit codes; the model is then for inference), as the stage does
+    after training; returns ``model``. With ``path`` (8-bit weights and activations) also write the QDQ ONNX
+    file the stage writes, ``example_inputs`` being one batch the model takes; with ``data`` (a DataBundle) the
+    file is checked against the PyTorch model as the stage checks it (``check:`` options). What the stage
+    would report (sizes, layers, the file) is then ``facts(model)``. ``traced``: what to export instead of
+    ``model`` itself, a wrapper that calls it (a transformers model's keyword inputs and ``logits``)."""
+    if model not in _PREPARED:
+        raise RuntimeError("the model was not prepared with compress.quant.qat.prepare")
+    cfg, layers, facts, where = _PREPARED.pop(model)
+    facts = pack_layers(model, cfg, layers, facts)
+    if path is not None:
+        spec = cfg.layer_spec(where)
+        if cfg.weight_bits != 8 or spec["act_bits"] != 8:
+            raise RecipeError(f"{where}.bits", "an int8 ONNX file needs 8-bit weights and activations")
+        if example_inputs is None:
+            raise ValueError("writing the ONNX file traces the model: pass example_inputs (one batch it takes)")
+        fmt = cfg.int8_format(where)
+        out = export_qdq(traced if traced is not None else model, example_inputs, Path(path), cfg.opset, fmt.weight_type)
+        facts.update(onnx=str(out), onnx_bytes=out.stat().st_size)
+        if data is not None:
+            from compress.quant.methods.base import check_int8_file
+
+            def reference(x):
+                with torch.no_grad():
+                    return model(x).cpu().numpy()
+
+            facts["int8_check"] = check_int8_file(out, reference, data, cfg, fmt, where)
+    _FACTS[model] = facts
+    return model
+
+
+def facts(model: nn.Module) -> dict:
+    """The stage's facts for a converted model: weight bytes, compression, quantized layers, the ONNX file."""
+    return dict(_FACTS.get(model, {}))

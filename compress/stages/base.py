@@ -181,6 +181,11 @@ def check_outputs(model: nn.Module, data: "DataBundle", path: str) -> None:
     finally:
         model.train(was)
     want = data.num_outputs
+    if data.task == "lm":  # next-token logits per position; a model may embed more tokens than the tokenizer has
+        if out.ndim != 3 or out.shape[:2] != x["input_ids"].shape or out.shape[2] < want:
+            raise RecipeError(path, f"expected next-token logits of shape (batch, tokens, >= {want}) for language-model "
+                                    f"data, got {tuple(out.shape)}; an hf model needs task: causal_lm (or auto)")
+        return
     if out.ndim != 2 or out.shape[1] != want:
         raise RecipeError(path, f"expected outputs of shape (batch, {want}) for the data's "
                                 f"{want} {'classes' if data.task == 'classification' else 'targets'}, got {tuple(out.shape)}")

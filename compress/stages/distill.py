@@ -27,7 +27,7 @@ class DistillConfig(TrainConfig):
     """Training options (epochs, optimizer, ...) plus how the teacher's knowledge enters the loss."""
 
     loss: KDLossName = "kl"  # the soft term (a registered KD loss); the hard-label loss is ``hard_loss``
-    hard_loss: Literal["auto", "cross_entropy", "mse", "masked_mse"] = "auto"
+    hard_loss: Literal["auto", "cross_entropy", "mse", "masked_mse", "token_cross_entropy"] = "auto"
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.1, ge=0, le=1)  # weight of the hard-label loss (classification)
     beta: float = Field(1.0, ge=0)  # weight of the teacher term (loss: regression)
@@ -51,6 +51,8 @@ def _fit(student: nn.Module, teachers: Sequence[nn.Module], cfg: DistillConfig, 
     """Validate, then train ``student`` against ``teachers``; return facts for the report."""
     teacher_paths = teacher_paths or ([f"{path}.teacher"] if len(teachers) == 1 else
                                       [f"{path}.teacher[{j}]" for j in range(len(teachers))])
+    if data.task == "lm" and "loss" not in cfg.model_fields_set:  # kl's default, per token for language models
+        cfg = cfg.model_copy(update={"loss": "token_kl"})
     weights = teacher_weights(cfg.teacher_weights, len(teachers), path)
     device = resolve_device(cfg.device)
     if cfg.hints and len(teachers) > 1:
@@ -126,7 +128,8 @@ def run_distill(state, cfg: DistillConfig) -> StageResult:
     if cfg.student is not None:
         from compress.models import create_model
 
-        student = create_model(cfg.student, state.data.input_shape, state.data.num_outputs)
+        student = create_model(cfg.student, state.data.input_shape, state.data.num_outputs,
+                               data_task=state.data.task)
         check_outputs(student, state.data, f"{path}.student")
     if any(t is student for t in teachers):
         raise RecipeError(f"{path}.teacher", "the teacher is the model being trained; give a new student: spec")

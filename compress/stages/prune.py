@@ -77,7 +77,7 @@ def _check_prune(recipe, index: int, cfg: PruneConfig) -> None:
 
         try:
             data = create_data(recipe.data)
-            model = create_model(_model_before(recipe, index), data.input_shape, data.num_outputs)
+            model = create_model(_model_before(recipe, index), data.input_shape, data.num_outputs, data_task=data.task)
         except Exception:
             return
         check_layer_names(model, cfg, path)
@@ -96,7 +96,11 @@ def torch_latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: 
     return res["model"]["median_ms"]
 
 
-def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: torch.Tensor, nonzero: bool) -> float:
+def _budget_value(kind: str, model: nn.Module, example: torch.Tensor, batch: torch.Tensor, nonzero: bool,
+                  cfg: Optional[PruneConfig] = None) -> float:
+    own = cfg.measure(kind, model, example) if cfg is not None else None
+    if own is not None:
+        return own
     if kind == "params":
         return count_params(model)[1] if nonzero else count_params(model)[0]
     if kind == "macs":
@@ -110,6 +114,10 @@ def _budget_met(b, value: float, base: float) -> bool:
     return value <= b.max if b.max is not None else base / max(value, 1e-12) >= b.reduction
 
 
+# With a budget and no `sparsity` in the recipe, the schedule goes on past the default sparsity until the budget is
+# met, up to this ratio: a transformer whose attention cannot shrink (torchvision's ViT) needs more than half of
+# its MLP channels for half the MACs.
+BUDGET_CEILING = 0.9
 LANDING = 0.05  # a budget lands when the pruned model is at most this much (relatively) past its target
 
 
@@ -139,6 +147,18 @@ def _landing_ratio(pruner, model: nn.Module, t: int, lo: float, hi: float, value
             return mid
         lo, hi = (lo, mid) if _budget_met(b, v, base) else (mid, hi)
     return hi
+
+
+def _budget_schedule(cfg: PruneConfig, targets: list[float]) -> PruneConfig:
+    """With a budget and no ``sparsity`` in the recipe, ``targets`` goes on past the default sparsity (in place,
+    by the schedule's last increment, at least 0.1) up to BUDGET_CEILING; steps stop once the budget is met.
+    Returns the config the pruner is built with (its schedule covers the added steps)."""
+    if cfg.budget is None or "sparsity" in cfg.model_fields_set or cfg.layer_ratios:
+        return cfg
+    inc = max(targets[-1] - (targets[-2] if len(targets) > 1 else cfg.initial_sparsity), 0.1)
+    while targets[-1] < BUDGET_CEILING - 1e-9:
+        targets.append(round(min(BUDGET_CEILING, targets[-1] + inc), 4))
+    return cfg.model_copy(update={"sparsity": targets[-1], "steps": len(targets)})
 
 
 def _default_round_to(cfg: PruneConfig, backends) -> tuple[PruneConfig, dict]:
@@ -172,6 +192,17 @@ def _reference(model: nn.Module, cfg: PruneConfig, data, hooks: list, path: str,
     return reference
 
 
+def resolve_config(model: nn.Module, cfg: PruneConfig, path: str, backends=None) -> tuple[PruneConfig, dict]:
+    """``cfg`` with its defaults that depend on the model filled in (``round_to``, the classifier kept), its
+    layer names checked; the stage and ``compress.pruning.Pruner`` both start here."""
+    cfg, round_facts = _default_round_to(cfg, backends)
+    if cfg.ignored_layers is None:
+        head = classifier_name(model)
+        cfg = cfg.model_copy(update={"ignored_layers": [head] if head else []})
+    check_layer_names(model, cfg, path)
+    return cfg, round_facts
+
+
 # -- the entry point --------------------------------------------------------------------------------------
 
 def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teacher: nn.Module | None = None, *,
@@ -182,16 +213,11 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
     sparsity, params, MACs, storage sizes, the stop reason and one row per step (``steps``). ``backends``:
     the latency backends the model is for (default: the benchmark's), which set channel pruning's round_to.
     """
-    cfg = config or PruneConfig()
-    cfg, round_facts = _default_round_to(cfg, backends)
+    cfg, round_facts = resolve_config(model, config or PruneConfig(), path, backends)
     data = as_data(data)
     device = resolve_device(cfg.finetune.device)
     tk = {k: v for k, v in (trainer_kwargs or {}).items() if k not in ("state_path", "name")}
     tk["state_path"] = None  # steps change shapes/masks: a mid-step resume file would not fit; resume is per stage
-    if cfg.ignored_layers is None:
-        head = classifier_name(model)
-        cfg = cfg.model_copy(update={"ignored_layers": [head] if head else []})
-    check_layer_names(model, cfg, path)
     metric, mode = primary_metric(data.task)
     split = cfg.eval_split if data.has(cfg.eval_split) else "test"
     example = data.example_input(1).to(device)
@@ -204,10 +230,10 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
     if cfg.budget is not None:
         if cfg.budget.kind == "latency":
             lat_batch = data.example_input(cfg.budget.batch_size).to(device)
-        base_budget = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.COUNTS_NONZERO)
+        base_budget = _budget_value(cfg.budget.kind, model, example, lat_batch, cfg.COUNTS_NONZERO, cfg)
 
     def budget_of(m: nn.Module) -> float:
-        return _budget_value(cfg.budget.kind, m, example, lat_batch, cfg.COUNTS_NONZERO)
+        return _budget_value(cfg.budget.kind, m, example, lat_batch, cfg.COUNTS_NONZERO, cfg)
 
     unpruned = copy.deepcopy(model).eval()
     hooks = []
@@ -234,7 +260,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
                          data, split, device)
 
         targets = schedules.targets(cfg.schedule, cfg.sparsity, cfg.steps, cfg.initial_sparsity)
-        pruner = cfg.pruner(model, layers, example, data, path, device)
+        pruner = _budget_schedule(cfg, targets).pruner(model, layers, example, data, path, device)
 
         history: list[dict] = []
         good = copy.deepcopy(model)

@@ -25,7 +25,7 @@ def run_train(state, cfg: TrainStageConfig) -> StageResult:
     if cfg.model is not None:
         from compress.models import create_model
 
-        fresh = create_model(cfg.model, state.data.input_shape, state.data.num_outputs)
+        fresh = create_model(cfg.model, state.data.input_shape, state.data.num_outputs, data_task=state.data.task)
         check_outputs(fresh, state.data, f"{state.stage.path}.model")
         if cfg.target == "teacher":
             teacher = fresh

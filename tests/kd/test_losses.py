@@ -56,12 +56,12 @@ def test_mix_follows_the_registered_losses_properties():
 
 # -- the registry ----------------------------------------------------------------------------------
 def test_registered_losses_and_what_they_fit():
-    assert KD_LOSSES.names() == ["kl", "mse_logits", "regression", "soft_ce"]
+    assert KD_LOSSES.names() == ["kl", "mse_logits", "regression", "soft_ce", "token_jsd", "token_kl", "token_reverse_kl"]
     assert task_problem("mse_logits", "regression") is None and task_problem("kl", "classification") is None
     assert task_problem("kl", "regression") == ("'kl' needs class logits but the data is a regression task; "
                                                 "use mse_logits or regression")
     with pytest.raises(ValueError, match=r"^unknown KD loss 'kld'; expected one of kl, mse_logits, regression, "
-                                         r"soft_ce; did you mean 'kl'\?$"):
+                                         r"soft_ce, token_jsd, token_kl, token_reverse_kl; did you mean 'kl'\?$"):
         known_loss("kld")
     assert known_loss("auto", allow_auto=True) == "auto"
     with pytest.raises(ValueError, match="unknown KD loss 'auto'"):

@@ -37,7 +37,7 @@ def test_bad_options_name_the_key_path():
     # channel-only options are not magnitude's: each method is its own config class
     assert _errors(_recipe({"method": "magnitude", "importance": "l2"}))[0].startswith("stages[1].prune.importance: unknown key")
     assert _errors(_recipe({"method": "blocks"}))[0].startswith(
-        "stages[1].prune.method: expected one of 'channel', 'magnitude', got 'blocks'")
+        "stages[1].prune.method: expected one of 'channel', 'decoder', 'magnitude', got 'blocks'")
     assert _errors(_recipe({"ignored_layers": ["classifier.9"]})) == [
         "stages[1].prune.ignored_layers[0]: no layer named 'classifier.9' in the model; prunable layers are "
         "features.0, features.3, classifier.1, classifier.3, classifier.5; did you mean 'classifier.5'?"]
@@ -366,3 +366,17 @@ def test_a_new_pruning_method_is_a_config_class_and_a_pruner(data):
         assert m["method"] == "first_half_test" and m["nonzero"] < m["unpruned_nonzero"]
     finally:
         PRUNE_METHODS._entries.pop("first_half_test")
+
+
+def test_a_budget_without_a_sparsity_prunes_past_the_default_sparsity_until_it_lands(data):
+    """Half the channels of a 2x64 MLP are 2.36x fewer MACs: a 3x budget needs more than the default 0.5."""
+    def run(**kw):
+        model = create_model("mlp", data.input_shape, data.num_outputs, hidden=[64, 64])
+        return prune(model, PruneConfig(method="channel", round_to=1, budget={"kind": "macs", "reduction": 3},
+                                        finetune=NO_TRAIN, **kw), data)[1]
+
+    m = run()
+    assert 3.0 <= m["unpruned_macs"] / m["macs"] <= 3.15 and m["stop_reason"] == "step 2: macs budget met"
+    assert m["steps"][0]["target"] == 0.5 and 0.5 < m["steps"][1]["target"] < 0.9
+    m = run(sparsity=0.5)  # a sparsity the recipe gives is the most it prunes
+    assert m["stop_reason"] == "schedule finished before the macs budget was met" and m["macs_reduction"] < 3

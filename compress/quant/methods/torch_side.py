@@ -8,12 +8,11 @@ from typing import ClassVar, Optional
 import torch.nn as nn
 from pydantic import Field
 
-from compress.checkpoint_io import record_transform
 from compress.errors import RecipeError
 from compress.evaluation import evaluate
 from compress.kd import KDConfig, kd_hook
 from compress.quant.methods.base import QuantContext, QuantizeConfig
-from compress.quant.qat import fold_batchnorm, pack_model, quant_layers, quantizable_names, wrap
+from compress.quant.qat import pack_layers, prepare_layers
 from compress.trainer import OptimizerConfig, TrainConfig, Trainer
 
 
@@ -29,6 +28,11 @@ class TorchSideOptions(QuantizeConfig):
     fold_bn: bool = True
     keep_first_last: Optional[bool] = None  # default: true for binary, false otherwise
     exclude: list[str] = []  # layer names left in float
+    # one scale per this many consecutive input weights of an output row (int4 LLM style); None: one per row
+    group_size: Optional[int] = Field(None, ge=8)
+    # decoder LMs: only the decoder layers' projections are quantized by default (not the LM head, which
+    # holds a large share of a small LM's error, nor the embeddings, which are no Linear); true adds the head
+    lm_head: bool = False
     finetune: Optional[TrainConfig] = None  # default: DEFAULT_EPOCHS epochs (Adam 5e-4, cosine)
     DEFAULT_EPOCHS: ClassVar[int] = 3
 
@@ -40,49 +44,18 @@ class TorchSideOptions(QuantizeConfig):
     def check_rules(self, path: str) -> None:
         if self.weight_bits == 1:
             raise RecipeError(f"{path}.bits", f"1-bit weights are method 'binary'; {self.method} takes 8, 4 or 2")
-
-
-def sizes(model: nn.Module) -> dict:
-    """Bytes of the weights of the quantized layers as stored, against the same weights in fp32."""
-    stored = fp32 = 0
-    for m in quant_layers(model):
-        n = 1
-        for d in m.weight_shape:
-            n *= d
-        fp32 += 4 * n
-        stored += m.weight_packed.numel() + 4 * m.weight_scale.numel() if m.packed else 4 * n
-    for name, p in model.named_parameters():  # layers left in float (first/last, excluded)
-        if name.endswith("weight") and p.ndim > 1:
-            fp32 += 4 * p.numel()
-            stored += 4 * p.numel()
-    return {"weight_bytes": stored, "fp32_weight_bytes": fp32, "weight_compression": round(fp32 / max(stored, 1), 2)}
+        if self.group_size is not None and self.method == "binary":
+            raise RecipeError(f"{path}.group_size", "binary weights have one scale per channel; group_size is for 8/4/2 bits")
 
 
 def quantize_layers(model: nn.Module, cfg: TorchSideOptions, ctx: QuantContext, spec: dict, *,
                     keep_first_last: bool = False, hooks: tuple = (), kd: Optional[QuantizeKDConfig] = None,
                     rounds: int = 1, before_round=None, calibrate_batches: int = 0) -> tuple[nn.Module, dict, dict]:
     """Wrap, fine-tune (``rounds`` times, ``before_round(model)`` first), pack; (model, metrics, facts)."""
-    from compress.quant.qat import calibrate
-
-    facts: dict = {"method": cfg.method, "bits": cfg.weight_bits}
     finetune = cfg.finetune_config()
-    if cfg.fold_bn:
-        pairs = fold_batchnorm(model)
-        if pairs:
-            record_transform(model, "fold_bn", pairs=pairs)
-            facts["folded_bn"] = len(pairs)
-    keep = cfg.keep_first_last if cfg.keep_first_last is not None else keep_first_last
-    names = quantizable_names(model, keep, cfg.exclude)
-    missing = [n for n in cfg.exclude if n not in dict(model.named_modules())]
-    if missing:
-        raise RecipeError(f"{ctx.path}.exclude", f"no layer named {missing[0]!r} in the model")
-    if not names:
-        raise RecipeError(ctx.path, "the model has no Conv/Linear layer left to quantize")
-    layers = {n: spec for n in names}
-    wrap(model, layers)
-    if spec.get("act_bits"):
-        facts["activation_bits"] = spec["act_bits"]
-        calibrate(model, ctx.data.loader("train", shuffle=True, batch_size=finetune.batch_size), calibrate_batches)
+    loader = ctx.data.loader("train", shuffle=True, batch_size=finetune.batch_size) if spec.get("act_bits") else None
+    layers, facts = prepare_layers(model, cfg, spec, ctx.path, keep_first_last=keep_first_last, calibration=loader,
+                                   calibrate_batches=calibrate_batches)
     hooks = [h(model) for h in hooks]
     if kd is not None:
         if ctx.teacher is None:
@@ -102,9 +75,5 @@ def quantize_layers(model: nn.Module, cfg: TorchSideOptions, ctx: QuantContext, 
         for h in hooks:
             if hasattr(h, "close"):
                 h.close()
-    model.eval()
-    pack_model(model)
-    record_transform(model, cfg.method, layers=layers, bits=cfg.weight_bits)
-    facts.update(sizes(model))
-    facts["quantized_layers"] = len(names)
+    facts = pack_layers(model, cfg, layers, facts)
     return model, evaluate(model, ctx.data, ctx.split), facts

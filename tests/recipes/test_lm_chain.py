@@ -1,0 +1,64 @@
+"""Tiny random-init decoder LMs of four families through a recipe: teacher -> distill into a shallower,
+narrower student with fewer heads (a hidden-state hint between decoder layers) -> int4 weight-only; every
+row reloads from its file with the perplexity in the report."""
+import pytest
+
+from compress.checkpoint import load_model
+from compress.data import create_data
+from compress.errors import RecipeError
+from compress.evaluation import evaluate
+from compress.pipeline import Pipeline
+from tests.conftest import TINY_LM, lm_data_spec
+
+pytest.importorskip("transformers")
+FAST = {"epochs": 1, "progress": False, "optimizer": {"lr": 0.003}}
+LAST = {  # each family ends with another PyTorch-side int4 method
+    "llama": {"method": "gptq", "bits": 4, "group_size": 8, "calibration_batches": 4},
+    "qwen2": {"method": "weight_only", "bits": 4, "group_size": 8},
+    "phi3": {"method": "gptq", "bits": 4, "group_size": 8, "calibration_batches": 4},
+    "gpt2": {"method": "qat", "bits": 4, "activation_bits": 0, "group_size": 8, "finetune": FAST},
+}
+
+
+def student_of(family: str, vocab: int) -> dict:
+    cfg = {**TINY_LM[family], "vocab_size": vocab}
+    if family == "gpt2":
+        return {**cfg, "n_layer": 1, "n_embd": 24, "n_head": 2}
+    return {**cfg, "num_hidden_layers": 1, "hidden_size": 24, "intermediate_size": 32, "num_attention_heads": 2,
+            "num_key_value_heads": 1}
+
+
+@pytest.mark.parametrize("family", sorted(LAST))
+def test_distill_then_int4_and_reload(tmp_path, lm_corpus, family):
+    data_spec = lm_data_spec(lm_corpus)
+    vocab = create_data(data_spec).vocab_size
+    recipe = {
+        "name": f"lm_{family}", "seed": 0, "data": data_spec,
+        "teacher": {"name": "hf", "config": {**TINY_LM[family], "vocab_size": vocab}},
+        "model": {"name": "hf", "config": student_of(family, vocab)},
+        "stages": [{"train": {"target": "teacher", **FAST}},
+                   {"distill": {"temperature": 2, "alpha": 0.5, "hints": [{"student": 0, "teacher": 1}], **FAST}},
+                   {"quantize": LAST[family]}],
+        "benchmark": {"latency": False, "macs": False},
+    }
+    rows = Pipeline.from_dict(recipe).run(tmp_path / "run")["stages"]
+    assert [r["name"] for r in rows] == ["train", "distill", "quantize"]
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["kd_loss"] == "token_kl"
+    assert all(r["metrics"]["perplexity"] < vocab for r in rows)  # trained: better than uniform guessing
+    assert rows[2]["quantized_layers"] == (4 if family in ("gpt2", "phi3") else 7)  # not head/embeddings
+    assert rows[2]["size_bytes"] < rows[1]["size_bytes"]
+    data = create_data(data_spec)
+    for r in rows[1:]:
+        again = evaluate(load_model(r["artifact"]), data)
+        assert again["perplexity"] == pytest.approx(r["metrics"]["perplexity"], rel=1e-5), r["name"]
+
+
+def test_teacher_with_another_tokenizer_is_one_line(tmp_path, lm_corpus):
+    data_spec = lm_data_spec(lm_corpus)
+    vocab = create_data(data_spec).vocab_size
+    recipe = {"name": "bad", "data": data_spec,
+              "teacher": {"name": "hf", "config": {**TINY_LM["llama"], "vocab_size": vocab + 8}},
+              "model": {"name": "hf", "config": student_of("llama", vocab)},
+              "stages": [{"distill": FAST}], "benchmark": {"latency": False}}
+    with pytest.raises(RecipeError, match=r"stages\[0\].distill.teacher: .*must share the tokenizer"):
+        Pipeline.from_dict(recipe).run(tmp_path / "run")
