@@ -64,18 +64,21 @@ def generate(lm, ids: np.ndarray, max_new_tokens: int = 32, *, temperature: floa
 
 def token_nll(lm, blocks: np.ndarray, batch_size: int = 8) -> tuple[float, int]:
     """(summed next-token NLL, tokens predicted) over ``blocks`` [N, T]: each block is one prefill, its first
-    token is context only, so T-1 predictions per block (non-overlapping blocks, as the perplexity metric)."""
+    token is context only, so T-1 predictions per block (non-overlapping blocks, as the perplexity metric);
+    negative ids are padding, neither fed nor predicted."""
     lm = step_lm(lm)
     blocks = np.asarray(blocks, np.int64)
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         x = blocks[i:i + batch_size]
-        logits, _ = lm.step(*prefill_inputs(x), lm.empty_cache(len(x)))
+        logits, _ = lm.step(*prefill_inputs(np.maximum(x, 0)), lm.empty_cache(len(x)))
         z = logits[:, :-1].astype(np.float64)
         z -= z.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        total -= float(np.take_along_axis(logp, x[:, 1:, None], -1).sum())
-        count += x[:, 1:].size
+        y = x[:, 1:]
+        keep = y >= 0  # negative ids: padding after a stream's last token (the lm dataset's ignore index)
+        total -= float((np.take_along_axis(logp, np.maximum(y, 0)[..., None], -1)[..., 0] * keep).sum())
+        count += int(keep.sum())
     return total, count
 
 
@@ -87,7 +90,7 @@ def perplexity(lm, blocks: np.ndarray, batch_size: int = 8) -> float:
 
 def lm_blocks(data, split: str, n: int, path: str = "quantize") -> np.ndarray:
     """Up to ``n`` token blocks [n, T] of ``split``: from a mapping of split -> array, or a data bundle whose
-    loader yields token batches (a tensor, or a dict with ``input_ids``)."""
+    loader yields token batches (a tensor, or a dict with ``input_ids``, and next-token targets)."""
     if isinstance(data, dict):
         if split not in data:
             raise RecipeError(path, f"the data has no {split!r} token blocks (has {', '.join(data)})")
@@ -97,8 +100,11 @@ def lm_blocks(data, split: str, n: int, path: str = "quantize") -> np.ndarray:
     out: list[np.ndarray] = []
     for raw in data.loader(split, shuffle=False):
         x = raw[0] if isinstance(raw, (tuple, list)) else raw
-        x = x["input_ids"] if isinstance(x, dict) else x
-        out += list(np.asarray(x, np.int64))
+        x = np.asarray(x["input_ids"] if isinstance(x, dict) else x, np.int64)
+        y = np.asarray(raw[1], np.int64) if isinstance(raw, (tuple, list)) and len(raw) > 1 else None
+        if y is not None and y.shape == x.shape:  # next-token targets (the lm dataset): the first input, then every
+            x = np.concatenate([x[:, :1], y], 1)  # target (ignored ones stay negative), as the metric counts them
+        out += list(x)
         if len(out) >= n:
             break
     if not out:

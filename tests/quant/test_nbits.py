@@ -89,3 +89,23 @@ def test_a_file_without_a_cache_is_refused(tmp_path):
     src = to_onnx(torch.nn.Linear(4, 2), torch.zeros(1, 4), tmp_path / "plain.onnx")
     with pytest.raises(CompressError, match="not a language model file"):
         quantize(src, NBitsConfig(), {"val": np.zeros((1, 4), np.int64)}, out_dir=tmp_path)
+
+
+def test_lm_data_and_a_recipe_model(lm_corpus, tmp_path):
+    """The lm dataset and a `name: hf` causal LM (compress-wrapped): the file's perplexity is the metric's."""
+    from compress.data import create_data
+    from compress.evaluation import evaluate
+    from compress.models import create_model
+    from compress.runtime.generate import lm_blocks
+    from tests.conftest import TINY_LM, lm_data_spec
+
+    data = create_data(lm_data_spec(lm_corpus))
+    model = create_model({"name": "hf", "config": {**TINY_LM["llama"], "vocab_size": data.vocab_size}},
+                         data.input_shape, data.num_outputs, data_task=data.task)
+    blocks = lm_blocks(data, "test", 10 ** 9)
+    assert blocks.shape[1] == 17  # 16 inputs and the last target: every target token is predicted
+    metric = evaluate(model, data, "test")["perplexity"]
+    assert perplexity(model, blocks) == pytest.approx(metric, rel=1e-5)
+    r = quantize(model, NBitsConfig(check={"max_ratio": 1.5}), data, out_dir=tmp_path, split="test")
+    assert r.metrics["perplexity"] == pytest.approx(metric, rel=0.1)
+    assert r.metrics["fp32_onnx_metrics"]["perplexity"] == pytest.approx(metric, rel=1e-4)
