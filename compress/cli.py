@@ -115,6 +115,8 @@ from compress.cli_pack import pack as _pack  # noqa: E402
 cli.add_command(_pack)
 from compress.cli_quantize import quantize as _quantize  # noqa: E402
 cli.add_command(_quantize)
+from compress.cli_generate import generate as _generate  # noqa: E402
+cli.add_command(_generate)
 
 
 def main():

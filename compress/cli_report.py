@@ -10,8 +10,9 @@ from compress.cli_options import allow_import_opt, check_output, friendly_errors
 
 @click.command()
 @click.argument("model_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--recipe", "recipe", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Recipe whose data (test split) and benchmark: section are used.")
+@click.option("--recipe", "recipe", type=click.Path(dir_okay=False, path_type=Path),
+              help="Recipe whose data (test split) and benchmark: section are used (optional for a language model's "
+                   ".onnx file with a cache: its generation speed needs no data).")
 @set_opt
 @click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path),
               help="Another .pt/.onnx to interleave with: latency is reported as a ratio to it.")
@@ -20,7 +21,8 @@ from compress.cli_options import allow_import_opt, check_output, friendly_errors
 @allow_import_opt
 @friendly_errors
 def bench(model_file, recipe, overrides, baseline, json_out, html_out, allow_import):
-    """Measure MODEL_FILE (a compress .pt checkpoint or an .onnx file) on RECIPE's data."""
+    """Measure MODEL_FILE (a compress .pt checkpoint or an .onnx file) on RECIPE's data; a language model's .onnx
+    file with a cache alone: prefill and decode speed at batch 1 and 4, one thread and all."""
     from compress.data import create_data
     from compress.measure.config import BenchmarkConfig
     from compress.measure.machine import machine_info
@@ -33,6 +35,10 @@ def bench(model_file, recipe, overrides, baseline, json_out, html_out, allow_imp
 
     check_output("--json", json_out)
     check_output("--html", html_out)
+    if recipe is None:
+        from compress.cli_generate import bench_lm
+
+        return bench_lm(model_file, baseline, json_out)
     r = load_recipe(recipe, overrides)
     with allowing_imports(allow_import):  # the checkpoints' specs: only the recipe's data is used here
         subject = Subject.load(model_file)

@@ -82,6 +82,28 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("doc_yaml", blocks, ids=[f"{name}:{line}" for name, line, _ in blocks])
 
 
+# -- tiny causal LMs (decoder-LM deployment tests) -----------------------------------------------------------
+def tiny_causal_lm(family: str = "llama", vocab: int = 128, seed: int = 0, init: float = 0.5):
+    """A random-init transformers causal LM of ``family`` in a few KB (Llama/Qwen2/Phi-3 with 4 heads in 2
+    key-value groups); a wide ``init`` so that its next-token distribution is peaked, not uniform."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, initializer_range=init, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if family == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    else:
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}[family]
+        cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, **common)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    return tiny_causal_lm
+
+
 # -- tiny decoder language models (issue 28) -------------------------------------------------------------
 TINY_LM = {  # inline `name: hf` configs, a few thousand parameters each, grouped-query attention where the family has it
     "llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,

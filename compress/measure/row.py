@@ -9,6 +9,7 @@ from compress.api import Result, as_data
 from compress.errors import CompressError
 from compress.evaluation import evaluate
 from compress.measure.config import BenchmarkConfig
+from compress.measure.generation import lm_source, row_generation
 from compress.measure.latency import measure_latency
 from compress.measure.size import (bits_per_weight, count_macs, count_params, file_size, layer_stats, onnx_weights,
                                    saved_size, saved_zipped_size, weight_bytes, zipped_size)
@@ -25,8 +26,13 @@ def measure(subject: Subject, data, cfg: BenchmarkConfig | None = None, *, metri
     cfg = cfg or BenchmarkConfig()
     split = cfg.split if data.has(cfg.split) else "val"
     model = subject.model
+    lm = lm_source(model if subject.onnx is None else None, subject.onnx)  # a causal LM: generation speed too
     if metrics is None:
-        if model is not None:
+        if lm is not None and subject.onnx is not None:  # an LM file: perplexity of the file on token blocks
+            from compress.runtime.generate import lm_blocks, onnx_perplexity
+
+            metrics = {"perplexity": onnx_perplexity(subject.onnx, lm_blocks(data, split, 10 ** 9, "benchmark"))}
+        elif model is not None:
             metrics = evaluate(model, data, split)
         elif subject.onnx is not None:
             metrics = evaluate_onnx(subject.onnx, data, split)
@@ -53,7 +59,11 @@ def measure(subject: Subject, data, cfg: BenchmarkConfig | None = None, *, metri
     if model is not None:
         row["layers"] = layer_stats(model)
     if cfg.latency:
-        row["latency"] = measure_latency(subject, data, cfg, baseline, f"latency {desc}")
+        if lm is None or subject.onnx is None:  # an LM file takes a cache: its speed is generation speed
+            row["latency"] = measure_latency(subject, data, cfg, baseline, f"latency {desc}")
+        if lm is not None:
+            base = lm_source(baseline.model if baseline.onnx is None else None, baseline.onnx) if baseline else None
+            row["generation"] = row_generation(lm, base, threads=cfg.threads)
     return row
 
 

@@ -78,22 +78,29 @@ QPARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulIn
                  "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7), "MatMulNBits": (2, 3)}
 
 
+# Inputs that hold several low-bit weights per byte (ORT's weight-only ops; their ``bits`` attribute, default 4).
+PACKED_INPUTS = {"MatMulNBits": 1, "GatherBlockQuantized": 0}
+
+
 def onnx_weights(path: str | Path) -> tuple[int, int, int]:
     """(parameters, non-zeros, bytes as stored) of an ONNX file's weights: its initializers, less scalars and the
     scales and zero points of quantized ops (per-channel ones are vectors), so an int8 file counts what its float
-    model counts."""
+    model counts; an int4 MatMulNBits weight counts two parameters per byte."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
     qparams = {n.input[i] for n in graph.node for i in QPARAM_INPUTS.get(n.op_type, ()) if i < len(n.input)}
+    per_byte = {n.input[PACKED_INPUTS[n.op_type]]: 8 // next((a.i for a in n.attribute if a.name == "bits"), 4)
+                for n in graph.node if n.op_type in PACKED_INPUTS}
     total = nonzero = nbytes = 0
     for init in graph.initializer:
         arr = numpy_helper.to_array(init)
         if arr.ndim == 0 or arr.dtype.kind not in "fiu" or init.name in qparams:
             continue
-        total += arr.size
-        nonzero += int(np.count_nonzero(arr))
+        k = per_byte.get(init.name, 1)
+        total += arr.size * k
+        nonzero += arr.size * k if k > 1 else int(np.count_nonzero(arr))  # packed codes: zeros are not told apart
         nbytes += arr.nbytes
     return total, nonzero, nbytes
 

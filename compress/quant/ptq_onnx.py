@@ -123,11 +123,12 @@ def _quiet_per_channel_fallback():
 
 
 def quantize_dynamic_onnx(fp32: Path, out: Path, fmt: Int8Format = Int8Format(), *,
-                          op_types: list[str] | None = None) -> Path:
+                          op_types: list[str] | None = None, nodes_to_exclude: list[str] | None = None) -> Path:
     from onnxruntime.quantization import quantize_dynamic
 
     quantize_dynamic(str(fp32), str(out), per_channel=fmt.per_channel, reduce_range=fmt.reduce_range,
-                     weight_type=_qtype(fmt.weight_type), op_types_to_quantize=op_types or None)
+                     weight_type=_qtype(fmt.weight_type), op_types_to_quantize=op_types or None,
+                     nodes_to_exclude=nodes_to_exclude or None)
     return out
 
 

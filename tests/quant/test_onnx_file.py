@@ -82,7 +82,7 @@ def test_cli_takes_a_recipes_data_section(files, tmp_path, monkeypatch):
 
 def test_qat_is_no_method_for_a_file(files):
     with pytest.raises(compress.CompressError, match="quantize.method: qat quantizes a PyTorch model; an .onnx file "
-                                                     "takes ptq_dynamic or ptq_static"):
+                                                     "takes lm_dynamic or nbits or ptq_dynamic or ptq_static"):
         compress.quantize(files["model"], compress.QuantizeConfig(method="qat"), data=files["npz"])
 
 

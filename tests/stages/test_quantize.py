@@ -48,8 +48,8 @@ def recipe(quantize_options, teacher=False):
     ({"method": "binary", "bits": 4}, "stages[1].quantize.bits: binary networks have 1-bit weights; expected 1, got 4"),
     ({"method": "ptq_static", "bits": 4}, "stages[1].quantize.bits: ptq_static quantizes to int8"),
     ({"method": "qat", "kd": {}}, "stages[1].quantize.kd: needs a teacher"),
-    ({"method": "int3"}, "stages[1].quantize.method: expected one of 'binary', 'gptq', 'ptq_dynamic', 'ptq_static', 'qat', "
-                         "'weight_only', got 'int3'"),
+    ({"method": "int3"}, "stages[1].quantize.method: expected one of 'binary', 'gptq', 'lm_dynamic', 'nbits', "
+                         "'ptq_dynamic', 'ptq_static', 'qat', 'weight_only', got 'int3'"),
     ({"method": "ptq_static", "observer": "lsq"}, "stages[1].quantize.observer: unknown"),  # a QAT-only key
 ])
 def test_bad_options_name_the_key_path(options, message):
