@@ -25,7 +25,7 @@ def _recipe_tokenizer(path: Path) -> Optional[Path]:
     """``data.tokenizer`` of the recipe.yaml of the run a checkpoint was saved in (its stage folder's parent)."""
     from compress import yamlsafe
 
-    for folder in (path.parent, path.parent.parent):
+    for folder in (path.parent, *path.parent.parents[:2]):  # a stage folder's model, or the run folder's
         recipe = folder / "recipe.yaml"
         if recipe.is_file():
             try:
@@ -47,7 +47,10 @@ def find_tokenizer(model_path: Path, given: Optional[Path], spec_folder: Optiona
             raise CompressError(f"--tokenizer: '{given}' is not a tokenizer folder (no tokenizer.json or "
                                 "tokenizer_config.json) nor a tokenizer.json file")
         return given
-    candidates = [_recipe_tokenizer(model_path), spec_folder, model_path if model_path.is_dir() else model_path.parent]
+    beside = model_path if model_path.is_dir() else model_path.parent
+    run = next((f for f in (beside, *beside.parents[:2]) if (f / "recipe.yaml").is_file()), None)
+    # the tokenizer a run trained on its corpus: run/tokenizer.json beside run/recipe.yaml (run/stages/NN_x/model.pt)
+    candidates = [_recipe_tokenizer(model_path), spec_folder, beside, run / "tokenizer.json" if run else None]
     for c in candidates:
         if c is not None and (_has_tokenizer(c) or (c.is_file() and c.suffix == ".json")):
             return c

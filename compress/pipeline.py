@@ -216,6 +216,9 @@ class Pipeline:
     def _run_stages(self, state: PipelineState, run_dir: Path, resume: bool, until: Optional[int] = None) -> dict:
         state.run_dir = run_dir
         write_text(run_dir / "recipe.yaml", self.recipe.to_yaml())
+        tok = getattr(state.data, "tokenizer", None)
+        if hasattr(tok, "save") and not isinstance(getattr(self.recipe.data, "tokenizer", None), (str, Path)):
+            tok.save(str(run_dir / "tokenizer.json"))  # a tokenizer trained on the corpus: `compress generate` reads it
         started = time.time()
         saved_teacher = None
         stages = self.recipe.stages[:until]

@@ -88,3 +88,20 @@ def test_bench_of_an_lm_file_needs_no_recipe(lm_folder, tmp_path, monkeypatch):
     assert "| m.onnx | onnxruntime | 4 | 1 |" in r.output
     r = CliRunner().invoke(cli, ["bench", str(tmp_path / "nothing.onnx")])
     assert r.exit_code == 2 and "without --recipe" in r.output
+
+
+def test_a_run_saves_the_tokenizer_it_trained_and_generate_finds_it(lm_corpus, tmp_path):
+    """No --tokenizer: a checkpoint of a run on lm data with a trained BPE generates with that BPE."""
+    import yaml
+
+    from tests.conftest import TINY_LM, lm_data_spec
+
+    recipe = {"name": "g", "data": lm_data_spec(lm_corpus), "model": {"name": "hf", "config": {**TINY_LM["llama"], "vocab_size": 300}},
+              "benchmark": {"latency": False}, "stages": [{"train": {"epochs": 1, "progress": False}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+    model = next((tmp_path / "run" / "stages").glob("*/model.pt"))
+    g = _run(model, "--prompt", "def x0", "--max-new-tokens", 4)
+    assert g.exit_code == 0 and g.output.startswith("def x0"), g.output

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class DataBundle:
     collate: Optional[Callable] = None  # batches samples (text: pads each batch); None: torch's default_collate
     vocab_size: Optional[int] = None  # text data: the tokenizer's vocabulary (every token id is below it)
     description: dict = field(default_factory=dict)  # facts about the corpus for the report (lm: Python version, tokens)
+    tokenizer: Any = None  # text data: the tokenizer the ids came from (a trained one is saved in the run folder)
 
     @classmethod
     def from_loaders(cls, train: DataLoader, val: DataLoader | None = None, test: DataLoader | None = None,

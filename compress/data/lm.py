@@ -243,4 +243,5 @@ def lm(spec: LMSpec) -> DataBundle:
                           "split_documents": [len(train_idx), len(val_idx), len(test_idx)],
                           "split_tokens": [train.tokens, val.tokens, test.tokens], "block_size": spec.block_size,
                           "vocab_size": vocab}
+    bundle.tokenizer = tok
     return bundle
