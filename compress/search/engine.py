@@ -58,6 +58,7 @@ class SearchResult:
     reuse: dict = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+    explain: dict = field(default_factory=dict)  # per objective the keys that mattered; the keys that moved none
 
 
 # -- rows read back from study.db ---------------------------------------------------------------------
@@ -360,7 +361,8 @@ def _rows(study) -> list[dict]:
 
 def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Optional[str | Path] = None,
            resume: bool = False, force: bool = False, trials: Optional[int] = None,
-           time_limit: Optional[float] = None, compare: Any = None, log=print) -> SearchResult:
+           time_limit: Optional[float] = None, compare: Any = None, jobs: Optional[int] = None,
+           log=print) -> SearchResult:
     """Search the recipe's ``search.space`` for the best model meeting ``search.constraints``.
 
     ``recipe_or_doc``: a recipe path or document with a ``search:`` section (``config`` replaces that
@@ -377,6 +379,8 @@ def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Op
     cfg = parse_search(doc)
     if trials is not None:
         cfg.trials = trials
+    if jobs is not None:
+        cfg.jobs = jobs
     limit = time_limit if time_limit is not None else cfg.time_limit
     cmp_doc = None
     if compare is not None:
@@ -431,7 +435,7 @@ def _search(optuna, doc: dict, cfg: SearchConfig, out: Path, resume: bool, limit
         stopped = work(optuna, study, s, started, limit)
     else:
         stopped = _parallel(optuna, study, s, doc, started, limit)
-    return _finish(s, study, started, stopped)
+    return _finish(optuna, s, study, started, stopped)
 
 
 def _parallel(optuna, study, s: "Search", doc: dict, started: float, limit: Optional[float]) -> str:
@@ -562,8 +566,8 @@ def _write_rows(out: Path, rows: list[dict]) -> None:
     write_text(out / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _finish(s: Search, study, started: float, stopped: str) -> SearchResult:
-    from compress.measure.subject import Subject
+def _finish(optuna, s: Search, study, started: float, stopped: str) -> SearchResult:
+    from compress.search.explain import explain
 
     cfg, out = s.cfg, s.out
     rows = _rows(study)
@@ -619,7 +623,8 @@ def _finish(s: Search, study, started: float, stopped: str) -> SearchResult:
     if stopped:
         message += f" ({stopped})"
     reuse = s.cache.stats()
-    res = SearchResult(out, rows, front, chosen, closest, test, cmp_row, s.base, reuse, round(time.time() - started, 1), message)
+    res = SearchResult(out, rows, front, chosen, closest, test, cmp_row, s.base, reuse, round(time.time() - started, 1),
+                       message, explain(optuna, study, rows, cfg, s.seed))
     write_json(out / "front.json", front)
     write_json(out / "result.json", {k: (str(v) if isinstance(v, Path) else v) for k, v in res.__dict__.items() if k != "rows"})
     from compress.search.page import write_page
