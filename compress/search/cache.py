@@ -134,6 +134,9 @@ def run_cached(doc: dict, run_dir: Path, cache: Optional[StageCache], low: Optio
         t0 = time.time()
         result = run_stage(state, spec)
         apply(state, result)
+        # what a later stage reads of this one (encode packs the int8 file the stage before wrote)
+        state.results.append({"index": spec.index, "name": spec.name, "model_file": None,
+                              "artifact": str(result.artifact) if result.artifact else None})
         spent += time.time() - t0
         if cache is not None:
             cache.ran[f"{spec.index}:{spec.name}"] += 1

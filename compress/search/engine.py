@@ -505,12 +505,41 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def pause_while_measuring(path: Path):
+    """A trainer hook for ``--jobs`` workers: after every optimizer step, wait while another worker holds the
+    measurement lock, so a trial's latency is timed with no training running beside it."""
+    import fcntl
+
+    from compress.hooks import Hook
+
+    class Pause(Hook):
+        def __init__(self):
+            self.f = open(path, "a")
+
+        def after_step(self, trainer) -> None:
+            fcntl.flock(self.f, fcntl.LOCK_SH)  # blocks only while a measurement holds LOCK_EX
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+
+    return Pause()
+
+
 def work(optuna, study, s: "Search", started: float, limit: Optional[float]) -> str:
     """Ask, run and tell trials until the study holds ``trials`` (finished or running); return why it stopped
     early ('' when it did not). Every worker of a search runs this loop on the same study."""
+    if s.cfg.jobs == 1:
+        return _trials(optuna, study, s, started, limit)
+    from compress.trainer import PROCESS_HOOKS
+
+    PROCESS_HOOKS[:] = [pause_while_measuring(s.out / ".measure.lock")]
+    try:
+        return _trials(optuna, study, s, started, limit)
+    finally:
+        PROCESS_HOOKS.clear()
+
+
+def _trials(optuna, study, s: "Search", started: float, limit: Optional[float]) -> str:
     cfg = s.cfg
     TS = optuna.trial.TrialState
-
     def constraints(t):  # Optuna's feasibility-aware sampling: <= 0 means met
         return t.user_attrs.get("violation", [0.0])
 
