@@ -110,6 +110,12 @@ class StageCache:
         except OSError:  # another worker's entry is there already
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def merge(self, other: dict) -> None:
+        """Add another worker's ``stats()``."""
+        self.hits += other["hits"]
+        self.saved_seconds += other["saved_seconds"]
+        self.ran.update(other["stage_runs"])
+
     def stats(self) -> dict:
         return {"hits": self.hits, "saved_seconds": round(self.saved_seconds, 1), "stage_runs": dict(self.ran)}
 

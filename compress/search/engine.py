@@ -442,7 +442,6 @@ def _parallel(optuna, study, s: "Search", doc: dict, started: float, limit: Opti
     """``jobs - 1`` worker processes beside this one, on the same study.db and stage cache (processes, not
     threads: training is Python-bound at these model sizes, so threads would share one core)."""
     import multiprocessing
-    import os
     import pickle
 
     import torch
@@ -455,8 +454,9 @@ def _parallel(optuna, study, s: "Search", doc: dict, started: float, limit: Opti
     threads = torch.get_num_threads()
     per_job = max(1, (os.cpu_count() or 1) // s.cfg.jobs)
     ctx = multiprocessing.get_context("spawn")  # fork after torch and SQLite are initialised is unsafe
+    stats = ctx.Queue()  # each worker's stage-reuse counts, merged into the search's
     procs = [ctx.Process(target=_worker, args=(doc, s.cfg.model_dump(), str(s.out), started, limit,
-                                               None if quiet else s.log, per_job), daemon=True)
+                                               None if quiet else s.log, per_job, stats), daemon=True)
              for _ in range(s.cfg.jobs - 1)]
     for p in procs:
         p.start()
@@ -467,6 +467,8 @@ def _parallel(optuna, study, s: "Search", doc: dict, started: float, limit: Opti
         torch.set_num_threads(threads)
         for p in procs:
             p.join()
+    while not stats.empty():
+        s.cache.merge(stats.get())
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise CompressError(f"{len(failed)} search worker(s) failed (exit status {failed[0]}); "
@@ -474,7 +476,8 @@ def _parallel(optuna, study, s: "Search", doc: dict, started: float, limit: Opti
     return stopped
 
 
-def _worker(doc: dict, cfg: dict, out: str, started: float, limit: Optional[float], log, threads: int) -> None:
+def _worker(doc: dict, cfg: dict, out: str, started: float, limit: Optional[float], log, threads: int,
+            stats) -> None:
     """One ``--jobs`` worker process: the baseline from the cache (never trained here), then trials."""
     import torch
 
@@ -485,6 +488,7 @@ def _worker(doc: dict, cfg: dict, out: str, started: float, limit: Optional[floa
         s.baseline()
         work(optuna, optuna.load_study(study_name="search", storage=_storage(optuna, Path(out) / "study.db")),
              s, started, limit)
+    stats.put(s.cache.stats())
 
 
 def _storage(optuna, db: Path):
@@ -534,7 +538,7 @@ def work(optuna, study, s: "Search", started: float, limit: Optional[float]) -> 
     try:
         return _trials(optuna, study, s, started, limit)
     finally:
-        PROCESS_HOOKS.clear()
+        PROCESS_HOOKS.pop().f.close()
 
 
 def _trials(optuna, study, s: "Search", started: float, limit: Optional[float]) -> str:
@@ -549,14 +553,14 @@ def _trials(optuna, study, s: "Search", started: float, limit: Optional[float]) 
     low_fi = cfg.fidelity.enabled and (cfg.fidelity.low < 1 or cfg.fidelity.data < 1)
     while True:
         with file_lock(s.out / ".ask.lock"):  # counting and asking as one step: no worker overshoots `trials`
-            if len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED, TS.RUNNING))) >= cfg.trials:
+            ordinal = len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED, TS.RUNNING)))
+            if ordinal >= cfg.trials:
                 return ""
             if limit and time.time() - started > limit:
                 return f"time limit reached after {len(finished())} trials"
             # A fresh sampler seeded by how many trials came before this one: a resumed search samples what an
             # uninterrupted one would have (the sampler's random state is not in the storage), and with --jobs
             # the k-th trial asked gets the k-th seed whatever the other workers are doing.
-            ordinal = len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED, TS.RUNNING)))
             study.sampler = _sampler(optuna, cfg.sampler, s.seed * 100003 + ordinal, constraints)
             trial = study.ask()
             params = _suggest(trial, cfg.space)
