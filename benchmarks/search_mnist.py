@@ -55,6 +55,37 @@ def front_vs_hand(res) -> dict:
     return {"hand_val": {"accuracy": h["accuracy"], "size": h["size"], "speedup": h.get("speedup")}, "front": points}
 
 
+def trial_cost(doc: dict, repeats: int) -> dict:
+    """Wall and CPU seconds of one low-fidelity trial (the stages after the teacher at ``fidelity.low`` of their
+    epochs) on the whole training split (before: issue 27) and on ``fidelity.data`` of it, interleaved in this
+    process; each run starts from a cache holding only the teacher, so nothing else is reused."""
+    from compress.search.cache import StageCache, run_cached
+    from compress.search.config import parse_search, strip_search, trial_doc
+    from compress.search.engine import scale_epochs
+
+    cfg = parse_search(doc)
+    base = strip_search(doc)
+    params = {k: (v[len(v) // 2] if isinstance(v, list) else (v["low"] + v["high"]) / 2) for k, v in cfg.space.items()}
+    low = scale_epochs(trial_doc(base, params), 1, cfg.fidelity.low)
+    root = OUT / "trial_cost"
+    shutil.rmtree(root, ignore_errors=True)
+    teacher = StageCache(root / "teacher")
+    run_cached(dict(base, stages=base["stages"][:1]), root / "t", teacher)
+    out: dict = {"params": params, "epochs": cfg.fidelity.low, "runs": []}
+    for rep in range(repeats):
+        for fraction in (1.0, cfg.fidelity.data):
+            cache = StageCache(root / f"cache{rep}_{fraction}")
+            shutil.copytree(teacher.root, cache.root)
+            t0, c0 = time.time(), time.process_time()
+            run_cached(low, root / f"run{rep}_{fraction}", cache, (1, fraction))
+            out["runs"].append({"data": fraction, "wall_s": round(time.time() - t0, 1),
+                                "cpu_s": round(time.process_time() - c0, 1)})
+    for fraction in (1.0, cfg.fidelity.data):
+        runs = [r for r in out["runs"] if r["data"] == fraction]
+        out[f"data_{fraction}"] = {k: round(sum(r[k] for r in runs) / len(runs), 1) for k in ("wall_s", "cpu_s")}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -62,12 +93,20 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=None, help="search worker processes (default: search.jobs)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per seed")
+    ap.add_argument("--trial-cost", type=int, default=0, metavar="REPEATS",
+                    help="only measure one low-fidelity trial on the whole training split and on fidelity.data of it")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="applied to both the search recipe and the hand-written one (e.g. stages.0.train.epochs=4)")
     args = ap.parse_args()
     data_dir()
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.trial_cost:
+        doc = read_yaml(args.recipe)
+        for o in args.overrides:
+            apply_override(doc, o)
+        print(json.dumps({"machine": machine_line(), **trial_cost(doc, args.trial_cost)}, indent=1))
+        return
     summary_file = OUT / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"runs": {}}
     for seed in (int(s) for s in args.seeds.split(",")):

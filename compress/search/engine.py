@@ -290,13 +290,14 @@ class Search:
             low = (self.first_varied, self.cfg.fidelity.data)
         d = check_inside(self.out, self.out / "trials" / f"{number:04d}" / fidelity, "trial folder")
         shutil.rmtree(d, ignore_errors=True)  # what a killed attempt of this trial left
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         state, result = run_cached(doc, d, self.cache, low)
         subject = deployable(state, result, d)
         with self.measuring():
             measured = measure_subject(subject, state.data, self.cfg, self.subject, self.metric)
         row = {"trial": number, "fidelity": fidelity, "params": params, **measured}
         row["seconds"] = round(time.time() - t0, 2)
+        row["cpu_seconds"] = round(time.process_time() - c0, 2)  # this process's own: steadier on a shared machine
         row["dir"] = str(d)
         row["misses"] = misses(row, self.base, self.cfg)
         row["feasible"] = not row["misses"]
