@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=None, help="search worker processes (default: search.jobs)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds per seed")
+    ap.add_argument("--resume", action="store_true", help="continue each seed's search where it stopped")
     ap.add_argument("--trial-cost", type=int, default=0, metavar="REPEATS",
                     help="only measure one low-fidelity trial on the whole training split and on fidelity.data of it")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -116,16 +117,18 @@ def main() -> None:
             apply_override(hand, o)
         doc["search"]["seed"] = seed
         out = OUT / f"seed{seed}"
-        shutil.rmtree(out, ignore_errors=True)
+        if not args.resume:
+            shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
-        res = search(doc, out=out, trials=args.trials, time_limit=args.time_limit, compare=hand, jobs=args.jobs)
+        res = search(doc, out=out, trials=args.trials, time_limit=args.time_limit, compare=hand, jobs=args.jobs,
+                     resume=args.resume, log=print)
         wall = time.time() - t0
         c, h = res.test, (res.compare or {}).get("test")
         dominates_hand = None
         if c and h:
             dominates_hand = (c["accuracy"] >= h["accuracy"] and c["size"] <= h["size"]
                               and (res.compare["chosen_vs_compare_speedup"] or 0) >= 1.0)
-        line = {"seed": seed, "overrides": args.overrides, "jobs": args.jobs, "wall_s": round(wall, 1),
+        line = {"seed": seed, "overrides": args.overrides, "jobs": args.jobs, "resumed": args.resume, "wall_s": round(wall, 1),
                 "per_trial": per_trial_seconds(res.rows), "reuse": res.reuse, "message": res.message,
                 "chosen": res.chosen is not None, "chosen_test": c, "hand_test": h,
                 "chosen_vs_hand_speedup": (res.compare or {}).get("chosen_vs_compare_speedup"),

@@ -21,13 +21,8 @@ from typing import Optional
 
 from compress.checkpoint import load_model, save_model
 from compress.rundir import check_inside
+from compress.search.config import teacher_only
 from compress.utils import write_json
-
-
-def teacher_only(stage) -> bool:
-    """A stage that trains the teacher and leaves the student as built (the reference stage of a search)."""
-    return isinstance(stage, dict) and list(stage) == ["train"] and isinstance(stage["train"], dict) \
-        and stage["train"].get("target") == "teacher"
 
 
 def prefix_key(doc: dict, k: int, low: Optional[tuple[int, float]] = None) -> str:

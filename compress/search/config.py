@@ -133,11 +133,15 @@ def _values(spec: Any, where: str) -> list:
     raise RecipeError(where, f"expected a list of choices or a {{low, high}} range, got {spec!r}")
 
 
+def teacher_only(stage) -> bool:
+    """A stage that trains the teacher and leaves the student as built (the reference stage of a search)."""
+    return isinstance(stage, dict) and list(stage) == ["train"] and isinstance(stage["train"], dict) \
+        and stage["train"].get("target") == "teacher"
+
+
 def first_stage(base: dict, key: str) -> int:
     """The first stage whose result a space key can change (a student's ``model`` key: the first stage
     after the teacher-only ones)."""
-    from compress.search.cache import teacher_only
-
     k = stage_of(key)
     if k is not None:
         return k
