@@ -32,11 +32,15 @@ DIRS = {"accuracy": "max", "latency": "min", "size": "min"}
 
 def per_trial_seconds(rows: list[dict]) -> dict:
     """Compute seconds per trial (its low and full rows together), from the rows the search stored."""
-    by: dict[int, float] = {}
+    wall: dict[int, float] = {}
+    cpu: dict[int, float] = {}
     for r in rows:
-        by[r["trial"]] = by.get(r["trial"], 0.0) + r["seconds"]
+        wall[r["trial"]] = wall.get(r["trial"], 0.0) + r["seconds"]
+        if r.get("cpu_seconds") is not None:
+            cpu[r["trial"]] = cpu.get(r["trial"], 0.0) + r["cpu_seconds"]
     full = sum(1 for r in rows if r["fidelity"] == "full")
-    return {"trials": len(by), "full_budget": full, "mean_s": round(sum(by.values()) / max(len(by), 1), 1)}
+    return {"trials": len(wall), "full_budget": full, "mean_s": round(sum(wall.values()) / max(len(wall), 1), 1),
+            "mean_cpu_s": round(sum(cpu.values()) / len(cpu), 1) if cpu else None, "cpu_measured_trials": len(cpu)}
 
 
 def front_vs_hand(res) -> dict:
