@@ -457,7 +457,8 @@ def _parallel(optuna, study, s: "Search", doc: dict, started: float, limit: Opti
     ctx = multiprocessing.get_context("spawn")  # fork after torch and SQLite are initialised is unsafe
     stats = ctx.Queue()  # each worker's stage-reuse counts, merged into the search's
     procs = [ctx.Process(target=_worker, args=(doc, s.cfg.model_dump(), str(s.out), started, limit,
-                                               None if quiet else s.log, per_job, stats), daemon=True)
+                                               None if quiet else s.log, per_job, stats))
+             # not daemonic: a worker may start DataLoader processes (data.num_workers); joined below
              for _ in range(s.cfg.jobs - 1)]
     for p in procs:
         p.start()
