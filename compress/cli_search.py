@@ -21,9 +21,12 @@ from compress.errors import RecipeError
 @click.option("--force", is_flag=True, help="Replace an existing search directory made by compress (under runs/ or --out).")
 @click.option("--compare", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="A hand-written recipe to run and measure side by side with the chosen model.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes on the shared study (default: search.jobs, 1); latency is measured one "
+                   "trial at a time.")
 @allow_import_opt
 @friendly_errors
-def search(recipe, overrides, out, trials, time_limit, resume, force, compare, allow_import):
+def search(recipe, overrides, out, trials, time_limit, resume, force, compare, jobs, allow_import):
     """Search RECIPE's search.space for the best model meeting search.constraints; write trials.jsonl,
     front.json, result.json, chosen/ and search.html."""
     from compress.recipe import apply_override, read_yaml
@@ -44,7 +47,11 @@ def search(recipe, overrides, out, trials, time_limit, resume, force, compare, a
         apply_override(doc, o)
     with allowing_imports(allow_import):
         res = run_search(doc, out=out, resume=resume, force=force, trials=trials, time_limit=limit, compare=compare,
-                         log=click.echo)
+                         jobs=jobs, log=click.echo)
+    from compress.search.explain import describe
+
     click.echo(res.message)
+    for line in describe(res.explain):
+        click.echo(line)
     click.echo(f"stage reuse: {res.reuse['hits']} cached prefixes loaded, about {res.reuse['saved_seconds']} s saved")
     click.echo(f"search directory: {res.out}  (search.html, trials.jsonl, front.json, chosen/)")

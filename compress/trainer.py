@@ -26,6 +26,10 @@ from compress.data.inputs import to_device
 from compress.evaluation import evaluate  # the trainer validates with it; compress.trainer.evaluate stays public
 from compress.metrics import LOSSES, MetricAccumulator, default_loss, primary_metric
 from compress.hooks import Hook  # noqa: F401  (stages and models import Hook from here too)
+
+# Hooks every Trainer of this process adds after its own, stateless ones only (the workers of
+# `compress search --jobs N` pause here while another worker times a trial).
+PROCESS_HOOKS: list[Hook] = []
 from compress.utils import append_jsonl, atomic_path, check_device, resolve_device
 
 NONFINITE_CHECK_EVERY = 16  # steps between checks of the loss for inf/nan (each check is one device sync)
@@ -142,7 +146,7 @@ class Trainer:
         self.model, self.cfg, self.data = model, cfg, data
         self.where = where or name  # the recipe key path of the stage, for error messages
         # A model can bring its own loss terms (KernelNet's kernel regularizer): ``model.training_hooks()``.
-        self.hooks = list(hooks) + list(getattr(model, "training_hooks", lambda: [])())
+        self.hooks = list(hooks) + list(getattr(model, "training_hooks", lambda: [])()) + PROCESS_HOOKS
         self.name, self.seed = name, seed
         self.log_path, self.state_path, self.epoch_dir = log_path, state_path, epoch_dir
         self.device = resolve_device(cfg.device)

@@ -55,11 +55,13 @@ class BackendConfig(StrictModel):
 
 
 class FidelityConfig(StrictModel):
-    """Cheap first: every trial trains at ``low`` x the epochs of the stages the space varies; only trials
-    whose optimistic low-fidelity point is not dominated by the full-budget front get the full budget."""
+    """Cheap first: every trial trains the stages the space varies at ``low`` x their epochs on a seeded ``data``
+    fraction of the training split; only trials whose optimistic low-fidelity point is not dominated by the
+    full-budget front get the full budget."""
 
     enabled: bool = True
     low: float = Field(0.34, gt=0, le=1)
+    data: float = Field(0.5, gt=0, le=1)  # share of the training split at low fidelity (val is always whole)
     optimism: float = Field(0.02, ge=0)  # accuracy a full fine-tune may add, until promoted trials measure it
 
 
@@ -72,6 +74,7 @@ class SearchConfig(StrictModel):
     time_limit: Optional[float] = None  # seconds, or '45m', '2h' (read as seconds)
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: Optional[int] = None  # default: the recipe's seed
+    jobs: int = Field(1, ge=1)  # worker processes on the shared study (latency measured one trial at a time)
     fidelity: FidelityConfig = FidelityConfig()
     space: dict[str, Any] = Field(min_length=1)
 
@@ -105,6 +108,7 @@ def parse_search(doc: dict, path: str = "search") -> SearchConfig:
         try:
             values = _values(spec, where)
             _lookup(base, key, where)
+            _not_the_reference(base, key, where)
             for v in values:
                 trial_doc(base, {key: v}, where=where)
         except RecipeErrors as exc:
@@ -127,6 +131,33 @@ def _values(spec: Any, where: str) -> list:
         cast = int if r.int else float
         return [cast(r.low), cast(r.high)]
     raise RecipeError(where, f"expected a list of choices or a {{low, high}} range, got {spec!r}")
+
+
+def teacher_only(stage) -> bool:
+    """A stage that trains the teacher and leaves the student as built (the reference stage of a search)."""
+    return isinstance(stage, dict) and list(stage) == ["train"] and isinstance(stage["train"], dict) \
+        and stage["train"].get("target") == "teacher"
+
+
+def first_stage(base: dict, key: str) -> int:
+    """The first stage whose result a space key can change (a student's ``model`` key: the first stage
+    after the teacher-only ones)."""
+    k = stage_of(key)
+    if k is not None:
+        return k
+    if key.split(".")[0] == "model":
+        return next((i for i, s in enumerate(base["stages"]) if not teacher_only(s)), len(base["stages"]))
+    if key.split(".")[0] in ("seed", "data", "teacher"):
+        return 0
+    return len(base["stages"])  # name, benchmark, output: no stage's models depend on them
+
+
+def _not_the_reference(base: dict, key: str, where: str) -> None:
+    """The first stage's model is the reference every trial is measured against and distils from: one per
+    search, trained once, so no searched key may change it."""
+    if first_stage(base, key) == 0:
+        raise RecipeError(where, "changes the first stage's model, the reference every trial is measured against "
+                                 "(and distils from): a search trains it once; search the stages after it")
 
 
 def range_spec(spec: Any) -> Optional[RangeSpec]:

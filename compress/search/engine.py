@@ -10,8 +10,10 @@ are told to Optuna as PRUNED, so the sampler learns from full-budget values only
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -23,7 +25,7 @@ from compress.config import StrictModel, validate
 from compress.errors import CompressError, RecipeError, RecipeErrors
 from compress.rundir import check_inside, open_run_dir
 from compress.search.cache import StageCache, run_cached
-from compress.search.config import SearchConfig, parse_search, range_spec, stage_of, strip_search, trial_doc
+from compress.search.config import SearchConfig, first_stage, parse_search, range_spec, strip_search, trial_doc
 from compress.safety import redacting
 from compress.utils import write_json, write_text
 
@@ -31,7 +33,7 @@ INSTALL = "pip install compress[search]"
 SAVED = "search.yaml"  # the recipe of the search, beside its study: what --resume needs
 # What a search writes at the top of its folder: each must resolve inside it (a link out is refused).
 OWN = ("study.db", SAVED, "trials.jsonl", "front.json", "result.json", "search.html",
-       "baseline", "cache", "trials", "chosen", "compare")
+       "baseline", "cache", "trials", "chosen", "compare", ".ask.lock", ".measure.lock")
 
 
 def require_optuna():
@@ -56,6 +58,7 @@ class SearchResult:
     reuse: dict = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+    explain: dict = field(default_factory=dict)  # per objective the keys that mattered; the keys that moved none
 
 
 # -- rows read back from study.db ---------------------------------------------------------------------
@@ -77,6 +80,7 @@ class _Row(StrictModel):
     speedup: Optional[float] = None
     seconds: float = 0.0
     file: str
+    onnx: Optional[str] = None  # the ONNX file that runs a packed .cpk
     dir: str
     misses: dict[Literal["max_drop", "speedup", "max_size", "max_latency_ms"], float]
     feasible: bool
@@ -94,7 +98,7 @@ def open_study(optuna, db: Path, out: Path, cfg: SearchConfig):
     directory is one line naming the file, before anything trains."""
     directions = ["maximize" if d == "max" else "minimize" for d in cfg.objectives.values()]
     try:
-        study = optuna.create_study(storage=f"sqlite:///{db}", study_name="search", directions=directions,
+        study = optuna.create_study(storage=_storage(optuna, db), study_name="search", directions=directions,
                                     load_if_exists=True)
         stored = study.get_trials(deepcopy=False)
     except Exception as exc:  # SQLAlchemy, sqlite3 and Optuna raise many types for a file that is not their database
@@ -113,6 +117,8 @@ def open_study(optuna, db: Path, out: Path, cfg: SearchConfig):
             if missing:
                 raise CompressError(f"{where}: user_attrs.rows[{i}] has no {missing[0]} (an objective)")
             check_inside(out, Path(row.file), f"{where}: user_attrs.rows[{i}].file")
+            if row.onnx is not None:
+                check_inside(out, Path(row.onnx), f"{where}: user_attrs.rows[{i}].onnx")
             check_inside(out, Path(row.dir) / "recipe.yaml", f"{where}: user_attrs.rows[{i}].dir")
     return study
 
@@ -183,14 +189,33 @@ def bench_config(cfg: SearchConfig):
 
 
 def deployable(state, result, run_dir: Path):
-    """The trial's model as a Subject: the ONNX file a stage wrote, else the PyTorch model saved to disk."""
+    """The trial's model as a Subject sized by the file the chain ends with: the ONNX file a stage wrote (int8
+    PTQ), a packed ``.cpk`` (run by the ONNX file read back from it, or by the model read back), else the
+    PyTorch model saved to disk."""
     from compress.checkpoint import save_model
     from compress.measure.subject import Subject
 
     art = Path(result.artifact) if result is not None and result.artifact else None
     if art is not None and art.suffix == ".onnx":
         return Subject(None, art, art)
+    if art is not None and result.onnx:
+        return Subject(None, Path(result.onnx), art)
+    if art is not None:
+        return Subject(state.model, None, art)
     return Subject(state.model, None, save_model(state.model, Path(run_dir) / "model.pt"))
+
+
+def subject_of(row: dict):
+    """A measured row's model again (the chosen one, at the end): its ONNX file when one runs it."""
+    from compress.measure.subject import Subject
+
+    if row.get("onnx"):
+        return Subject(None, Path(row["onnx"]), Path(row["file"]))
+    if Path(row["file"]).suffix == ".cpk":
+        from compress.checkpoint import load_model
+
+        return Subject(load_model(row["file"]), None, Path(row["file"]))
+    return Subject.load(row["file"])
 
 
 def evaluate_subject(subject, data, split: str) -> dict:
@@ -207,6 +232,8 @@ def measure_subject(subject, data, cfg: SearchConfig, baseline, metric: str, spl
     row = measure(subject, data, bench_config(cfg), metrics=metrics, baseline=baseline, desc="trial")
     out = {"accuracy": metrics[metric], "size": row["size_bytes"], "n_params": row["params"], "macs": row.get("macs"),
            "file": str(subject.file)}
+    if subject.onnx is not None and subject.onnx != subject.file:
+        out["onnx"] = str(subject.onnx)
     lat = row.get("latency", {}).get(cfg.backend.name, {}).get(cfg.backend.batch_size)
     if lat is None:  # JSON-loaded rows key batch sizes as strings
         lat = row.get("latency", {}).get(cfg.backend.name, {}).get(str(cfg.backend.batch_size))
@@ -223,7 +250,7 @@ class Search:
         self.compare_doc = own_files(strip_search(compare), log) if compare is not None else None
         self.base_doc.setdefault("benchmark", {})
         self.base_doc["benchmark"] = {**(self.base_doc["benchmark"] or {}), "split": "val", "progress": False}
-        self.first_varied = min((stage_of(k) for k in cfg.space if stage_of(k) is not None), default=0)
+        self.first_varied = min(first_stage(self.base_doc, k) for k in cfg.space)
         self.cache = StageCache(self.out / "cache")
         self.seed = cfg.seed if cfg.seed is not None else int(doc.get("seed", 0) or 0)
 
@@ -237,7 +264,9 @@ class Search:
         state, _ = run_cached(doc, self.out / "baseline", self.cache)
         first = next(iter(doc["stages"][0].values())) or {}
         model = state.teacher if isinstance(first, dict) and first.get("target") == "teacher" else state.model
-        path = save_model(model, self.out / "baseline" / "model.pt")
+        path = self.out / "baseline" / "model.pt"
+        tmp = save_model(model, path.with_name(f"model.{os.getpid()}.pt"))
+        os.replace(tmp, path)  # atomic: a --jobs worker rewrites it while others may read its size
         self.metric, direction = primary_metric(state.data.task)
         self.subject = Subject(model, None, path)
         m = evaluate_subject(self.subject, state.data, "val")
@@ -245,18 +274,30 @@ class Search:
                      "size": path.stat().st_size, "file": str(path)}
         return self.base
 
+    @contextmanager
+    def measuring(self):
+        """One trial measured at a time across ``--jobs`` workers: their timings do not overlap."""
+        if self.cfg.jobs == 1:
+            yield
+        else:
+            with file_lock(self.out / ".measure.lock"):
+                yield
+
     def run_one(self, params: dict, fidelity: str, number: int) -> dict:
-        doc = trial_doc(self.base_doc, params)
+        doc, low = trial_doc(self.base_doc, params), None
         if fidelity == "low":
             doc = scale_epochs(doc, self.first_varied, self.cfg.fidelity.low)
+            low = (self.first_varied, self.cfg.fidelity.data)
         d = check_inside(self.out, self.out / "trials" / f"{number:04d}" / fidelity, "trial folder")
         shutil.rmtree(d, ignore_errors=True)  # what a killed attempt of this trial left
-        t0 = time.time()
-        state, result = run_cached(doc, d, self.cache)
+        t0, c0 = time.time(), time.process_time()
+        state, result = run_cached(doc, d, self.cache, low)
         subject = deployable(state, result, d)
-        row = {"trial": number, "fidelity": fidelity, "params": params,
-               **measure_subject(subject, state.data, self.cfg, self.subject, self.metric)}
+        with self.measuring():
+            measured = measure_subject(subject, state.data, self.cfg, self.subject, self.metric)
+        row = {"trial": number, "fidelity": fidelity, "params": params, **measured}
         row["seconds"] = round(time.time() - t0, 2)
+        row["cpu_seconds"] = round(time.process_time() - c0, 2)  # this process's own: steadier on a shared machine
         row["dir"] = str(d)
         row["misses"] = misses(row, self.base, self.cfg)
         row["feasible"] = not row["misses"]
@@ -265,7 +306,7 @@ class Search:
 
     def promote(self, low: dict, full_rows: list[dict], gains: list[float]) -> bool:
         """Full budget only for a trial whose optimistic point the full-budget front does not dominate."""
-        if not self.cfg.fidelity.enabled or self.cfg.fidelity.low >= 1:
+        if not self.cfg.fidelity.enabled or (self.cfg.fidelity.low >= 1 and self.cfg.fidelity.data >= 1):
             return True
         gain = max(gains) if gains else self.cfg.fidelity.optimism
         sign = 1 if self.base["higher_better"] else -1
@@ -321,7 +362,8 @@ def _rows(study) -> list[dict]:
 
 def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Optional[str | Path] = None,
            resume: bool = False, force: bool = False, trials: Optional[int] = None,
-           time_limit: Optional[float] = None, compare: Any = None, log=print) -> SearchResult:
+           time_limit: Optional[float] = None, compare: Any = None, jobs: Optional[int] = None,
+           log=print) -> SearchResult:
     """Search the recipe's ``search.space`` for the best model meeting ``search.constraints``.
 
     ``recipe_or_doc``: a recipe path or document with a ``search:`` section (``config`` replaces that
@@ -338,6 +380,8 @@ def search(recipe_or_doc: Any, config: Optional[SearchConfig] = None, *, out: Op
     cfg = parse_search(doc)
     if trials is not None:
         cfg.trials = trials
+    if jobs is not None:
+        cfg.jobs = jobs
     limit = time_limit if time_limit is not None else cfg.time_limit
     cmp_doc = None
     if compare is not None:
@@ -384,42 +428,152 @@ def _search(optuna, doc: dict, cfg: SearchConfig, out: Path, resume: bool, limit
     s = Search(doc, cfg, out, cmp_doc, log)
     base = s.baseline()
     log(f"[search] baseline (stage 0's model): val {base['metric']} {base['accuracy']:.4f}, {base['size']} bytes")
-
-    def constraints(t):  # Optuna's feasibility-aware sampling: <= 0 means met
-        return t.user_attrs.get("violation", [0.0])
-
     TS = optuna.trial.TrialState
     for t in study.get_trials(deepcopy=False, states=(TS.RUNNING, TS.WAITING)):  # killed mid-trial
         study.tell(t.number, state=TS.FAIL)
         log(f"[search] trial {t.number} was cut short by a kill; it runs again")
-    gains: list[float] = []
+    if cfg.jobs == 1:
+        stopped = work(optuna, study, s, started, limit)
+    else:
+        stopped = _parallel(optuna, study, s, doc, started, limit)
+    return _finish(optuna, s, study, started, stopped)
+
+
+def _parallel(optuna, study, s: "Search", doc: dict, started: float, limit: Optional[float]) -> str:
+    """``jobs - 1`` worker processes beside this one, on the same study.db and stage cache (processes, not
+    threads: training is Python-bound at these model sizes, so threads would share one core)."""
+    import multiprocessing
+    import pickle
+
+    import torch
+
+    try:
+        pickle.dumps(s.log)
+        quiet = False
+    except Exception:  # a lambda: the workers stay quiet
+        quiet = True
+    threads = torch.get_num_threads()
+    per_job = max(1, (os.cpu_count() or 1) // s.cfg.jobs)
+    ctx = multiprocessing.get_context("spawn")  # fork after torch and SQLite are initialised is unsafe
+    stats = ctx.Queue()  # each worker's stage-reuse counts, merged into the search's
+    procs = [ctx.Process(target=_worker, args=(doc, s.cfg.model_dump(), str(s.out), started, limit,
+                                               None if quiet else s.log, per_job, stats))
+             # not daemonic: a worker may start DataLoader processes (data.num_workers); joined below
+             for _ in range(s.cfg.jobs - 1)]
+    for p in procs:
+        p.start()
+    torch.set_num_threads(per_job)
+    try:
+        stopped = work(optuna, study, s, started, limit)
+    finally:
+        torch.set_num_threads(threads)
+        for p in procs:
+            p.join()
+    while not stats.empty():
+        s.cache.merge(stats.get())
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise CompressError(f"{len(failed)} search worker(s) failed (exit status {failed[0]}); "
+                            "their trials run again with --resume")
+    return stopped
+
+
+def _worker(doc: dict, cfg: dict, out: str, started: float, limit: Optional[float], log, threads: int,
+            stats) -> None:
+    """One ``--jobs`` worker process: the baseline from the cache (never trained here), then trials."""
+    import torch
+
+    torch.set_num_threads(threads)
+    optuna = require_optuna()
+    s = Search(doc, SearchConfig(**cfg), Path(out), None, log or (lambda *_: None))
+    with redacting(_environment_values(doc)):
+        s.baseline()
+        work(optuna, optuna.load_study(study_name="search", storage=_storage(optuna, Path(out) / "study.db")),
+             s, started, limit)
+    stats.put(s.cache.stats())
+
+
+def _storage(optuna, db: Path):
+    """SQLite shared by worker processes: a writer waits for the others rather than failing at once."""
+    return optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 120}})
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between the processes of one search (fcntl; released when the process dies)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def pause_while_measuring(path: Path):
+    """A trainer hook for ``--jobs`` workers: after every optimizer step, wait while another worker holds the
+    measurement lock, so a trial's latency is timed with no training running beside it."""
+    import fcntl
+
+    from compress.hooks import Hook
+
+    class Pause(Hook):
+        def __init__(self):
+            self.f = open(path, "a")
+
+        def after_step(self, trainer) -> None:
+            fcntl.flock(self.f, fcntl.LOCK_SH)  # blocks only while a measurement holds LOCK_EX
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+
+    return Pause()
+
+
+def work(optuna, study, s: "Search", started: float, limit: Optional[float]) -> str:
+    """Ask, run and tell trials until the study holds ``trials`` (finished or running); return why it stopped
+    early ('' when it did not). Every worker of a search runs this loop on the same study."""
+    if s.cfg.jobs == 1:
+        return _trials(optuna, study, s, started, limit)
+    from compress.trainer import PROCESS_HOOKS
+
+    PROCESS_HOOKS[:] = [pause_while_measuring(s.out / ".measure.lock")]
+    try:
+        return _trials(optuna, study, s, started, limit)
+    finally:
+        PROCESS_HOOKS.pop().f.close()
+
+
+def _trials(optuna, study, s: "Search", started: float, limit: Optional[float]) -> str:
+    cfg = s.cfg
+    TS = optuna.trial.TrialState
+    def constraints(t):  # Optuna's feasibility-aware sampling: <= 0 means met
+        return t.user_attrs.get("violation", [0.0])
 
     def finished():
         return study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED))
 
-    for t in finished():
-        rows = t.user_attrs.get("rows", [])
-        if len(rows) == 2:
-            gains.append(rows[1]["accuracy"] - rows[0]["accuracy"])
-    stopped = ""
-    while len(finished()) < cfg.trials:
-        if limit and time.time() - started > limit:
-            stopped = f"time limit reached after {len(finished())} trials"
-            break
-        # A fresh sampler seeded by the number of finished trials: a resumed search samples what an
-        # uninterrupted one would have (the sampler's random state is not in the storage).
-        study.sampler = _sampler(optuna, cfg.sampler, s.seed * 100003 + len(finished()), constraints)
-        trial = study.ask()
-        params = _suggest(trial, cfg.space)
-        full_rows = [r for r in _rows(study) if r["fidelity"] == "full"]
+    low_fi = cfg.fidelity.enabled and (cfg.fidelity.low < 1 or cfg.fidelity.data < 1)
+    while True:
+        with file_lock(s.out / ".ask.lock"):  # counting and asking as one step: no worker overshoots `trials`
+            ordinal = len(study.get_trials(deepcopy=False, states=(TS.COMPLETE, TS.PRUNED, TS.RUNNING)))
+            if ordinal >= cfg.trials:
+                return ""
+            if limit and time.time() - started > limit:
+                return f"time limit reached after {len(finished())} trials"
+            # A fresh sampler seeded by how many trials came before this one: a resumed search samples what an
+            # uninterrupted one would have (the sampler's random state is not in the storage), and with --jobs
+            # the k-th trial asked gets the k-th seed whatever the other workers are doing.
+            study.sampler = _sampler(optuna, cfg.sampler, s.seed * 100003 + ordinal, constraints)
+            trial = study.ask()
+            params = _suggest(trial, cfg.space)
         rows = []
-        low_fi = cfg.fidelity.enabled and cfg.fidelity.low < 1
         if low_fi:
             rows.append(s.run_one(params, "low", trial.number))
+        done = [t.user_attrs.get("rows", []) for t in finished()]
+        full_rows = [r for rs in done for r in rs if r["fidelity"] == "full"]
+        gains = [rs[1]["accuracy"] - rs[0]["accuracy"] for rs in done if len(rs) == 2]
         if not low_fi or s.promote(rows[0], full_rows, gains):
             rows.append(s.run_one(params, "full", trial.number))
-            if low_fi:
-                gains.append(rows[1]["accuracy"] - rows[0]["accuracy"])
         last = rows[-1]
         trial.set_user_attr("rows", rows)
         violation = _shortfall(last["misses"], cfg) if last["misses"] else -1.0
@@ -430,9 +584,9 @@ def _search(optuna, doc: dict, cfg: SearchConfig, out: Path, resume: bool, limit
             study.tell(trial, [last[k] for k in cfg.objectives])
         else:
             study.tell(trial, state=TS.PRUNED)
-        _write_rows(out, _rows(study))
-        log(f"[search] trial {trial.number} ({last['fidelity']}): {_describe(last, cfg)} {json.dumps(params)}")
-    return _finish(s, study, started, stopped)
+        with file_lock(s.out / ".ask.lock"):
+            _write_rows(s.out, _rows(study))
+        s.log(f"[search] trial {trial.number} ({last['fidelity']}): {_describe(last, cfg)} {json.dumps(params)}")
 
 
 def _describe(r: dict, cfg: SearchConfig) -> str:
@@ -447,8 +601,8 @@ def _write_rows(out: Path, rows: list[dict]) -> None:
     write_text(out / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _finish(s: Search, study, started: float, stopped: str) -> SearchResult:
-    from compress.measure.subject import Subject
+def _finish(optuna, s: Search, study, started: float, stopped: str) -> SearchResult:
+    from compress.search.explain import explain
 
     cfg, out = s.cfg, s.out
     rows = _rows(study)
@@ -485,8 +639,11 @@ def _finish(s: Search, study, started: float, stopped: str) -> SearchResult:
         shutil.copy2(src, dest / src.name)
         shutil.copy2(Path(r["dir"]) / "recipe.yaml", dest / "recipe.yaml")
         r["chosen_file"] = str(dest / src.name)
+        if r.get("onnx"):  # the ONNX file read back from the packed one: what ONNX Runtime runs
+            shutil.copy2(r["onnx"], dest / Path(r["onnx"]).name)
+            r["chosen_onnx"] = str(dest / Path(r["onnx"]).name)
     if picked:
-        subj = Subject.load(picked[0]["chosen_file"])
+        subj = subject_of({"file": picked[0]["chosen_file"], "onnx": picked[0].get("chosen_onnx")})
         test = {"split": split, **measure_subject(subj, data, cfg, s.subject, s.metric, split)}
         test["baseline_accuracy"] = evaluate_subject(s.subject, data, split)[s.metric]
         if s.compare_doc is not None:
@@ -501,7 +658,8 @@ def _finish(s: Search, study, started: float, stopped: str) -> SearchResult:
     if stopped:
         message += f" ({stopped})"
     reuse = s.cache.stats()
-    res = SearchResult(out, rows, front, chosen, closest, test, cmp_row, s.base, reuse, round(time.time() - started, 1), message)
+    res = SearchResult(out, rows, front, chosen, closest, test, cmp_row, s.base, reuse, round(time.time() - started, 1),
+                       message, explain(optuna, study, rows, cfg, s.seed))
     write_json(out / "front.json", front)
     write_json(out / "result.json", {k: (str(v) if isinstance(v, Path) else v) for k, v in res.__dict__.items() if k != "rows"})
     from compress.search.page import write_page

@@ -57,9 +57,19 @@ def write_page(res, cfg, path: Path) -> Path:
         plots = [_plot(res, cfg, "latency", f"{b.name} latency at batch {b.batch_size} (ms)"),
                  _plot(res, cfg, "size", "deployable file size (bytes)")]
     keys = ["trial", "fidelity", "accuracy", "latency", "speedup", "size", "feasible", "misses", "params"]
+    ex = getattr(res, "explain", None) or {}
+    imp, table = ex.get("importance", {}), ex.get("moved", {})
+    objectives = list(imp) or list(next(iter(table.values()), {}))
+    said = {True: "yes", False: "no", None: "-"}
+    importance_rows = [[str(k)] + [c for o in objectives for c in (
+        f"{imp[o][k]:.2f}" if isinstance(imp.get(o), dict) and k in imp[o] else "-", said.get(per.get(o), "-"))]
+        for k, per in table.items()]
+    notes = [f"{o}: importances {v}" for o, v in imp.items() if not isinstance(v, dict)]
     text = render_page("search.html", out=str(res.out), message=res.message, baseline=str(res.baseline),
                        reuse=str(res.reuse), seconds=res.seconds, test=str(res.test) if res.test else "",
                        compare=str(res.compare) if res.compare else "", plots=[p for p in plots if p], keys=keys,
-                       rows=[[str(r.get(k)) for k in keys] for r in res.rows])
+                       rows=[[str(r.get(k)) for k in keys] for r in res.rows],
+                       front=[[str(r.get(k)) for k in keys] for r in res.front], objectives=objectives,
+                       importance_rows=importance_rows, importance_notes=notes, wasted=ex.get("wasted", []))
     write_text(path, text)
     return path
