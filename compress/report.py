@@ -143,6 +143,18 @@ def _runs(report_or_reports) -> list[dict]:
     return report_or_reports if isinstance(report_or_reports, list) else [report_or_reports]
 
 
+GEN_PREFILL, GEN_DECODE = "prefill ms (b1)", "decode tok/s (b1)"
+
+
+def _generation_cells(row: dict) -> list[str]:
+    from compress.measure.generation import generation_columns
+
+    speeds = row.get("generation") or []
+    cols = generation_columns(speeds, batch=1, threads=speeds[0]["threads"] if speeds else 1)
+    prefill = next((v for k, v in cols.items() if k.startswith("prefill")), "-")
+    return [prefill, cols.get("decode tok/s", "-")]
+
+
 def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
     """Header and cells shared by the Markdown and HTML tables. Ratios are to each run's first row, except the
     last column's (to each stage's input); each header says which."""
@@ -159,6 +171,9 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
         header[header.index("zipped") + 1:header.index("zipped") + 1] = ["raw file"]
         header[header.index("bits/w") + 1:header.index("bits/w") + 1] = ["bits/nz"]
     header += [f"{SHORT.get(b, b)} b{bs} (x faster vs first)" for b, bs in lkeys]
+    gen = any(r.get("generation") for r in all_rows)
+    if gen:  # causal LMs: generation speed with the key-value cache (compress.measure.generation), 1 thread
+        header += [GEN_PREFILL, GEN_DECODE]
     slows = [slower_than_input(rep.get("stages", [])) for rep in reports]
     if any(slows):
         header.append(SLOW_COLUMN)
@@ -185,6 +200,8 @@ def table_rows(report_or_reports) -> tuple[list[str], list[list[str]]]:
                 line.insert(header.index("raw file"), fmt_bytes(r.get("raw_bytes")))
                 line.insert(header.index("bits/nz"), _bits_nz(r))
             line += [_latency_cell(r, k) for k in lkeys]
+            if gen:
+                line += _generation_cells(r)
             if SLOW_COLUMN in header:
                 line.append(_slow_cell(slow, i))
             if int8:

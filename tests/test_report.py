@@ -50,6 +50,16 @@ def test_table_compares_every_stage_with_the_first():
     assert "0.100 ms (2.00x)" in prune and "0.050 ms (2.00x)" in prune
 
 
+def test_lm_rows_show_generation_speed():
+    report = make_report()
+    gen = {"name": "subject", "runtime": "onnxruntime", "batch": 1, "threads": 1, "prompt_tokens": 128,
+           "prefill_ms": 12.5, "decode_ms": 2.0, "clock": "thread", "decode_tokens_per_s": 500.0}
+    report["stages"][1]["generation"] = [gen]
+    header, *rest = format_table(report).splitlines()[2:]
+    assert "| prefill ms (b1) | decode tok/s (b1) |" in header
+    assert "| 12.50 | 500.0 |" in rest[2] and "| - | - |" in rest[1]
+
+
 def test_table_accepts_rows_without_the_new_measures():
     old = {"stages": [{"name": "train", "index": 0, "metrics": {"rmse": 0.91}, "size_bytes": 2048, "params": 10,
                        "nonzero_params": 10}]}
