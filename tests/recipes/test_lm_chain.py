@@ -1,7 +1,7 @@
 """Tiny random-init decoder LMs of four families through a recipe: teacher -> distill into a narrower
 student (a hidden-state hint between decoder layers) -> Minitron-style decoder pruning of half its layers,
-key-value groups and MLP neurons (self-distilled from the unpruned student) -> int4 weight-only; every
-row reloads from its file with the perplexity in the report."""
+key-value groups and MLP neurons (self-distilled from the unpruned student) -> int4 weight-only -> packed
+.cpk; every row reloads from its file with the perplexity and MACs in the report."""
 import pytest
 
 from compress.checkpoint import load_model
@@ -45,11 +45,11 @@ def test_distill_then_int4_and_reload(tmp_path, lm_corpus, family):
         "stages": [{"train": {"target": "teacher", **FAST}},
                    {"distill": {"temperature": 2, "alpha": 0.5, "hints": [{"student": 0, "teacher": 1}], **FAST}},
                    {"prune": PRUNE},
-                   {"quantize": LAST[family]}],
+                   {"quantize": LAST[family]}, {"encode": {}}],
         "benchmark": {"latency": False},
     }
     rows = Pipeline.from_dict(recipe).run(tmp_path / "run")["stages"]
-    assert [r["name"] for r in rows] == ["train", "distill", "prune", "quantize"]
+    assert [r["name"] for r in rows] == ["train", "distill", "prune", "quantize", "encode"]
     assert rows[1]["params"] < rows[0]["params"] and rows[1]["kd_loss"] == "token_kl"
     assert all(r["metrics"]["perplexity"] < vocab for r in rows)  # trained: better than uniform guessing
     pr = rows[2]
@@ -62,6 +62,7 @@ def test_distill_then_int4_and_reload(tmp_path, lm_corpus, family):
                               **({"hidden": 16} if family == "gpt2" else {})}
     assert rows[3]["quantized_layers"] == (4 if family in ("gpt2", "phi3") else 7)  # not head/embeddings
     assert rows[3]["size_bytes"] < rows[2]["size_bytes"] < rows[1]["size_bytes"]
+    assert rows[4]["artifact"].endswith(".cpk")
     data = create_data(data_spec)
     x = data.example_input(1)
     for r in rows[1:]:
