@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="override the preset's teacher and student epochs")
     ap.add_argument("--prune", action="store_true", help="add rows (a) prune+KD and (c) prune without KD (needs PRUNE)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=OUT / "results.json", help="where the rows go (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from compress.data import create_data
@@ -221,8 +222,8 @@ def main() -> None:
     print(markdown_table(header, table))
     print(f"Python {d['python']} standard library; preset {args.preset}; {machine_line()}; "
           f"{time.time() - started:.0f} s in all")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"preset": p, "data": d, "rows": rows}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"preset": p, "data": d, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
