@@ -109,14 +109,12 @@ def count_macs(model: nn.Module, example: torch.Tensor, *, strict: bool = False)
     """
     import torch_pruning as tp
 
-    from compress.models.decoder import decoder_layout
+    from compress.models.decoder import decoder_layout, decoder_macs
 
     layout = decoder_layout(model)
     if layout is not None:
-        from compress.pruning.decoder import _input_ids, decoder_macs
-
-        return (decoder_macs(model, layout, int(_input_ids(example).shape[-1])),
-                sum(p.numel() for p in model.parameters()))
+        ids = example["input_ids"] if isinstance(example, dict) else example
+        return decoder_macs(model, layout, int(ids.shape[-1])), sum(p.numel() for p in model.parameters())
 
     was = model.training
     try:

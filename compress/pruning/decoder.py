@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from compress.checkpoint_io import TRANSFORMS, record_transform
 from compress.config import MethodConfig, StrictModel, Width
 from compress.errors import RecipeError
-from compress.models.decoder import DecoderLayout, decoder_layout, families
+from compress.models.decoder import DecoderLayout, decoder_layout, decoder_macs, families, hf_config
 from compress.pruning.methods import BudgetConfig, PruneConfig, Pruner, Ratio, register_prune_method
 from compress.registry import Registry, did_you_mean
 
@@ -269,15 +269,6 @@ def layer_importance(model: nn.Module, layout: DecoderLayout, batches: list, how
 
 # -- surgery ----------------------------------------------------------------------------------------------
 
-def hf_config(model: nn.Module):
-    """The transformers config of ``model`` (bare or inside a wrapper)."""
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "model_type"):
-            return cfg
-    raise ValueError(f"{type(model).__name__} holds no transformers config")
-
-
 def _configs(model: nn.Module) -> list:
     seen: dict[int, Any] = {}
     for m in model.modules():
@@ -494,21 +485,6 @@ def replay_decoder_prune(model: nn.Module, params: dict, state_dict: dict) -> nn
 
 
 # -- counting ---------------------------------------------------------------------------------------------
-
-def decoder_macs(model: nn.Module, layout: DecoderLayout, seq_len: int) -> int:
-    """Multiply-accumulates of one forward pass over ``seq_len`` tokens: every projection and the LM head
-    per token, plus the attention scores and the weighted sum of values (2 x seq_len^2 x heads x head_dim
-    per layer, dense as SDPA computes them)."""
-    s = layout.sizes(hf_config(model))
-
-    def weights(name: str) -> int:  # a quantized layer (compress.quant.qat.QuantLayer) keeps its float shape
-        m = model.get_submodule(name)
-        shape = getattr(m, "weight_shape", None)
-        return int(torch.Size(shape).numel()) if shape is not None else m.weight.numel()
-
-    per_token = sum(weights(n) for n in layout.linear_names(model)) + weights(layout.lm_head)
-    return seq_len * per_token + s["layers"] * 2 * seq_len * seq_len * s["heads"] * s["head_dim"]
-
 
 # -- the prune method -------------------------------------------------------------------------------------
 
