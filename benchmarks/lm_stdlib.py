@@ -8,8 +8,12 @@ Rows per seed (one fixed split of the corpus by file, ``split_seed`` 0; the seed
   teacher      a Llama-style decoder trained from scratch
   (b) scratch  the smaller student architecture trained from scratch, as many epochs (tokens) as (KD)
   (KD)         the same student distilled from the teacher (forward KL per token, chunked; hard labels too)
-  (a) prune+KD / (c) prune   the teacher pruned to the student's size, with / without KD fine-tuning: only
-               when a pruning method is wired in (``PRUNE`` below, ``--prune``); not built here (branch lmprune)
+With ``--prune`` (the (KD) row is left out to keep the run's time; (b) then has the pruned architecture):
+  (a) prune+KD the teacher pruned Minitron-style (``prune: {method: decoder}``: half the layers, key-value
+               groups, MLP neurons and hidden channels as the split, scaled until a third of the parameters is
+               left; widths multiples of 32 for int4 groups), fine-tuned with token KD from the unpruned teacher
+  (c) prune    the same pruning, fine-tuned on the next-token loss alone
+  (b) scratch  (a)'s architecture (its pruned config) trained from scratch on as many tokens as (a) fine-tunes
   (d) int4     GPTQ and RTN (round to nearest), group-wise int4 weights of (a) when it exists, else of (KD)
 Columns: parameters, checkpoint size, test perplexity (exp of the mean token NLL over every test token,
 non-overlapping blocks), next-token accuracy, PyTorch tokens/s at batch 1 (one block, 1 thread, medians
@@ -33,23 +37,39 @@ from benchmarks.common import ROOT, machine_line, markdown_table
 
 OUT = ROOT / "runs" / "lm_stdlib"
 
-# The lead wires lmprune's method here: PRUNE(teacher, data, student_sizes, kd: bool, epochs) -> pruned model
-# (fine-tuned with KD from the unpruned teacher when kd is true, with hard labels only otherwise).
-PRUNE: Optional[Callable[..., nn.Module]] = None
+
+def prune_decoder(teacher: nn.Module, data, p: dict, kd: bool) -> tuple[nn.Module, dict]:
+    """The prune stage's function with the decoder method: one step to a third of the parameters, then
+    ``student_epochs`` of fine-tuning at ``prune_lr`` (KD from the unpruned teacher: token_kl at T = 1, half
+    next-token loss; or plain). Returns the pruned model and the stage's facts."""
+    from compress.pruning.decoder import DecoderPruneConfig
+    from compress.stages.prune import prune
+
+    cfg = DecoderPruneConfig(depth=0.5, heads=0.5, mlp=0.5, hidden=0.5, multiple_of=32, sparsity=0.5, steps=1,
+                             budget={"kind": "params", "reduction": 3},
+                             finetune=train_config(p["student_epochs"], p["prune_lr"]),
+                             **({"kd": {"teacher": "unpruned", "temperature": 1.0, "alpha": 0.5}} if kd else {"kd": False}))
+    model, facts = prune(teacher, cfg, data)
+    return model, facts
+
+
+# PRUNE(teacher, data, preset, kd: bool) -> (pruned model, facts): fine-tuned with KD from the unpruned teacher
+# when kd is true, with hard labels only otherwise.
+PRUNE: Optional[Callable[..., tuple[nn.Module, dict]]] = prune_decoder
 
 PRESETS = {
     # ~11 minutes on 2 shared cores: a 1.3M-parameter teacher, a 0.36M student, 50 stdlib files (~0.2M training
     # tokens). The teacher gets more epochs and a lower LR: at 3e-3 and 2 epochs over 80 files it ended at
     # test perplexity 152 against the from-scratch student's 84 (a 1-epoch probe: val 195 at 3e-3, 164 at 1e-3)
     "reduced": {"max_files": 50, "block_size": 128, "batch_size": 8, "vocab_size": 2048, "teacher_epochs": 3,
-                "student_epochs": 2, "teacher_lr": 1e-3, "student_lr": 3e-3,
+                "student_epochs": 2, "teacher_lr": 1e-3, "student_lr": 3e-3, "prune_lr": 1e-3,
                 "teacher": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                             "num_key_value_heads": 2, "intermediate_size": 384},
                 "student": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                             "num_key_value_heads": 2, "intermediate_size": 192}},
     # issue 28's scale: a ~22M-parameter teacher on the whole corpus, a student of about a third
     "issue": {"max_files": None, "block_size": 256, "batch_size": 16, "vocab_size": 8192, "teacher_epochs": 4,
-              "student_epochs": 4, "teacher_lr": 1e-3, "student_lr": 2e-3,
+              "student_epochs": 4, "teacher_lr": 1e-3, "student_lr": 2e-3, "prune_lr": 1e-3,
               "teacher": {"hidden_size": 384, "num_hidden_layers": 10, "num_attention_heads": 6,
                           "num_key_value_heads": 2, "intermediate_size": 1024},
               "student": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
@@ -128,23 +148,32 @@ def run_seed(seed: int, p: dict, data, prune: bool) -> list[dict]:
     seed_everything(seed)
     teacher = build("teacher")
     timed("teacher", lambda: (Trainer(teacher, train_config(p["teacher_epochs"], p["teacher_lr"]), data).fit(), teacher)[1])
-    seed_everything(seed)
-    scratch = build("student")
-    timed("(b) student from scratch",
-          lambda: (Trainer(scratch, train_config(p["student_epochs"], p["student_lr"]), data).fit(), scratch)[1])
-    seed_everything(seed)
-    kd = build("student")
-    kd_cfg = DistillConfig(**train_config(p["student_epochs"], p["student_lr"]).model_dump(exclude={"loss"}), temperature=1.0, alpha=0.5)
-    timed("(KD) student distilled", lambda: distill(kd, teacher, kd_cfg, data).model)
+    student = dict(p["student"])
     source = "(KD) student distilled"
+    facts = {}
     if prune:
         if PRUNE is None:
             raise SystemExit("error: --prune: no pruning method is wired in (benchmarks/lm_stdlib.py PRUNE)")
-        timed("(a) pruned + KD", lambda: PRUNE(copy.deepcopy(teacher), data, p["student"], kd=True,
-                                                epochs=p["student_epochs"]))
-        timed("(c) pruned, no KD", lambda: PRUNE(copy.deepcopy(teacher), data, p["student"], kd=False,
-                                                  epochs=p["student_epochs"]))
+        for name, kd in (("(a) pruned + KD", True), ("(c) pruned, no KD", False)):
+            seed_everything(seed)
+            timed(name, lambda: PRUNE(copy.deepcopy(teacher), data, p, kd=kd))
+            models[name], facts[name] = models[name]
+        s = facts["(a) pruned + KD"]["lm_sizes"]
+        student = {"hidden_size": s["hidden"], "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
+                   "num_key_value_heads": s["kv_heads"], "intermediate_size": s["intermediate"], "head_dim": s["head_dim"]}
+        print(f"  seed {seed} pruned sizes {s} (from {facts['(a) pruned + KD']['lm_sizes_before']}); (b) gets them",
+              flush=True)
         source = "(a) pruned + KD"
+    seed_everything(seed)
+    scratch = create_model(model_spec(student, vocab, block), data.input_shape, vocab, data_task="lm")
+    timed("(b) student from scratch",
+          lambda: (Trainer(scratch, train_config(p["student_epochs"], p["student_lr"]), data).fit(), scratch)[1])
+    if not prune:
+        seed_everything(seed)
+        kd = build("student")
+        kd_cfg = DistillConfig(**train_config(p["student_epochs"], p["student_lr"]).model_dump(exclude={"loss"}),
+                               temperature=1.0, alpha=0.5)
+        timed("(KD) student distilled", lambda: distill(kd, teacher, kd_cfg, data).model)
     for method in ("gptq", "weight_only"):
         cfg = QuantizeConfig(method=method, bits=4, group_size=32)
         label = f"(d) int4 g32 {'GPTQ' if method == 'gptq' else 'RTN'} of {source.split(' ')[0]}"
@@ -168,6 +197,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="override the preset's teacher and student epochs")
     ap.add_argument("--prune", action="store_true", help="add rows (a) prune+KD and (c) prune without KD (needs PRUNE)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=OUT / "results.json", help="where the rows go (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from compress.data import create_data
@@ -192,8 +222,8 @@ def main() -> None:
     print(markdown_table(header, table))
     print(f"Python {d['python']} standard library; preset {args.preset}; {machine_line()}; "
           f"{time.time() - started:.0f} s in all")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"preset": p, "data": d, "rows": rows}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"preset": p, "data": d, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -110,9 +110,18 @@ def count_macs(model: nn.Module, example: torch.Tensor, *, strict: bool = False)
     elementwise ops). Dense count: zeros left by unstructured pruning are still counted, as a dense kernel runs them.
 
     A model the counter cannot trace gives ``(None, parameters)`` and a warning, so a report row still comes
-    out; ``strict`` raises instead (pruning's budgets need the number).
+    out; ``strict`` raises instead (pruning's budgets need the number). Decoder LMs are counted from their
+    layout (``compress.pruning.decoder.decoder_macs``): the counter misses GPT-2's Conv1D projections and
+    every model's attention score/value products, which grow with the sequence length.
     """
     import torch_pruning as tp
+
+    from compress.models.decoder import decoder_layout, decoder_macs
+
+    layout = decoder_layout(model)
+    if layout is not None:
+        ids = example["input_ids"] if isinstance(example, dict) else example
+        return decoder_macs(model, layout, int(ids.shape[-1])), sum(p.numel() for p in model.parameters())
 
     was = model.training
     try:

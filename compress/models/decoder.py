@@ -12,6 +12,7 @@ declared on (``layers``, ``embed``, ``lm_head``, ``final_norm``); ``prefixed`` m
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -129,4 +130,28 @@ def families() -> list[str]:
     return sorted(LAYOUTS)
 
 
-__all__ = ["DecoderLayout", "LAYOUTS", "decoder_layout", "families", "layout_for"]
+def hf_config(model: nn.Module):
+    """The transformers config of ``model`` (bare or inside a wrapper)."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "model_type"):
+            return cfg
+    raise ValueError(f"{type(model).__name__} holds no transformers config")
+
+
+def decoder_macs(model: nn.Module, layout: DecoderLayout, seq_len: int) -> int:
+    """Multiply-accumulates of one forward pass over ``seq_len`` tokens: every projection and the LM head
+    per token, plus the attention scores and the weighted sum of values (2 x seq_len^2 x heads x head_dim
+    per layer, dense as SDPA computes them)."""
+    s = layout.sizes(hf_config(model))
+
+    def weights(name: str) -> int:  # a quantized layer (compress.quant.qat.QuantLayer) keeps its float shape
+        m = model.get_submodule(name)
+        shape = getattr(m, "weight_shape", None)
+        return math.prod(shape) if shape is not None else m.weight.numel()
+
+    per_token = sum(weights(n) for n in layout.linear_names(model)) + weights(layout.lm_head)
+    return seq_len * per_token + s["layers"] * 2 * seq_len * seq_len * s["heads"] * s["head_dim"]
+
+
+__all__ = ["DecoderLayout", "LAYOUTS", "decoder_layout", "decoder_macs", "families", "hf_config", "layout_for"]

@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from compress.checkpoint_io import TRANSFORMS, record_transform
 from compress.config import MethodConfig, StrictModel, Width
 from compress.errors import RecipeError
-from compress.models.decoder import DecoderLayout, decoder_layout, families
+from compress.models.decoder import DecoderLayout, decoder_layout, decoder_macs, families, hf_config
 from compress.pruning.methods import BudgetConfig, PruneConfig, Pruner, Ratio, register_prune_method
 from compress.registry import Registry, did_you_mean
 
@@ -269,15 +269,6 @@ def layer_importance(model: nn.Module, layout: DecoderLayout, batches: list, how
 
 # -- surgery ----------------------------------------------------------------------------------------------
 
-def hf_config(model: nn.Module):
-    """The transformers config of ``model`` (bare or inside a wrapper)."""
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "model_type"):
-            return cfg
-    raise ValueError(f"{type(model).__name__} holds no transformers config")
-
-
 def _configs(model: nn.Module) -> list:
     seen: dict[int, Any] = {}
     for m in model.modules():
@@ -495,16 +486,6 @@ def replay_decoder_prune(model: nn.Module, params: dict, state_dict: dict) -> nn
 
 # -- counting ---------------------------------------------------------------------------------------------
 
-def decoder_macs(model: nn.Module, layout: DecoderLayout, seq_len: int) -> int:
-    """Multiply-accumulates of one forward pass over ``seq_len`` tokens: every projection and the LM head
-    per token, plus the attention scores and the weighted sum of values (2 x seq_len^2 x heads x head_dim
-    per layer, dense as SDPA computes them)."""
-    s = layout.sizes(hf_config(model))
-    per_token = sum(model.get_submodule(n).weight.numel() for n in layout.linear_names(model))
-    per_token += model.get_submodule(layout.lm_head).weight.numel()
-    return seq_len * per_token + s["layers"] * 2 * seq_len * seq_len * s["heads"] * s["head_dim"]
-
-
 # -- the prune method -------------------------------------------------------------------------------------
 
 class DecoderSizes(StrictModel):
@@ -536,6 +517,9 @@ class DecoderPruneConfig(PruneConfig):
     depth_importance: Literal["nll", "cosine"] = "nll"
     calibration_batches: int = Field(8, ge=1)  # training batches the importances are computed on
     max_ratio: float = Field(0.9, gt=0, lt=1)  # with a budget, no part loses more than this fraction
+    # MLP and hidden sizes cut to a multiple of this (at least one multiple): int4 groups of 32 need widths
+    # that 32 divides, and kernels run faster on round widths. Ratios and budgets only (exact sizes are exact).
+    multiple_of: int = Field(1, ge=1)
 
     @field_validator("importance", mode="before")
     @classmethod
@@ -681,8 +665,12 @@ class DecoderPruner(Pruner):
         else:
             r = f["heads"] * frac
             kv, gt = (keep(o["kv_heads"], r), g0) if self.cfg.head_mode == "groups" else (o["kv_heads"], keep(g0, r))
+            def width(n: int, r: float) -> int:
+                k, m = keep(n, r), self.cfg.multiple_of
+                return k if k == n or m == 1 else min(n, max(m, k // m * m))
+
             t = {"layers": keep(o["layers"], f["depth"] * frac), "kv_heads": kv, "heads": kv * gt,
-                 "intermediate": keep(o["intermediate"], f["mlp"] * fine), "hidden": keep(o["hidden"], f["hidden"] * fine)}
+                 "intermediate": width(o["intermediate"], f["mlp"] * fine), "hidden": width(o["hidden"], f["hidden"] * fine)}
         if self.layout.cfg_head_dim is None:
             t["hidden"] = t["heads"] * o["head_dim"]
         return {**t, "head_dim": o["head_dim"]}
@@ -758,6 +746,7 @@ class DecoderPruner(Pruner):
         return {f"lm_{k}": v for k, v in self.sizes.items() if k != "head_dim"}
 
     def record(self, model, kept):
+        self.model = model  # the stage's result (the unpruned copy when every step was undone), for summary()
         if not kept:
             return
         layers = [int(getattr(layer, "compress_layer_origin", i)) for i, layer in enumerate(self.layout.decoder_layers(model))]

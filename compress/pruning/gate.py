@@ -3,7 +3,11 @@
 
 Both models are scored on the same samples, so the test is paired: exact McNemar on the samples the two
 classify differently (one-sided: is the step wrong where the reference was right more often than chance?).
-Regression metrics (RMSE) have no per-sample right/wrong: their gate is ``max_drop`` alone.
+Regression metrics (RMSE) have no per-sample right/wrong: their gate is ``max_drop`` alone. So has
+perplexity (language models), whose gate is ``max_drop`` alone on its *relative* rise, (step - ref) / ref:
+0.05 allows 5% higher validation perplexity. Its tokens are not independent samples (McNemar does not apply),
+and a paired bootstrap over blocks would cost another pass of both models per step for little: the
+validation split is tens of thousands of tokens.
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ class Scores:
 
     value: float
     hits: Optional[torch.Tensor] = None  # bool per sample, in the split's (unshuffled) order
+
+
+# Metrics whose gate compares relative change (a perplexity of 80 vs 84 is what 8 vs 8.4 is).
+RELATIVE_METRICS = ("perplexity",)
 
 
 @torch.no_grad()
@@ -61,13 +69,14 @@ class GateDecision:
     """Why a step was kept or undone, with the numbers the report shows."""
 
     undo: bool
-    drop: float  # how much worse than the reference (accuracy points as a fraction, or RMSE rise)
+    drop: float  # how much worse than the reference (accuracy points as a fraction, RMSE rise, relative perplexity rise)
     max_drop: Optional[float]
     n: int = 0  # samples compared (0: no paired test)
     worse: Optional[int] = None  # right in the reference, wrong after the step
     better: Optional[int] = None  # wrong in the reference, right after the step
     p_value: Optional[float] = None
     significance: float = 0.05
+    relative: bool = False  # drop is relative to the reference (perplexity)
 
     def facts(self) -> dict:
         return {"drop": self.drop, "gate_n": self.n or None, "gate_worse": self.worse, "gate_better": self.better,
@@ -75,7 +84,8 @@ class GateDecision:
 
     def why(self) -> str:
         """The numbers behind the decision, in words."""
-        text = f"fell {self.drop:.4f} (max_drop {self.max_drop})"
+        text = (f"rose {100 * self.drop:.2f}% (max_drop {self.max_drop}: relative)" if self.relative else
+                f"fell {self.drop:.4f} (max_drop {self.max_drop})")
         if self.p_value is None:
             return text
         return (f"{text} on {self.n} samples: {self.worse} newly wrong vs {self.better} newly right, one-sided exact "
@@ -83,10 +93,13 @@ class GateDecision:
 
 
 def decide(ref: Scores, step: Scores, max_drop: Optional[float], significance: float = 0.05,
-           higher_is_better: bool = True) -> GateDecision:
-    """Undo the step when its drop exceeds ``max_drop`` and, where samples pair up, McNemar's p < ``significance``."""
+           higher_is_better: bool = True, relative: bool = False) -> GateDecision:
+    """Undo the step when its drop exceeds ``max_drop`` and, where samples pair up, McNemar's p < ``significance``.
+    ``relative``: the drop is a fraction of the reference's value (perplexity)."""
     drop = (ref.value - step.value) if higher_is_better else (step.value - ref.value)
-    out = GateDecision(undo=False, drop=drop, max_drop=max_drop, significance=significance)
+    if relative:
+        drop /= max(abs(ref.value), 1e-12)
+    out = GateDecision(undo=False, drop=drop, max_drop=max_drop, significance=significance, relative=relative)
     if ref.hits is not None and step.hits is not None:
         out.n = int(ref.hits.numel())
         out.worse = int((ref.hits & ~step.hits).sum())

@@ -110,7 +110,8 @@ class PruneConfig(MethodConfig):
     # Minitron's recipe): plain fine-tuning lost 0.85-1.7 points on a pruned resnet18 (issue 25).
     self_distill: bool = True
     regularize: Optional[RegularizerConfig] = None  # L1/L2/group-lasso penalty during this stage's training
-    max_drop: Optional[float] = Field(None, ge=0, lt=1)  # allowed fall of val accuracy (0.003 = 0.3 points) or rise of RMSE
+    # allowed fall of val accuracy (0.003 = 0.3 points), rise of RMSE, or relative rise of perplexity (0.05 = 5%)
+    max_drop: Optional[float] = Field(None, ge=0, lt=1)
     # ...and a step is undone only if its fall is also unlikely to be noise: one-sided exact McNemar p-value on
     # the validation samples below this (classification; 1: max_drop alone). See compress.pruning.gate.
     significance: float = Field(0.05, gt=0, le=1)

@@ -172,12 +172,14 @@ def _default_round_to(cfg: PruneConfig, backends) -> tuple[PruneConfig, dict]:
     return cfg.model_copy(update={"round_to": r}), {"round_to": r, "round_to_from": ",".join(which) or "default"}
 
 
-def _fine_tune_kd(cfg: PruneConfig, teacher) -> tuple[Optional[PruneKDConfig], str]:
+def _fine_tune_kd(cfg: PruneConfig, teacher, task: str = "classification") -> tuple[Optional[PruneKDConfig], str]:
     """The KD options of the fine-tunes and how the report names them: the ``kd`` block, else self-distillation
-    from the unpruned model when the recipe has no teacher (and ``self_distill`` is on), else plain."""
+    from the unpruned model when the recipe has no teacher (language models: even when it has one, Minitron's
+    recipe; the pruned model's own unpruned self matches it more closely than a bigger teacher) and
+    ``self_distill`` is on, else plain."""
     if cfg.kd is not None:
         return cfg.kd, f"kd from the {'unpruned model' if cfg.kd.teacher == 'unpruned' else 'recipe teacher'}"
-    if cfg.self_distill and teacher is None:
+    if cfg.self_distill and (teacher is None or task == "lm"):
         return PruneKDConfig(), "self-distillation from the unpruned model"
     return None, "plain"
 
@@ -237,7 +239,9 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
 
     unpruned = copy.deepcopy(model).eval()
     hooks = []
-    kd_cfg, fine_tune = _fine_tune_kd(cfg, teacher)
+    kd_cfg, fine_tune = _fine_tune_kd(cfg, teacher, data.task)
+    if kd_cfg is not None:  # the loss by name in the report: per-token (chunked) token_kl for language models
+        kd_cfg = kd_cfg.resolved(data.task)
     if kd_cfg is not None:
         kd_teacher = unpruned if kd_cfg.teacher == "unpruned" else teacher
         if kd_teacher is None:
@@ -272,7 +276,8 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
             step_hooks = list(hooks) + pruner.step(t, target)
             Trainer(model, cfg.finetune, data, step_hooks, name=f"{path}:step{t}", **tk).fit()
             scores = gate.score(model, data, split, device)
-            decision = gate.decide(ref, scores, cfg.max_drop, cfg.significance, mode == "max")
+            decision = gate.decide(ref, scores, cfg.max_drop, cfg.significance, mode == "max",
+                                   relative=metric in gate.RELATIVE_METRICS)
             macs, params = count_macs(model, example, strict=True)
             nonzero = count_params(model)[1]
             row = {"step": t, "target": round(target, 4), f"{split}_{metric}": scores.value, **decision.facts(),
@@ -283,8 +288,9 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
             history.append(row)
             if decision.undo:
                 row["kept"] = False
+                where = "above" if decision.relative else "below"
                 stop = (f"kept {t - 1} of {len(targets)} steps; step {t} undone: {split} {metric} "
-                        f"{decision.why()} below the unpruned model's {ref.value:.4f}")
+                        f"{decision.why()} {where} the unpruned model's {ref.value:.4f}")
                 model = good
                 break
             good = copy.deepcopy(model)
@@ -320,6 +326,7 @@ def prune(model: nn.Module, config: PruneConfig | None = None, data=None, teache
         "steps_done": len(kept),
         "stop_reason": stop,
         "fine_tune": fine_tune,
+        "kd_loss": kd_cfg.loss if kd_cfg is not None and not fine_tune.startswith("plain") else None,
         **round_facts,
         "weight_sparsity": None, "channel_ratio": None, **pruner.summary(kept),
         "unpruned_params": base_params, "unpruned_nonzero": base_nonzero, "params": total, "nonzero": nonzero,

@@ -112,3 +112,15 @@ def test_layer_stats_name_layers_by_module_path_with_type_and_shape():
     m.add_module("norm", nn.LayerNorm(2))  # a 1-D weight: no layer of the plot
     assert [(s["name"], s["type"], s["shape"]) for s in layer_stats(m)] == [
         ("0.0", "Conv2d", [2, 1, 3, 3]), ("2", "Linear", [2, 8])]
+
+
+def test_macs_of_decoder_lms_count_conv1d_and_attention():
+    """torch-pruning's counter sees neither GPT-2's Conv1D projections nor the attention products: decoder LMs
+    are counted from their layout, 2 x seq^2 x heads x head_dim per layer on top of the weights per token."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg)
+    per_layer = 16 * 48 + 16 * 16 + 16 * 64 + 64 * 16  # c_attn, c_proj, c_fc, mlp.c_proj (Conv1D)
+    macs, params = count_macs(model, torch.zeros(1, 8, dtype=torch.long))
+    assert macs == 8 * (2 * per_layer + 50 * 16) + 2 * 2 * 8 * 8 * 2 * 8
+    assert params == sum(p.numel() for p in model.parameters())

@@ -7,12 +7,11 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from compress.checkpoint_io import model_state, restore
 from compress.config import validate
 from compress.errors import RecipeError, RecipeErrors
-from compress.models.adapter import IOModule, logits_of, wrap_io
+from compress.models.adapter import logits_of, wrap_io
 from compress.models.decoder import decoder_layout
 from compress.pruning.decoder import (DecoderPruneConfig, Plan, apply_plan, decoder_macs, hf_config, make_plan,
                                       prune_lm)
@@ -229,34 +228,28 @@ def test_importances_rank_differently():
     assert len({tuple(p) for p in picks.values()}) == 3, picks
 
 
-class _LastToken(IOModule):
-    """A next-token classifier over a causal LM (the classification trainer of this branch): the logits at
-    the last position."""
-
-    def forward(self, x=None, **kw):
-        return super().forward(x, **kw)[:, -1]
-
-
-def test_prune_stage_with_budget_and_self_distillation():
-    from compress.data import DataBundle
+def test_prune_stage_on_lm_data_with_budget_gate_and_self_distillation(lm_corpus):
+    """The stage on packed text blocks: token cross-entropy fine-tunes with token_kl self-distillation, the gate
+    compares relative perplexity, MACs come from the decoder layout."""
+    from compress.data import create_data
+    from compress.models import create_model
     from compress.stages.prune import prune
+    from tests.conftest import lm_data_spec
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 64, (48, 17), generator=g)
-    rows = [(r[:-1], int(r[-1])) for r in ids]
-    data = DataBundle.from_loaders(DataLoader(rows[:32], batch_size=8), DataLoader(rows[32:], batch_size=8),
-                                   num_outputs=64)
-    bare = _model("llama")
-    model = _LastToken(bare)
-    model.compress_adapter = wrap_io(bare, None, decoder=decoder_layout(bare)).compress_adapter
+    data = create_data(lm_data_spec(lm_corpus))
+    spec = {"name": "hf", "config": {**TINY, "model_type": "llama", "vocab_size": data.vocab_size}}
+    model = create_model(spec, data.input_shape, data.num_outputs, data_task="lm")
     cfg = PruneConfig(method="decoder", depth=0.25, heads=0.5, depth_importance="cosine", calibration_batches=2,
-                      budget={"kind": "params", "reduction": 2}, finetune={"epochs": 1, "progress": False})
+                      budget={"kind": "params", "reduction": 2}, max_drop=0.9, finetune={"epochs": 1, "progress": False})
     model, metrics = prune(model, cfg, data)
-    assert metrics["fine_tune"] == "self-distillation from the unpruned model"
+    assert metrics["fine_tune"] == "self-distillation from the unpruned model" and metrics["kd_loss"] == "token_kl"
     assert 2 <= metrics["unpruned_params"] / metrics["params"] <= 2.1
     assert metrics["lm_sizes"]["heads"] % metrics["lm_sizes"]["kv_heads"] == 0
     assert [t["kind"] for t in model.compress_transforms] == ["decoder_prune"]
     assert hf_config(model).num_hidden_layers == len(model.model.model.layers)
+    step, ref = metrics["steps"][0], metrics["unpruned_val_perplexity"]
+    assert step["drop"] == pytest.approx((step["val_perplexity"] - ref) / ref)  # relative rise, not points
+    assert metrics["macs"] == decoder_macs(model, decoder_layout(model), 16) < metrics["unpruned_macs"]
 
 
 def test_steps_shrink_towards_the_final_sizes():
@@ -287,3 +280,15 @@ def test_crafted_transform_is_one_line(params, words):
         restore(_model("llama"), ckpt, "m.pt")
     assert str(e.value).startswith("m.pt: recorded transform 0 (decoder_prune) does not apply") and words in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra", [{}, {"budget": {"kind": "params", "reduction": 2}}])
+def test_multiple_of_rounds_mlp_and_hidden_down(extra):
+    model, facts = prune_lm(_model("llama"), {"mlp": 0.3, "hidden": 0.3, "multiple_of": 8, **extra}, _batches())
+    s = facts["lm_sizes"]
+    assert s["intermediate"] % 8 == 0 and s["hidden"] % 8 == 0 and s["hidden"] < 32
+    if not extra:
+        assert (s["intermediate"], s["hidden"]) == (32, 16)  # 48 x 0.7 = 34 -> 32, 32 x 0.7 = 22 -> 16
+    else:
+        assert facts["budget_met"]
+    assert _logits(model, _batches()[0]).shape == (2, 16, 64)

@@ -50,3 +50,11 @@ def test_regression_falls_back_to_max_drop_alone():
     d = decide(ref, worse, max_drop=0.01, higher_is_better=False)
     assert d.drop == pytest.approx(0.05) and d.undo and d.p_value is None and d.n == 0
     assert not decide(ref, Scores(0.905), max_drop=0.01, higher_is_better=False).undo
+
+
+def test_perplexity_rises_are_relative_and_gated_by_max_drop_alone():
+    d = decide(Scores(80.0), Scores(86.0), max_drop=0.05, higher_is_better=False, relative=True)
+    assert d.drop == pytest.approx(0.075) and d.undo and d.p_value is None
+    assert "rose 7.50% (max_drop 0.05: relative)" in d.why()
+    small = decide(Scores(8.0), Scores(8.3), max_drop=0.05, higher_is_better=False, relative=True)  # 3.75%
+    assert not small.undo and small.drop == pytest.approx(0.0375)

@@ -1,12 +1,14 @@
-"""Tiny random-init decoder LMs of four families through a recipe: teacher -> distill into a shallower,
-narrower student with fewer heads (a hidden-state hint between decoder layers) -> int4 weight-only; every
-row reloads from its file with the perplexity in the report."""
+"""Tiny random-init decoder LMs of four families through a recipe: teacher -> distill into a narrower
+student (a hidden-state hint between decoder layers) -> Minitron-style decoder pruning of half its layers,
+key-value groups and MLP neurons (self-distilled from the unpruned student) -> int4 weight-only -> packed
+.cpk; every row reloads from its file with the perplexity and MACs in the report."""
 import pytest
 
 from compress.checkpoint import load_model
 from compress.data import create_data
 from compress.errors import RecipeError
 from compress.evaluation import evaluate
+from compress.pruning.decoder import decoder_layout, decoder_macs, hf_config
 from compress.pipeline import Pipeline
 from tests.conftest import TINY_LM, lm_data_spec
 
@@ -21,11 +23,15 @@ LAST = {  # each family ends with another PyTorch-side int4 method
 
 
 def student_of(family: str, vocab: int) -> dict:
+    """Narrower MLPs than the teacher, two layers and two key-value groups left for the prune stage to halve."""
     cfg = {**TINY_LM[family], "vocab_size": vocab}
     if family == "gpt2":
-        return {**cfg, "n_layer": 1, "n_embd": 24, "n_head": 2}
-    return {**cfg, "num_hidden_layers": 1, "hidden_size": 24, "intermediate_size": 32, "num_attention_heads": 2,
-            "num_key_value_heads": 1}
+        return {**cfg, "n_inner": 64}
+    return {**cfg, "intermediate_size": 32}
+
+
+PRUNE = {"method": "decoder", "depth": 0.5, "heads": 0.5, "mlp": 0.5, "hidden": 0, "calibration_batches": 2,
+         "finetune": FAST}
 
 
 @pytest.mark.parametrize("family", sorted(LAST))
@@ -38,19 +44,35 @@ def test_distill_then_int4_and_reload(tmp_path, lm_corpus, family):
         "model": {"name": "hf", "config": student_of(family, vocab)},
         "stages": [{"train": {"target": "teacher", **FAST}},
                    {"distill": {"temperature": 2, "alpha": 0.5, "hints": [{"student": 0, "teacher": 1}], **FAST}},
-                   {"quantize": LAST[family]}],
-        "benchmark": {"latency": False, "macs": False},
+                   {"prune": PRUNE},
+                   {"quantize": LAST[family]}, {"encode": {}}],
+        "benchmark": {"latency": False},
     }
     rows = Pipeline.from_dict(recipe).run(tmp_path / "run")["stages"]
-    assert [r["name"] for r in rows] == ["train", "distill", "quantize"]
+    assert [r["name"] for r in rows] == ["train", "distill", "prune", "quantize", "encode"]
     assert rows[1]["params"] < rows[0]["params"] and rows[1]["kd_loss"] == "token_kl"
     assert all(r["metrics"]["perplexity"] < vocab for r in rows)  # trained: better than uniform guessing
-    assert rows[2]["quantized_layers"] == (4 if family in ("gpt2", "phi3") else 7)  # not head/embeddings
-    assert rows[2]["size_bytes"] < rows[1]["size_bytes"]
+    pr = rows[2]
+    assert pr["steps_done"] == 1 and pr["kd_loss"] == "token_kl", pr["stop_reason"]
+    assert pr["fine_tune"] == "self-distillation from the unpruned model"
+    heads = 2 if family == "gpt2" else 4  # GPT-2 has one query head per key-value group
+    assert pr["lm_sizes"] == {**pr["lm_sizes_before"], "layers": 1, "kv_heads": pr["lm_sizes_before"]["kv_heads"] // 2,
+                              "heads": heads // 2 if family != "gpt2" else 2,
+                              "intermediate": pr["lm_sizes_before"]["intermediate"] // 2,
+                              **({"hidden": 16} if family == "gpt2" else {})}
+    assert rows[3]["quantized_layers"] == (4 if family in ("gpt2", "phi3") else 7)  # not head/embeddings
+    assert rows[3]["size_bytes"] < rows[2]["size_bytes"] < rows[1]["size_bytes"]
+    assert rows[4]["artifact"].endswith(".cpk")
     data = create_data(data_spec)
+    x = data.example_input(1)
     for r in rows[1:]:
-        again = evaluate(load_model(r["artifact"]), data)
+        model = load_model(r["artifact"])
+        again = evaluate(model, data)
         assert again["perplexity"] == pytest.approx(r["metrics"]["perplexity"], rel=1e-5), r["name"]
+        # MACs of the layout (count_macs misses GPT-2's Conv1D and the attention products)
+        assert r["macs"] == decoder_macs(model, decoder_layout(model), x["input_ids"].shape[-1]) > 0, r["name"]
+    pruned = load_model(pr["artifact"])
+    assert hf_config(pruned).num_hidden_layers == 1 and pr["macs"] < pr["unpruned_macs"]
 
 
 def test_teacher_with_another_tokenizer_is_one_line(tmp_path, lm_corpus):
