@@ -477,6 +477,9 @@ def replay_decoder_prune(model: nn.Module, params: dict, state_dict: dict) -> nn
             or sizes["head_dim"] != now["head_dim"] or sizes["heads"] % sizes["kv_heads"] or \
             (now["heads"] // now["kv_heads"]) < sizes["heads"] // sizes["kv_heads"]:
         raise ValueError(f"sizes {str(sizes)[:120]} do not fit the model's {now}")
+    if layout.cfg_head_dim is None and sizes["hidden"] != sizes["heads"] * sizes["head_dim"]:
+        # GPT-2 derives head_dim from hidden / heads: any other record would reload as a different model
+        raise ValueError(f"sizes {str(sizes)[:120]}: hidden must be heads x head_dim for {type(model).__name__}")
     if not isinstance(layers, list) or len(layers) != sizes["layers"] or \
             not all(type(i) is int and 0 <= i < now["layers"] for i in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"kept layers {str(layers)[:120]} do not fit the model's {now['layers']} layers")
@@ -504,6 +507,7 @@ class DecoderPruneConfig(PruneConfig):
 
     method: Literal["decoder"] = "decoder"
     BUDGET_KINDS: ClassVar[tuple[str, ...]] = ("params", "macs")
+    LANDS_BUDGET: ClassVar[bool] = True  # each step's sizes are bisected onto the budget (DecoderPruner._landing)
     # Fractions removed (without a budget: exactly these; with one: the split, all scaled by one factor until
     # the budget lands). Default: Llama-3.1-Minitron-4B-Width's cut (hidden 4096 -> 3072, MLP 14336 -> 9216;
     # heads and layers kept), the papers' finding that width beats depth at equal size after distillation.

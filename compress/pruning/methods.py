@@ -90,6 +90,7 @@ class PruneConfig(MethodConfig):
     DEFAULT: ClassVar[str] = "magnitude"
     BUDGET_KINDS: ClassVar[tuple[str, ...]] = ("params", "macs", "latency")
     COUNTS_NONZERO: ClassVar[bool] = False  # budgets in params count non-zeros (unstructured) or all
+    LANDS_BUDGET: ClassVar[bool] = False  # the method sizes its steps to the budget itself (no schedule extension)
 
     method: str = "magnitude"
     # Final fraction removed: of the weights (magnitude) or of each layer's channels (channel).

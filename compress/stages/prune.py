@@ -153,7 +153,7 @@ def _budget_schedule(cfg: PruneConfig, targets: list[float]) -> PruneConfig:
     """With a budget and no ``sparsity`` in the recipe, ``targets`` goes on past the default sparsity (in place,
     by the schedule's last increment, at least 0.1) up to BUDGET_CEILING; steps stop once the budget is met.
     Returns the config the pruner is built with (its schedule covers the added steps)."""
-    if cfg.budget is None or "sparsity" in cfg.model_fields_set or cfg.layer_ratios:
+    if cfg.budget is None or "sparsity" in cfg.model_fields_set or cfg.layer_ratios or cfg.LANDS_BUDGET:
         return cfg
     inc = max(targets[-1] - (targets[-2] if len(targets) > 1 else cfg.initial_sparsity), 0.1)
     while targets[-1] < BUDGET_CEILING - 1e-9:

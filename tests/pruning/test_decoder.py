@@ -244,6 +244,7 @@ def test_prune_stage_on_lm_data_with_budget_gate_and_self_distillation(lm_corpus
     model, metrics = prune(model, cfg, data)
     assert metrics["fine_tune"] == "self-distillation from the unpruned model" and metrics["kd_loss"] == "token_kl"
     assert 2 <= metrics["unpruned_params"] / metrics["params"] <= 2.1
+    assert metrics["steps_done"] == 1 and len(metrics["steps"]) == 1  # the method lands the budget in its one step
     assert metrics["lm_sizes"]["heads"] % metrics["lm_sizes"]["kv_heads"] == 0
     assert [t["kind"] for t in model.compress_transforms] == ["decoder_prune"]
     assert hf_config(model).num_hidden_layers == len(model.model.model.layers)
@@ -273,11 +274,22 @@ def test_steps_shrink_towards_the_final_sizes():
      "kept layers [0, 7] do not fit the model's 4 layers"),
 ])
 def test_crafted_transform_is_one_line(params, words):
+    _refused(params, words)
+
+
+def test_a_gpt2_record_whose_hidden_is_not_heads_times_head_dim_is_refused():
+    """from_pretrained would derive head_dim = hidden / heads: a different model than the one replayed."""
+    params = {"sizes": {"layers": 4, "heads": 4, "kv_heads": 4, "hidden": 16, "intermediate": 64, "head_dim": 8},
+              "layers": [0, 1, 2, 3]}
+    _refused(params, "hidden must be heads x head_dim", family="gpt2")
+
+
+def _refused(params, words, family="llama"):
     from compress.errors import CompressError
 
     ckpt = {"transforms": [{"kind": "decoder_prune", "params": params}], "state_dict": {}}
     with pytest.raises(CompressError) as e:
-        restore(_model("llama"), ckpt, "m.pt")
+        restore(_model(family), ckpt, "m.pt")
     assert str(e.value).startswith("m.pt: recorded transform 0 (decoder_prune) does not apply") and words in str(e.value)
     assert "\n" not in str(e.value)
 
