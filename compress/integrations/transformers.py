@@ -70,7 +70,8 @@ class DistillationTrainer(Trainer):
         hard = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         if model.training:
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            loss = self.distiller.loss(outputs, teacher_inputs, hard_loss=hard)
+            loss = self.distiller.loss(outputs, teacher_inputs, hard_loss=hard,
+                                       mask=inputs.get("attention_mask"))  # padding: no KD term (per-token logits)
         else:
             loss = hard
         return (loss, outputs) if return_outputs else loss

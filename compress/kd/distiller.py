@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from compress.errors import RecipeError
-from compress.kd.hook import DistillHook, _is_mapping, _logits
+from compress.kd.hook import DistillHook, _is_mapping, _logits, token_mask
 from compress.kd.teachers import freeze, teacher_weights, unfreeze
 from compress.metrics import LOSSES
 
@@ -74,13 +74,14 @@ class Distiller:
 
     # -- the loop's side ------------------------------------------------------------------------------
     def loss(self, student_outputs: Any, batch: Any, targets: Optional[torch.Tensor] = None, *,
-             hard_loss: Optional[torch.Tensor] = None) -> torch.Tensor:
+             hard_loss: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The distill stage's loss on this batch: hard-label loss and KD term mixed as the config says,
         plus hint terms.
 
         ``batch``: the inputs the student just saw (the teacher sees the same); a mapping is passed as keyword
         arguments (a tokenizer's batch). ``hard_loss``: a hard-label loss you computed (a transformers model's
-        ``outputs.loss``); otherwise it is ``hard_loss`` of the config on ``targets``.
+        ``outputs.loss``); otherwise it is ``hard_loss`` of the config on ``targets``. ``mask``: for per-token
+        logits, the positions the KD term averages over (an attention mask); default: targets not -100.
         """
         logits = _logits(student_outputs)
         out = _flat(logits)
@@ -92,7 +93,8 @@ class Distiller:
             return hard_loss
         self._to(_device_of(batch))
         target, feats = self.hook.teacher_outputs(batch)
-        return self.hook.combined(out, hard_loss, _flat(target), feats)
+        keep = mask.bool() if mask is not None and logits.ndim >= 3 else token_mask(logits, targets)
+        return self.hook.combined(out, hard_loss, _flat(target), feats, keep=keep)
 
     def _to(self, device: Optional[torch.device]) -> None:
         if device is not None and device != self._device:

@@ -276,13 +276,17 @@ class DistillHook(Hook):
             target, feats = self.cache[0][idx], [f[idx] for f in self.cache[1]]
         else:
             target, feats = self.teacher_outputs(self._input)
-        return self.combined(outputs, loss, target, feats)
+        return self.combined(outputs, loss, target, feats, keep=token_mask(outputs, batch.targets))
 
     def combined(self, outputs: torch.Tensor, hard: torch.Tensor, target: torch.Tensor,
-                 feats: Sequence[torch.Tensor]) -> torch.Tensor:
+                 feats: Sequence[torch.Tensor], keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The hard-label loss mixed with the KD term, plus the hint terms: the one formula of the distill
-        stage, the ``kd:`` blocks and ``compress.kd.Distiller``."""
+        stage, the ``kd:`` blocks and ``compress.kd.Distiller``. ``keep``: the token positions the KD term
+        averages over (padding left out), one flag per row of ``outputs`` flattened to ``[-1, V]``."""
         cfg = self.cfg
+        if keep is not None and keep.numel() * outputs.shape[-1] == outputs.numel():
+            vocab, keep = outputs.shape[-1], keep.reshape(-1).to(outputs.device)
+            outputs, target = outputs.reshape(-1, vocab)[keep], target.reshape(-1, target.shape[-1])[keep]
         total = combine(hard, kd_term(outputs, target, cfg.temperature, cfg.loss), cfg.loss, cfg.alpha, cfg.beta)
         for i, (h, adapter) in enumerate(zip(self.hints, self.adapters)):
             total = total + h.weight * hint_loss(adapter(self._s_feats[i]), feats[i])
@@ -294,6 +298,16 @@ class DistillHook(Hook):
     def load_state_dict(self, state: dict) -> None:
         if state.get("adapters"):
             self.adapters.load_state_dict(state["adapters"])
+
+
+def token_mask(outputs: torch.Tensor, targets: Any) -> Optional[torch.Tensor]:
+    """Next-token logits ``[B, T, V]`` with targets ``[B, T]``: the positions whose target is not ignored (-100,
+    padding), or None when nothing is ignored or the outputs are not per token."""
+    if not (torch.is_tensor(targets) and outputs.ndim >= 3 and tuple(targets.shape) == tuple(outputs.shape[:-1])
+            and not targets.is_floating_point()):
+        return None
+    keep = targets != -100
+    return None if bool(keep.all()) else keep
 
 
 def check_kd(student: nn.Module, teachers: Sequence[nn.Module], data: DataBundle, loss: str, path: str,

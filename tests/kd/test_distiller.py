@@ -72,3 +72,18 @@ def test_kl_on_next_token_logits_is_per_token():
             got = kd.loss(student(x), x, y)
         entropy = 4 * -(lp.exp() * lp).sum(-1).mean() if loss == "soft_ce" else 0.0
         assert torch.allclose(got, want + entropy, atol=1e-5), loss
+
+
+def test_padded_positions_are_left_out_of_the_token_kd_term():
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(4, 11), torch.nn.Linear(4, 11)
+    x, y = torch.randn(2, 5, 4), torch.randint(0, 11, (2, 5))
+    y[1, 3:] = -100  # padding after the last real token of the second row
+    cfg = DistillConfig(loss="token_kl", temperature=1, alpha=0.0)
+    with Distiller(teacher, cfg) as kd:
+        got = kd.loss(student(x), x, hard_loss=torch.tensor(0.0), targets=y)
+        by_mask = kd.loss(student(x), x, hard_loss=torch.tensor(0.0), mask=y != -100)
+    keep = y != -100
+    lp, lq = F.log_softmax(teacher(x)[keep], -1), F.log_softmax(student(x)[keep], -1)
+    want = (lp.exp() * (lp - lq)).sum(-1).mean()
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(by_mask, want, atol=1e-6)
