@@ -51,7 +51,9 @@ def quantize(model: nn.Module | str | Path, config: QuantizeConfig | None = None
     ``model`` may be the path of a float ``.onnx`` file (``ptq_static``/``ptq_dynamic``): ``data`` is then
     a DataBundle, a dataset name, a data block (dict, as a recipe's ``data:``) or an ``.npz`` of inputs; the
     int8 file goes to ``out`` (default: ``<out_dir>/<stem>_int8.onnx``) and the metrics add its agreement
-    with the file and, unless ``benchmark`` (a BenchmarkConfig) says ``latency: false``, both latencies.
+    with the file and, unless ``benchmark`` (a BenchmarkConfig) says ``latency: false``, both latencies. A
+    language model's file with a cache takes ``nbits``/``lm_dynamic`` (data: also split -> token blocks, or an
+    ``.npz`` of them) and is checked by perplexity.
     """
     config = config or QuantizeConfig()
     check_config(config, path)

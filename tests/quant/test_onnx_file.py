@@ -122,3 +122,67 @@ def test_each_file_it_cannot_handle_is_one_line_exit_2(files, monkeypatch, args,
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
     assert (d / "taken.onnx").read_bytes() == b"keep me" and not (d / "out.onnx").exists()
+
+
+# -- a language model's file with a key-value cache: nbits / lm_dynamic -------------------------------------
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory, lm_corpus, tiny_lm):
+    from compress.runtime.lm_export import export_lm
+    from tests.conftest import lm_data_spec
+
+    d = tmp_path_factory.mktemp("lm_file")
+    recipe = d / "r.yaml"  # a recipe with an lm data block (its tokenizer: a 300-token BPE)
+    recipe.write_text(__import__("yaml").safe_dump({"name": "r", "data": lm_data_spec(lm_corpus), "model": {"name": "hf"}}))
+    return {"dir": d, "lm": export_lm(tiny_lm("llama", vocab=300).eval(), d / "lm.onnx"), "recipe": recipe,
+            "spec": lm_data_spec(lm_corpus)}
+
+
+def test_cli_nbits_on_an_lm_file_prints_its_perplexity_check_and_generation_speed(lm_files, tmp_path):
+    from compress.data import create_data
+    from compress.quant.ptq_onnx import op_counts
+    from compress.runtime.generate import lm_blocks, onnx_perplexity
+
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(cli, ["quantize", str(lm_files["lm"]), "--method", "nbits", "--set", "bits=4", "--set",
+                                   "block_size=32", "--set", "algorithm=rtn", "--set", "check.max_ratio=2",
+                                   "--data", str(lm_files["recipe"]), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert op_counts(out)["MatMulNBits"] == 14  # 2 layers x (q, k, v, o, gate, up, down); the LM head stays float
+    val = lm_blocks(create_data(lm_files["spec"]), "val", 10 ** 9)
+    ppl = {line.split()[4] for line in res.output.splitlines() if line.startswith("perplexity, val split")}
+    assert ppl == {f"{onnx_perplexity(out, val):.2f}"}  # the file's own perplexity on the validation blocks
+    assert "nbits: int4 rtn, block 32" in res.output and "perplexity check, 16 blocks" in res.output
+    assert "prefill 128 tokens" in res.output and "tok/s" in res.output and "top-1 agreement" not in res.output
+
+
+def test_cli_lm_dynamic_takes_an_npz_of_token_blocks(lm_files, tmp_path, monkeypatch):
+    from compress.quant.ptq_onnx import op_counts
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "blocks.npz", train=rng.integers(0, 300, (4, 17)), val=rng.integers(0, 300, (6, 17)))
+    src = tmp_path / "lm.onnx"
+    src.write_bytes(lm_files["lm"].read_bytes())
+    res = CliRunner().invoke(cli, ["quantize", str(src), "--method", "lm_dynamic", "--data", str(tmp_path / "blocks.npz"),
+                                   "--set", "check.max_ratio=2", "--no-latency"])
+    assert res.exit_code == 0, res.output
+    assert op_counts(tmp_path / "lm_int8.onnx")["MatMulInteger"] == 14  # default name: beside the input
+    assert "perplexity check, 6 blocks" in res.output and "decode" not in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["lm.onnx"], "lm.onnx: a language model file with a key-value cache; --method ptq_static does not fit it: "
+                  "use --method nbits (int4/int8 weight-only) or lm_dynamic (int8 dynamic MatMuls)"),
+    (["tiny.onnx", "--method", "nbits"], "tiny.onnx: no key-value cache (no past_key_values.* inputs), so not a language "
+                                         "model file for --method nbits; a float model file takes --method ptq_static"),
+    (["lm.onnx", "--method", "nbits", "--samples", "8"], "--samples: nbits counts token blocks: --set check.blocks=N"),
+])
+def test_a_method_that_does_not_fit_the_file_is_one_line_exit_2(files, lm_files, monkeypatch, args, message):
+    d = lm_files["dir"]
+    if not (d / "tiny.onnx").exists():
+        (d / "tiny.onnx").write_bytes(files["model"].read_bytes())
+    monkeypatch.chdir(d)
+    res = CliRunner().invoke(cli, ["quantize", *args, "--data", str(lm_files["recipe"]), "-o", "out.onnx"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), res.output
+    assert not (d / "out.onnx").exists()

@@ -95,6 +95,14 @@ def file_handler_for(cfg: QuantizeConfig, path: str) -> Handler:
     return handler
 
 
+def data_bundle(source):
+    """A file handler's data as the user gave it: a DataBundle, a dataset name, a data block (dict) or loaders."""
+    from compress.api import as_data
+    from compress.data import create_data
+
+    return create_data(source) if isinstance(source, dict) else as_data(source)
+
+
 # -- option blocks shared by several methods -----------------------------------------------------------
 
 class Int8CheckConfig(StrictModel):

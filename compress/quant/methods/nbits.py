@@ -3,7 +3,9 @@
 top-1 agreement of near-tied next-token logits says little about a language model."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -13,7 +15,7 @@ from pydantic import Field
 from compress.config import StrictModel
 from compress.errors import CompressError, RecipeError
 from compress.quant import nbits_onnx
-from compress.quant.methods.base import QuantContext, QuantizeConfig, needs_bits, register_method
+from compress.quant.methods.base import QuantContext, QuantizeConfig, data_bundle, needs_bits, register_method
 from compress.runtime.generate import lm_blocks
 
 
@@ -130,13 +132,24 @@ def _from_model(model, cfg: LMFileOptions, ctx: QuantContext):
     return OrtModel(out), metrics, facts
 
 
+def _file_data(source):
+    """A file's data as the user gave it: split -> token blocks (a mapping, or an .npz of such arrays) stays
+    as it is; a data block (``name: lm``), a dataset name or a DataBundle is read as every file's data is."""
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
+        with np.load(source) as npz:
+            return {k: npz[k] for k in npz.files}
+    if isinstance(source, dict) and "name" not in source:
+        return source
+    return data_bundle(source)
+
+
 def _from_file(src, cfg: LMFileOptions, ctx: QuantContext):
     from compress.runtime.onnx import OrtModel
 
     src = Path(src)
     if not src.is_file():
         raise CompressError(f"{src}: no such file")
-    out, metrics, facts = quantize_lm_file(src, cfg, ctx)
+    out, metrics, facts = quantize_lm_file(src, cfg, dataclasses.replace(ctx, data=_file_data(ctx.data)))
     return OrtModel(out), metrics, facts
 
 

@@ -19,7 +19,7 @@ from compress.config import StrictModel
 from compress.errors import CompressError
 from compress.evaluation import evaluate
 from compress.quant import ptq_onnx
-from compress.quant.methods.base import (Int8FileOptions, QuantContext, check_int8_file, needs_bits,
+from compress.quant.methods.base import (Int8FileOptions, QuantContext, check_int8_file, data_bundle, needs_bits,
                                         register_method)
 from compress.runtime.onnx import OrtModel, onnx_run, onnx_session
 
@@ -139,7 +139,7 @@ def _file_samples(source, inp: ptq_onnx.FloatInput, src: Path, samples: Optional
     if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
         where, task, (cal, held) = str(source), "classification", _npz_split(Path(source), inp, samples, default)
     else:
-        bundle = _bundle(source)
+        bundle = data_bundle(source)
         check_split = "val" if bundle.has("val") else "test"
         where = f"the data (train split, {check_split} split held out)" if default else f"the data's {check_split} split"
         cal = _take(bundle, "train", samples or default) if default else None
@@ -168,14 +168,6 @@ def _file_samples(source, inp: ptq_onnx.FloatInput, src: Path, samples: Optional
                       batch_size=bs, eval_batch_size=bs)
     return data, {"calibration_samples": len(cal[0]) if cal else 0, "held_out_samples": len(held[0]), "labels": labels,
                   "data": where}
-
-
-def _bundle(source):
-    """The user's data: a DataBundle, a dataset name, a data block (dict) or loaders."""
-    from compress.api import as_data
-    from compress.data import create_data
-
-    return create_data(source) if isinstance(source, dict) else as_data(source)
 
 
 def _take(data, split: str, n: int) -> tuple:
