@@ -148,8 +148,6 @@ def quantize_nbits(fp32: str | Path, out: str | Path, *, bits: int = 4, block_si
     if embeddings and (bits != 4 or algorithm != "default"):
         raise CompressError("quantized embeddings (GatherBlockQuantized) need bits 4 and algorithm default")
     model = onnx.load(str(fp32))
-    if fuse:
-        model = fuse_lm(model)
     if embeddings:
         # GatherBlockQuantized stores int4 tensors, which need opset 21: ORT's quantizer only relabels the
         # opset (ReduceMean's axes then break the graph); ONNX's converter rewrites the ops that changed.
@@ -192,7 +190,10 @@ def quantize_nbits(fp32: str | Path, out: str | Path, *, bits: int = 4, block_si
                                 f"{block_size}): {error_line(exc)}") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    q.model.save_model_to_file(str(out), use_external_data_format=False)
+    if fuse:  # after quantizing: Intel Neural Compressor's GPTQ breaks on the fused graph (a dangling shape input)
+        onnx.save(fuse_lm(q.model.model), str(out))
+    else:
+        q.model.save_model_to_file(str(out), use_external_data_format=False)
     if accuracy_level is not None and algorithm == "hqq":
         _set_accuracy_level(out, accuracy_level)
     return out
