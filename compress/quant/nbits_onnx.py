@@ -116,15 +116,21 @@ def fuse_lm(model):
     Its attention and rotary fusions are left off: they match the graphs of older exports (LLaMA-2 era, ORT's own
     GPT-2 past format), not this one (the SDPA decomposition with its NaN guard and repeat_kv), and none fires on
     Llama or GPT-2 here; turned off, a future match cannot change the cache interface. Float-exact (logits within
-    1e-6), and 11-15% faster int4 decode on a 5M Llama (docs/lm-deploy.md, benchmarks/lm_fusion.py)."""
+    2e-6); int4 decode 1.04-1.16x (docs/lm-deploy.md, benchmarks/lm_fusion.py)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("gpt2")
     options.enable_attention = options.enable_rotary_embeddings = False
     options.enable_embed_layer_norm = False  # keeps the token embedding a plain Gather (GatherBlockQuantized)
-    with _quiet():
-        return optimize_model(model, model_type="gpt2", opt_level=0, optimization_options=options).model
+    try:
+        with _quiet():
+            return optimize_model(model, model_type="gpt2", opt_level=0, optimization_options=options).model
+    except Exception as exc:
+        from compress.errors import error_line
+
+        raise CompressError(f"ONNX Runtime's transformer optimizer failed on this LM file (fuse: false skips it): "
+                            f"{error_line(exc)}") from None
 
 
 def quantize_nbits(fp32: str | Path, out: str | Path, *, bits: int = 4, block_size: int = 32,

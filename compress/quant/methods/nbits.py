@@ -46,9 +46,10 @@ class NBitsConfig(LMFileOptions):
     # builder does on CPUs); 0/None: ORT's default (float).
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = 4
     embeddings: bool = False  # the token embedding as GatherBlockQuantized (4 bits, default algorithm)
-    # ONNX Runtime's transformer optimizer before quantizing: norms fused with their residual Add; float-exact,
-    # int4 decode 1.14-1.16x on 5M and 21M Llamas (docs/lm-deploy.md, benchmarks/lm_fusion.py)
-    fuse: bool = True
+    # ONNX Runtime's transformer optimizer on the quantized graph: norms fused with their residual Add; float-exact,
+    # int4 decode 1.04-1.16x in four interleaved runs on a busy 2-core machine: opt-in until measured on a quiet one
+    # (docs/lm-deploy.md, benchmarks/lm_fusion.py)
+    fuse: bool = False
     calibration: LMBlocksConfig = LMBlocksConfig()  # GPTQ's training-split blocks
 
     @property
