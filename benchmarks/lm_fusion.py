@@ -100,7 +100,6 @@ def main(size, runs, out):
     files["int4 quantize_nbits(fuse=True)"] = quantize_nbits(fp32, out / "int4_fuse.onnx", block_size=32,
                                                              accuracy_level=4, lm_head=True, fuse=True)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16))
-    ref = {}
     rows = []
     traces = {}
     for name, path in files.items():
