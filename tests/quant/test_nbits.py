@@ -109,3 +109,28 @@ def test_lm_data_and_a_recipe_model(lm_corpus, tmp_path):
     r = quantize(model, NBitsConfig(check={"max_ratio": 1.5}), data, out_dir=tmp_path, split="test")
     assert r.metrics["perplexity"] == pytest.approx(metric, rel=0.1)
     assert r.metrics["fp32_onnx_metrics"]["perplexity"] == pytest.approx(metric, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fuse_runs_ort_norm_fusions_and_keeps_logits(family, tiny_lm, tmp_path):
+    """ONNX Runtime's transformer optimizer before MatMulNBits: fewer nodes, the cache interface kept, the same
+    logits on a batch-2 prefill and decode steps as the unfused int4 file (float activations: exact math)."""
+    from compress.runtime.generate import generate
+    from compress.runtime.lm_export import OrtLM
+
+    src = export_lm(tiny_lm(family).eval(), tmp_path / "fp32.onnx")
+    plain = quantize_nbits(src, tmp_path / "plain.onnx", block_size=16)
+    fused = quantize_nbits(src, tmp_path / "fused.onnx", block_size=16, fuse=True)
+    a, b = op_counts(plain), op_counts(fused)
+    assert sum(b.values()) < sum(a.values()) and b["MatMulNBits"] == a["MatMulNBits"]
+    assert b.get("SkipSimplifiedLayerNormalization" if family == "llama" else "SkipLayerNormalization", 0) >= 2
+    ids = np.random.default_rng(0).integers(0, OrtLM(src).shape.vocab, (2, 5))
+    pa, pb = OrtLM(plain), OrtLM(fused)
+    la, ca = pa.step(ids, np.ones((2, 5), np.int64), np.tile(np.arange(5), (2, 1)), pa.empty_cache(2))
+    lb, cb = pb.step(ids, np.ones((2, 5), np.int64), np.tile(np.arange(5), (2, 1)), pb.empty_cache(2))
+    np.testing.assert_allclose(lb, la, atol=1e-4 * np.abs(la).max())
+    tok = la[:, -1:].argmax(-1)
+    la, _ = pa.step(tok, np.ones((2, 6), np.int64), np.full((2, 1), 5), ca)
+    lb, _ = pb.step(tok, np.ones((2, 6), np.int64), np.full((2, 1), 5), cb)
+    np.testing.assert_allclose(lb, la, atol=1e-4 * np.abs(la).max())
+    assert (generate(fused, ids[:1], 8) == generate(plain, ids[:1], 8)).all()

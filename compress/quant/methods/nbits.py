@@ -48,6 +48,10 @@ class NBitsConfig(LMFileOptions):
     # builder does on CPUs); 0/None: ORT's default (float).
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = 4
     embeddings: bool = False  # the token embedding as GatherBlockQuantized (4 bits, default algorithm)
+    # ONNX Runtime's transformer optimizer on the quantized graph: norms fused with their residual Add; float-exact,
+    # int4 decode 1.04-1.16x in four interleaved runs on a busy 2-core machine: opt-in until measured on a quiet one
+    # (docs/lm-deploy.md, benchmarks/lm_fusion.py)
+    fuse: bool = False
     calibration: LMBlocksConfig = LMBlocksConfig()  # GPTQ's training-split blocks
 
     @property
@@ -99,8 +103,8 @@ def quantize_lm_file(src: Path, cfg: LMFileOptions, ctx: QuantContext) -> tuple[
             facts["calibration_blocks"] = len(cal)
         nbits_onnx.quantize_nbits(src, out, bits=bits, block_size=cfg.block_size, algorithm=cfg.algorithm,
                                   symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level or None,
-                                  lm_head=cfg.lm_head, embeddings=cfg.embeddings, calibration=cal)
-        facts.update(algorithm=cfg.algorithm, block_size=cfg.block_size, embeddings=cfg.embeddings)
+                                  lm_head=cfg.lm_head, embeddings=cfg.embeddings, calibration=cal, fuse=cfg.fuse)
+        facts.update(algorithm=cfg.algorithm, block_size=cfg.block_size, embeddings=cfg.embeddings, fuse=cfg.fuse)
     else:
         nbits_onnx.quantize_lm_dynamic(src, out, lm_head=cfg.lm_head, target_cpu=cfg.target_cpu)
     val = lm_blocks(ctx.data, _split(ctx.data, "val", "test"), cfg.check.blocks, f"{ctx.path}.check")
