@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from compress.integrations import require
+from compress.models.adapter import IOModule
 
 _tf = require("transformers", "hf", "compress.integrations.transformers")
 require("accelerate", "hf", "compress.integrations.transformers")  # transformers.Trainer runs on it
@@ -176,19 +177,7 @@ class QATCallback(TrainerCallback):
         if self.onnx_path is not None and self.model is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notes about Python-side shape checks
-                convert(self.model, _to_cpu(self.example), self.onnx_path, traced=_Logits(self.model))
-
-
-class _Logits(nn.Module):
-    """A transformers model as compress's exporter traces models: keyword inputs in one dict, logits out."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: dict) -> torch.Tensor:
-        out = self.model(**inputs)
-        return out.logits if hasattr(out, "logits") else out[0]
+                convert(self.model, _to_cpu(self.example), self.onnx_path, traced=IOModule(self.model, list(self.example)))
 
 
 def _to_cpu(x: Any) -> Any:

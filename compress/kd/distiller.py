@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from compress.errors import RecipeError
-from compress.kd.hook import DistillHook, _is_mapping, _logits, token_mask
+from compress.kd.hook import DistillHook, _is_mapping, token_mask
+from compress.models.adapter import logits_of
 from compress.kd.teachers import freeze, teacher_weights, unfreeze
 from compress.metrics import LOSSES
 
@@ -83,7 +84,7 @@ class Distiller:
         ``outputs.loss``); otherwise it is ``hard_loss`` of the config on ``targets``. ``mask``: for per-token
         logits, the positions the KD term averages over (an attention mask); default: targets not -100.
         """
-        logits = _logits(student_outputs)
+        logits = logits_of(student_outputs)
         out = _flat(logits)
         if hard_loss is None:
             if targets is None:

@@ -20,6 +20,7 @@ from compress.data.inputs import Inputs, to_device
 from compress.errors import RecipeError
 from compress.kd.losses import combine, hint_loss, kd_loss, kd_term, known_loss, task_problem, teacher_target
 from compress.kd.teachers import freeze, unfreeze
+from compress.models.adapter import logits_of
 from compress.registry import did_you_mean
 from compress.trainer import Batch, Hook
 from compress.utils import resolve_device
@@ -66,13 +67,6 @@ def _first_tensor(out: Any) -> torch.Tensor:
 def _is_mapping(x: Any) -> bool:
     """Keyword inputs (a tokenizer's batch); compress's own models take ``Inputs`` as one argument."""
     return isinstance(x, Mapping) and not isinstance(x, Inputs)
-
-
-def _logits(out: Any) -> torch.Tensor:
-    """A model's outputs as one tensor: transformers' ModelOutput (or a dict) carries them as ``logits``."""
-    if isinstance(out, Mapping) and "logits" in out:
-        return out["logits"]
-    return out.logits if not isinstance(out, torch.Tensor) and hasattr(out, "logits") else out
 
 
 def _layer(model: nn.Module, name: str, role: str, path: str) -> nn.Module:
@@ -225,7 +219,7 @@ class DistillHook(Hook):
     # -- teacher outputs -------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        outs = [_logits(t(**x) if _is_mapping(x) else t(x)) for t in self.teachers]
+        outs = [logits_of(t(**x) if _is_mapping(x) else t(x)) for t in self.teachers]
         target = teacher_target(outs, self.weights, self.cfg.temperature, self.cfg.loss)
         return target, [self.teacher_maps[i](self._t_feats[i]) for i in range(len(self.hints))]
 
